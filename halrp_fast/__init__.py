@@ -1,0 +1,21 @@
+"""halrp_fast: Hessian-Aware Low-Rank Perturbation continual learning with fused kernels."""
+from . import ops  # noqa: F401  (registers the halrp:: ops)
+from ._backend import env_report as _env_report
+from .functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
+
+__version__ = "0.1.0"
+
+
+def env_report() -> str:
+    """Which implementation serves each op on each device, and why (also printed by ``halrp-fast env``)."""
+    return _env_report()
+
+
+__all__ = [
+    "__version__",
+    "env_report",
+    "perturbed_conv2d",
+    "perturbed_conv2d_mt",
+    "perturbed_linear",
+    "perturbed_linear_mt",
+]

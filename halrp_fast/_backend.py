@@ -1,0 +1,158 @@
+"""Which implementation serves each op on each device, and why.
+
+Every op in :mod:`halrp_fast.ops` has one schema and one registered kernel that asks
+:func:`select` for a *provider* (``reference`` = the pure-PyTorch math of
+:mod:`halrp_fast.reference`; further providers such as compiled or Triton kernels register here
+with the ops they implement and the device types they serve).  Providers are checked lazily: an
+optional dependency is imported on the first call that could use it, never at
+``import halrp_fast``.
+
+The environment variable ``HALRP_FAST_BACKEND`` picks a provider for every op it implements
+(``auto`` — the default —, ``reference``, or any registered provider name); ops that provider does
+not implement fall back to ``reference`` and :func:`env_report` says so.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import reference
+
+ENV_VAR = "HALRP_FAST_BACKEND"
+
+OPS = (
+    "perturbed_linear",
+    "perturbed_linear_backward",
+    "perturbed_linear_mt",
+    "perturbed_linear_mt_backward",
+    "perturbed_conv2d",
+    "perturbed_conv2d_backward",
+    "perturbed_conv2d_mt",
+    "perturbed_conv2d_mt_backward",
+)
+
+
+@dataclass
+class Provider:
+    """A family of kernels.
+
+    ``load`` imports whatever the provider needs and returns ``{op name: implementation}``, or
+    raises ``ImportError``/``RuntimeError`` whose message says why it cannot serve; it runs once.
+    ``devices`` lists the device types (``"cpu"``, ``"cuda"``, ...) it serves; ``priority`` orders
+    providers in ``auto`` mode (higher first); ``auto`` = False keeps it out of ``auto`` mode
+    (it is then used only when named in ``HALRP_FAST_BACKEND``).
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    load: Callable[[], dict[str, Callable]]
+    priority: int = 0
+    auto: bool = True
+    _impls: dict[str, Callable] | None = field(default=None, repr=False)
+    _error: str | None = field(default=None, repr=False)
+
+    def impls(self) -> dict[str, Callable]:
+        """The implementations, or ``{}`` when the provider cannot load (see :meth:`why_not`)."""
+        if self._impls is None and self._error is None:
+            try:
+                self._impls = dict(self.load())
+            except (ImportError, RuntimeError, OSError) as exc:
+                self._error = f"{type(exc).__name__}: {exc}"
+        return self._impls or {}
+
+    def why_not(self) -> str | None:
+        self.impls()
+        return self._error
+
+
+_PROVIDERS: dict[str, Provider] = {}
+_SELECTION: dict[tuple[str, str, str], tuple[str, Callable]] = {}
+
+def register_provider(provider: Provider) -> None:
+    """Add (or replace) a provider; clears the selection cache."""
+    _PROVIDERS[provider.name] = provider
+    _SELECTION.clear()
+
+
+register_provider(
+    Provider(
+        name="reference",
+        devices=("*",),
+        load=lambda: {op: getattr(reference, op) for op in OPS},
+        priority=-100,
+    )
+)
+
+
+
+def requested() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in _PROVIDERS:
+        raise ValueError(
+            f"{ENV_VAR}={value!r} names no provider; choose 'auto' or one of {sorted(_PROVIDERS)}"
+        )
+    return value
+
+
+def _serves(p: Provider, device_type: str) -> bool:
+    return "*" in p.devices or device_type in p.devices
+
+
+def _choose(op: str, device_type: str, want: str) -> tuple[str, Callable]:
+    if want != "auto":
+        p = _PROVIDERS[want]
+        if not _serves(p, device_type):
+            raise RuntimeError(
+                f"{ENV_VAR}={want} cannot serve {op} on {device_type} tensors (it serves {list(p.devices)})"
+            )
+        impls = p.impls()
+        if not impls:
+            raise RuntimeError(f"{ENV_VAR}={want} is not available: {p.why_not()}")
+        if op in impls:
+            return p.name, impls[op]
+        return "reference", _PROVIDERS["reference"].impls()[op]
+    for p in sorted(_PROVIDERS.values(), key=lambda p: -p.priority):
+        if p.auto and _serves(p, device_type) and op in p.impls():
+            return p.name, p.impls()[op]
+    raise RuntimeError(f"no provider implements {op} on {device_type}")
+
+
+def select(op: str, device_type: str) -> tuple[str, Callable]:
+    """``(provider name, implementation)`` serving ``op`` for tensors of ``device_type``."""
+    want = requested()
+    key = (op, device_type, want)
+    hit = _SELECTION.get(key)
+    if hit is None:
+        hit = _SELECTION[key] = _choose(op, device_type, want)
+    return hit
+
+
+def call(op: str, device_type: str, *args):
+    return select(op, device_type)[1](*args)
+
+
+def env_report(devices: tuple[str, ...] | None = None) -> str:
+    """A human-readable table: for each op and device type, the provider serving it and why."""
+    import torch
+
+    if devices is None:
+        devices = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+    lines = [
+        f"halrp_fast env report  (torch {torch.__version__}, {ENV_VAR}={os.environ.get(ENV_VAR, 'auto')}, "
+        f"cuda available: {torch.cuda.is_available()})",
+        "providers:",
+    ]
+    for p in sorted(_PROVIDERS.values(), key=lambda p: -p.priority):
+        why = p.why_not()
+        state = "available" if why is None else f"unavailable ({why})"
+        lines.append(f"  {p.name:<10} devices={','.join(p.devices):<10} {state}")
+    lines.append("ops:")
+    for dev in devices:
+        for op in OPS:
+            try:
+                name, _ = select(op, dev)
+            except (RuntimeError, ValueError) as exc:
+                name = f"error: {exc}"
+            lines.append(f"  {op:<30} {dev:<5} -> {name}")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Argument validation shared by the op implementations and their fake (meta) kernels.
+
+Every check raises early with a message that names the argument, the expected and the actual
+shape / dtype / device.  Only static properties are checked here (they work on FakeTensors under
+``torch.compile``); value checks such as the range of ``task_ids`` live in :func:`check_task_id_range`,
+which the real kernels call.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_desc(t)}")
+
+
+def check_like(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "x") -> None:
+    """``t`` must be floating, with the dtype and device of ``ref``."""
+    check_floating(name, t)
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {_desc(t)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {_desc(t)}")
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int], meaning: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} {meaning}, got {_desc(t)}")
+
+
+def check_lowrank_pair(U: torch.Tensor, V: torch.Tensor, out: int, inp: int, banked: int | None) -> int:
+    """Check ``U (out, k)``, ``V (in, k)`` (or ``(T, out, k)``, ``(T, in, k)`` when banked) and return k."""
+    lead = () if banked is None else (banked,)
+    tag = "" if banked is None else "T, "
+    if U.dim() != len(lead) + 2:
+        raise ValueError(f"U must have shape ({tag}out={out}, k), got {_desc(U)}")
+    if V.dim() != len(lead) + 2:
+        raise ValueError(f"V must have shape ({tag}in={inp}, k), got {_desc(V)}")
+    k = U.shape[-1]
+    check_shape("U", U, (*lead, out, k), f"({tag}out, k)")
+    if tuple(V.shape) != (*lead, inp, k):
+        raise ValueError(
+            f"V must have shape {(*lead, inp, k)} ({tag}in, k) with the rank k={k} of U, got {_desc(V)}"
+        )
+    return k
+
+
+def check_linear(x, weight, r, s, U, V, bias) -> None:
+    """Single-task linear: x (..., in), weight (out, in), r (out,), s (in,), U (out, k), V (in, k)."""
+    check_floating("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape (..., in), got {_desc(x)}")
+    check_like("weight", weight, x)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out, in), got {_desc(weight)}")
+    out, inp = weight.shape
+    if x.shape[-1] != inp:
+        raise ValueError(f"x must have shape (..., in={inp}) to match weight {tuple(weight.shape)}, got {_desc(x)}")
+    for name, t in (("r", r), ("s", s), ("U", U), ("V", V)):
+        check_like(name, t, x)
+    check_shape("r", r, (out,), "(out,)")
+    check_shape("s", s, (inp,), "(in,)")
+    check_lowrank_pair(U, V, out, inp, None)
+    if bias is not None:
+        check_like("bias", bias, x)
+        check_shape("bias", bias, (out,), "(out,)")
+
+
+def check_task_ids(task_ids: torch.Tensor, batch: int, device: torch.device) -> None:
+    if not isinstance(task_ids, torch.Tensor):
+        raise TypeError(f"task_ids must be an int64 tensor of shape ({batch},), got {type(task_ids).__name__}")
+    if task_ids.dtype != torch.int64:
+        raise TypeError(f"task_ids must be int64 with shape ({batch},), got {_desc(task_ids)}")
+    if tuple(task_ids.shape) != (batch,):
+        raise ValueError(f"task_ids must have shape ({batch},) (one task per row of x), got {_desc(task_ids)}")
+    if task_ids.device != device:
+        raise ValueError(f"task_ids must be on the device of x ({device}), got {_desc(task_ids)}")
+
+
+def check_task_id_range(task_ids: torch.Tensor, num_tasks: int) -> None:
+    """Value check (real kernels only): every id in ``[0, num_tasks)``."""
+    if task_ids.numel() == 0:
+        return
+    lo, hi = int(task_ids.min()), int(task_ids.max())
+    if lo < 0 or hi >= num_tasks:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"task_ids must lie in [0, {num_tasks}) (the size of the task banks), found {bad}")
+
+
+def check_linear_mt(x, task_ids, weight, R, S, U, V, B) -> None:
+    """Mixed-task linear: x (M, ..., in), task_ids (M,), banks R (T, out), S (T, in), U (T, out, k), ..."""
+    check_floating("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (M, ..., in) with one task per row M, got {_desc(x)}")
+    check_like("weight", weight, x)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out, in), got {_desc(weight)}")
+    out, inp = weight.shape
+    if x.shape[-1] != inp:
+        raise ValueError(f"x must have shape (M, ..., in={inp}) to match weight {tuple(weight.shape)}, got {_desc(x)}")
+    check_task_ids(task_ids, x.shape[0], x.device)
+    _check_banks(x, R, S, U, V, B, out, inp)
+
+
+def _check_banks(x, R, S, U, V, B, out: int, inp: int) -> int:
+    for name, t in (("R", R), ("S", S), ("U", U), ("V", V)):
+        check_like(name, t, x)
+    if R.dim() != 2 or R.shape[1] != out:
+        raise ValueError(f"R must have shape (T, out={out}), got {_desc(R)}")
+    T = R.shape[0]
+    check_shape("S", S, (T, inp), f"(T={T}, in={inp})")
+    check_lowrank_pair(U, V, out, inp, T)
+    if B is not None:
+        check_like("B", B, x)
+        check_shape("B", B, (T, out), f"(T={T}, out={out})")
+    return T
+
+
+def _pair(name: str, v) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, Sequence) and len(v) == 2 and all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        return (int(v[0]), int(v[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def conv_geometry(stride, padding, dilation) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Normalise and validate stride (≥ 1), padding (≥ 0) and dilation (≥ 1) to pairs."""
+    st, pd, dl = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    if min(st) < 1:
+        raise ValueError(f"stride must be ≥ 1, got {st}")
+    if min(pd) < 0:
+        raise ValueError(f"padding must be ≥ 0, got {pd}")
+    if min(dl) < 1:
+        raise ValueError(f"dilation must be ≥ 1, got {dl}")
+    return st, pd, dl
+
+
+def conv_out_hw(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int]:
+    H, W = x.shape[-2], x.shape[-1]
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def _check_conv_core(x, weight, stride, padding, dilation) -> tuple[int, int]:
+    check_floating("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (N, C_in, H, W), got {_desc(x)}")
+    check_like("weight", weight, x)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must have shape (C_out, C_in, kh, kw) (groups=1 only), got {_desc(weight)}")
+    out, inp = weight.shape[0], weight.shape[1]
+    if x.shape[1] != inp:
+        raise ValueError(
+            f"x must have C_in={inp} channels to match weight {tuple(weight.shape)} (groups=1 only), got {_desc(x)}"
+        )
+    ho, wo = conv_out_hw(x, weight, stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"x spatial size {tuple(x.shape[-2:])} is too small for kernel {tuple(weight.shape[-2:])} with "
+            f"stride {tuple(stride)}, padding {tuple(padding)}, dilation {tuple(dilation)}"
+        )
+    return out, inp
+
+
+def check_conv(x, weight, r, s, U, V, bias, stride, padding, dilation) -> None:
+    """Single-task conv: x (N, C_in, H, W), weight (C_out, C_in, kh, kw), r (C_out,), s (C_in,), U, V."""
+    out, inp = _check_conv_core(x, weight, stride, padding, dilation)
+    for name, t in (("r", r), ("s", s), ("U", U), ("V", V)):
+        check_like(name, t, x)
+    check_shape("r", r, (out,), "(C_out,)")
+    check_shape("s", s, (inp,), "(C_in,)")
+    check_lowrank_pair(U, V, out, inp, None)
+    if bias is not None:
+        check_like("bias", bias, x)
+        check_shape("bias", bias, (out,), "(C_out,)")
+
+
+def check_conv_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation) -> None:
+    out, inp = _check_conv_core(x, weight, stride, padding, dilation)
+    check_task_ids(task_ids, x.shape[0], x.device)
+    _check_banks(x, R, S, U, V, B, out, inp)
+
+
+def check_grad_mask(needs: Sequence[bool], n: int) -> None:
+    if len(needs) != n:
+        raise ValueError(f"the gradient mask must have {n} entries, got {len(needs)}")

@@ -1,0 +1,243 @@
+"""The op schemas (namespace ``halrp``), their fake kernels and their autograd.
+
+One schema per op, defined with :func:`torch.library.custom_op`.  The registered kernel validates
+the arguments and hands them to the provider that :mod:`halrp_fast._backend` selects for the
+device (the pure-PyTorch math of :mod:`halrp_fast.reference` by default).  Fake kernels validate
+the same static properties and state the output shapes, so ``torch.compile`` traces through the ops
+without a graph break.  Each forward op has a backward op of its own, so a provider can fuse the
+gradients too; autograd is registered once, here.
+
+Gradient masks (``needs``) are ordered ``(x, weight, r|R, s|S, U, V, bias|B)``; a gradient that is
+not needed comes back as an empty tensor.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend, _checks
+
+_LIB = "halrp"
+_N_GRADS = 7
+# (dx, dweight, dr|dR, ds|dS, dU, dV, dbias|dB)
+Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _needed(grads: Sequence[Tensor], needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
+    return tuple(g if n else None for g, n in zip(grads, needs, strict=True))
+
+
+def _empty_or(flag: bool, like: Tensor) -> Tensor:
+    return torch.empty_like(like) if flag else like.new_empty(0)
+
+
+def _fake_grads(x, weight, r, s, U, V, has_bias: bool, needs: Sequence[bool]) -> Grads:
+    _checks.check_grad_mask(needs, _N_GRADS)
+    bias_like = r if has_bias else x.new_empty(0)
+    return tuple(_empty_or(n, t) for n, t in zip(needs, (x, weight, r, s, U, V, bias_like), strict=True))
+
+
+# ============================================================================================
+# linear, one task
+# ============================================================================================
+@torch.library.custom_op(f"{_LIB}::perturbed_linear", mutates_args=())
+def perturbed_linear(x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor, V: Tensor,
+                     bias: Tensor | None) -> Tensor:
+    """``r ⊙ ((s ⊙ x) weightᵀ) + (x V) Uᵀ + bias`` for ``x (..., in)`` → ``(..., out)``."""
+    _checks.check_linear(x, weight, r, s, U, V, bias)
+    return _backend.call("perturbed_linear", x.device.type, x, weight, r, s, U, V, bias)
+
+
+@perturbed_linear.register_fake
+def _(x, weight, r, s, U, V, bias):
+    _checks.check_linear(x, weight, r, s, U, V, bias)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op(f"{_LIB}::perturbed_linear_backward", mutates_args=())
+def perturbed_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor,
+                              V: Tensor, has_bias: bool, needs: Sequence[bool]) -> Grads:
+    """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)`` of :func:`perturbed_linear`."""
+    _checks.check_grad_mask(needs, _N_GRADS)
+    return _backend.call("perturbed_linear_backward", x.device.type, grad, x, weight, r, s, U, V, has_bias,
+                         list(needs))
+
+
+@perturbed_linear_backward.register_fake
+def _(grad, x, weight, r, s, U, V, has_bias, needs):
+    return _fake_grads(x, weight, r, s, U, V, has_bias, needs)
+
+
+def _setup_single(ctx, inputs, output):
+    x, weight, r, s, U, V, bias = inputs[:7]
+    ctx.save_for_backward(x, weight, r, s, U, V)
+    ctx.has_bias = bias is not None
+    ctx.geometry = tuple(inputs[7:])  # conv: (stride, padding, dilation); linear: ()
+
+
+def _linear_autograd(ctx, grad):
+    needs = list(ctx.needs_input_grad)
+    grads = perturbed_linear_backward(grad, *ctx.saved_tensors, ctx.has_bias, needs)
+    return _needed(grads, needs)
+
+
+perturbed_linear.register_autograd(_linear_autograd, setup_context=_setup_single)
+
+
+# ============================================================================================
+# linear, mixed tasks
+# ============================================================================================
+@torch.library.custom_op(f"{_LIB}::perturbed_linear_mt", mutates_args=())
+def perturbed_linear_mt(x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor, S: Tensor, U: Tensor,
+                        V: Tensor, B: Tensor | None) -> Tensor:
+    """Row ``m`` of ``x (M, ..., in)`` through task ``task_ids[m]`` of the banks → ``(M, ..., out)``."""
+    _checks.check_linear_mt(x, task_ids, weight, R, S, U, V, B)
+    _checks.check_task_id_range(task_ids, R.shape[0])
+    return _backend.call("perturbed_linear_mt", x.device.type, x, task_ids, weight, R, S, U, V, B)
+
+
+@perturbed_linear_mt.register_fake
+def _(x, task_ids, weight, R, S, U, V, B):
+    _checks.check_linear_mt(x, task_ids, weight, R, S, U, V, B)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op(f"{_LIB}::perturbed_linear_mt_backward", mutates_args=())
+def perturbed_linear_mt_backward(grad: Tensor, x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor,
+                                 S: Tensor, U: Tensor, V: Tensor, has_bias: bool,
+                                 needs: Sequence[bool]) -> Grads:
+    """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)`` of :func:`perturbed_linear_mt`."""
+    _checks.check_grad_mask(needs, _N_GRADS)
+    return _backend.call("perturbed_linear_mt_backward", x.device.type, grad, x, task_ids, weight, R, S, U, V,
+                         has_bias, list(needs))
+
+
+@perturbed_linear_mt_backward.register_fake
+def _(grad, x, task_ids, weight, R, S, U, V, has_bias, needs):
+    return _fake_grads(x, weight, R, S, U, V, has_bias, needs)
+
+
+def _setup_mixed(ctx, inputs, output):
+    x, task_ids, weight, R, S, U, V, B = inputs[:8]
+    ctx.save_for_backward(x, task_ids, weight, R, S, U, V)
+    ctx.has_bias = B is not None
+    ctx.geometry = tuple(inputs[8:])
+
+
+def _mixed_needs(ctx) -> list[bool]:
+    n = list(ctx.needs_input_grad)
+    return n[:1] + n[2:8]  # drop task_ids
+
+
+def _mixed_grads(grads, ctx):
+    g = _needed(grads, _mixed_needs(ctx))
+    return (g[0], None, *g[1:])
+
+
+def _linear_mt_autograd(ctx, grad):
+    grads = perturbed_linear_mt_backward(grad, *ctx.saved_tensors, ctx.has_bias, _mixed_needs(ctx))
+    return _mixed_grads(grads, ctx)
+
+
+perturbed_linear_mt.register_autograd(_linear_mt_autograd, setup_context=_setup_mixed)
+
+
+# ============================================================================================
+# conv, one task
+# ============================================================================================
+def _geometry(stride, padding, dilation):
+    return _checks.conv_geometry(tuple(stride), tuple(padding), tuple(dilation))
+
+
+@torch.library.custom_op(f"{_LIB}::perturbed_conv2d", mutates_args=())
+def perturbed_conv2d(x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor, V: Tensor, bias: Tensor | None,
+                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    """``r ⊙ conv(s ⊙ x, weight) + U · Σ_window(Vᵀ · x) + bias`` for ``x (N, C_in, H, W)``."""
+    geo = _geometry(stride, padding, dilation)
+    _checks.check_conv(x, weight, r, s, U, V, bias, *geo)
+    return _backend.call("perturbed_conv2d", x.device.type, x, weight, r, s, U, V, bias, *geo)
+
+
+def _conv_out(x, weight, geo):
+    ho, wo = _checks.conv_out_hw(x, weight, *geo)
+    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
+
+
+@perturbed_conv2d.register_fake
+def _(x, weight, r, s, U, V, bias, stride, padding, dilation):
+    geo = _geometry(stride, padding, dilation)
+    _checks.check_conv(x, weight, r, s, U, V, bias, *geo)
+    return _conv_out(x, weight, geo)
+
+
+@torch.library.custom_op(f"{_LIB}::perturbed_conv2d_backward", mutates_args=())
+def perturbed_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor,
+                              V: Tensor, has_bias: bool, stride: Sequence[int], padding: Sequence[int],
+                              dilation: Sequence[int], needs: Sequence[bool]) -> Grads:
+    """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)`` of :func:`perturbed_conv2d`."""
+    _checks.check_grad_mask(needs, _N_GRADS)
+    geo = _geometry(stride, padding, dilation)
+    return _backend.call("perturbed_conv2d_backward", x.device.type, grad, x, weight, r, s, U, V, has_bias, *geo,
+                         list(needs))
+
+
+@perturbed_conv2d_backward.register_fake
+def _(grad, x, weight, r, s, U, V, has_bias, stride, padding, dilation, needs):
+    return _fake_grads(x, weight, r, s, U, V, has_bias, needs)
+
+
+def _conv_autograd(ctx, grad):
+    needs = list(ctx.needs_input_grad[:7])
+    grads = perturbed_conv2d_backward(grad, *ctx.saved_tensors, ctx.has_bias, *ctx.geometry, needs)
+    return (*_needed(grads, needs), None, None, None)
+
+
+perturbed_conv2d.register_autograd(_conv_autograd, setup_context=_setup_single)
+
+
+# ============================================================================================
+# conv, mixed tasks
+# ============================================================================================
+@torch.library.custom_op(f"{_LIB}::perturbed_conv2d_mt", mutates_args=())
+def perturbed_conv2d_mt(x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor, S: Tensor, U: Tensor, V: Tensor,
+                        B: Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                        dilation: Sequence[int]) -> Tensor:
+    """Image ``n`` of ``x (N, C_in, H, W)`` through task ``task_ids[n]`` of the banks."""
+    geo = _geometry(stride, padding, dilation)
+    _checks.check_conv_mt(x, task_ids, weight, R, S, U, V, B, *geo)
+    _checks.check_task_id_range(task_ids, R.shape[0])
+    return _backend.call("perturbed_conv2d_mt", x.device.type, x, task_ids, weight, R, S, U, V, B, *geo)
+
+
+@perturbed_conv2d_mt.register_fake
+def _(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation):
+    geo = _geometry(stride, padding, dilation)
+    _checks.check_conv_mt(x, task_ids, weight, R, S, U, V, B, *geo)
+    return _conv_out(x, weight, geo)
+
+
+@torch.library.custom_op(f"{_LIB}::perturbed_conv2d_mt_backward", mutates_args=())
+def perturbed_conv2d_mt_backward(grad: Tensor, x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor, S: Tensor,
+                                 U: Tensor, V: Tensor, has_bias: bool, stride: Sequence[int],
+                                 padding: Sequence[int], dilation: Sequence[int],
+                                 needs: Sequence[bool]) -> Grads:
+    """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)`` of :func:`perturbed_conv2d_mt`."""
+    _checks.check_grad_mask(needs, _N_GRADS)
+    geo = _geometry(stride, padding, dilation)
+    return _backend.call("perturbed_conv2d_mt_backward", x.device.type, grad, x, task_ids, weight, R, S, U, V,
+                         has_bias, *geo, list(needs))
+
+
+@perturbed_conv2d_mt_backward.register_fake
+def _(grad, x, task_ids, weight, R, S, U, V, has_bias, stride, padding, dilation, needs):
+    return _fake_grads(x, weight, R, S, U, V, has_bias, needs)
+
+
+def _conv_mt_autograd(ctx, grad):
+    grads = perturbed_conv2d_mt_backward(grad, *ctx.saved_tensors, ctx.has_bias, *ctx.geometry, _mixed_needs(ctx))
+    return (*_mixed_grads(grads, ctx), None, None, None)
+
+
+perturbed_conv2d_mt.register_autograd(_conv_mt_autograd, setup_context=_setup_mixed)

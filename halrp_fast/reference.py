@@ -1,0 +1,314 @@
+"""Readable PyTorch math of every op: the CPU path, the fallback on every device, and the twin of
+the tests' float64 oracle.
+
+Notation (one layer, one task):  ``W`` the frozen base weight, ``r`` the output scale, ``s`` the
+input scale, ``U (out, k)``, ``V (in, k)`` the low-rank perturbation, ``b`` the task bias.
+
+* linear: ``y = r ⊙ ((s ⊙ x) Wᵀ) + (x V) Uᵀ + b``
+* conv:   ``y = r ⊙ conv(s ⊙ x, W) + U · Σ_window(Vᵀ · x) + b``, the low-rank weight being the same
+  at every kernel position, so it is a 1×1 conv by ``Vᵀ``, a sum over the kernel window (same stride,
+  padding and dilation as the conv) and a 1×1 conv by ``U``.
+
+The mixed-task variants take banks stacked on dim 0 (``R (T, out)``, ``S (T, in)``,
+``U (T, out, k)``, ``V (T, in, k)``, ``B (T, out)``) and a task id per row / image.  They do the
+``W`` product once for the whole batch (per-row scales are gathered) and loop over the *distinct*
+tasks only for the low-rank term, so the cost grows with the number of distinct tasks.
+
+Backward functions take the mask ``needs`` of the inputs that require a gradient and return an
+empty tensor in place of every gradient that is not needed.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+Pair = Sequence[int]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def task_groups(task_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``[(task, row_indices), ...]`` for the distinct tasks of ``task_ids (M,)``, in ascending task order."""
+    if task_ids.numel() == 0:
+        return []
+    uniq, counts = torch.unique(task_ids, return_counts=True)
+    order = torch.argsort(task_ids, stable=True)
+    return list(zip(uniq.tolist(), torch.split(order, counts.tolist()), strict=True))
+
+
+def _none_like(x: torch.Tensor) -> torch.Tensor:
+    """Placeholder for a gradient that is not needed."""
+    return x.new_empty(0)
+
+
+def window_sum(z: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> torch.Tensor:
+    """Sum of ``z (N, k, H, W)`` over every conv window: ``(N, k, H_out, W_out)``."""
+    kh, kw = kernel
+    if tuple(dilation) == (1, 1) and padding[0] <= kh // 2 and padding[1] <= kw // 2:
+        # avg-pool with divisor 1 is a sum-pool and much faster than a depthwise conv.
+        return F.avg_pool2d(z, (kh, kw), stride, padding, count_include_pad=True, divisor_override=1)
+    ones = z.new_ones(z.shape[1], 1, kh, kw)
+    return F.conv2d(z, ones, None, stride, padding, dilation, groups=z.shape[1])
+
+
+def window_sum_adjoint(g: torch.Tensor, in_hw: Pair, kernel: Pair, stride: Pair, padding: Pair,
+                       dilation: Pair) -> torch.Tensor:
+    """Adjoint of :func:`window_sum`: ``g (N, k, H_out, W_out)`` → ``(N, k, H, W)``."""
+    k = g.shape[1]
+    ones = g.new_ones(k, 1, *kernel)
+    return conv2d_input((g.shape[0], k, *in_hw), ones, g, stride, padding, dilation, groups=k)
+
+
+def _conv1x1(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Channel mix ``(N, c, H, W) → (N, d, H, W)`` by ``M (d, c)``."""
+    return F.conv2d(x, M[:, :, None, None])
+
+
+def _chan(v: torch.Tensor) -> torch.Tensor:
+    """``(C,)`` → ``(C, 1, 1)``, or ``(N, C)`` → ``(N, C, 1, 1)``: broadcast over H, W."""
+    return v[..., None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# merged weights
+# --------------------------------------------------------------------------------------------
+def merge_linear_weight(weight, r, s, U, V) -> torch.Tensor:
+    """``diag(r) W diag(s) + U Vᵀ``: ``(out, in)``."""
+    return torch.addmm(r[:, None] * weight * s, U, V.T)
+
+
+def merge_conv_weight(weight, r, s, U, V) -> torch.Tensor:
+    """``r ⊙ W ⊙ s + (U Vᵀ)`` at every kernel position: ``(C_out, C_in, kh, kw)``."""
+    return r[:, None, None, None] * weight * s[:, None, None] + (U @ V.T)[:, :, None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# linear, one task
+# --------------------------------------------------------------------------------------------
+def perturbed_linear(x, weight, r, s, U, V, bias) -> torch.Tensor:
+    """``x (..., in)`` → ``(..., out)``."""
+    out, inp = weight.shape
+    x2 = x.reshape(-1, inp)
+    y = F.linear(x2 * s, weight).mul_(r)
+    if U.shape[1]:
+        y.addmm_(x2 @ V, U.T)
+    if bias is not None:
+        y.add_(bias)
+    return y.reshape(*x.shape[:-1], out)
+
+
+def perturbed_linear_backward(grad, x, weight, r, s, U, V, has_bias: bool, needs: Sequence[bool]):
+    """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)``; ``needs`` has the same order."""
+    nx, nw, nr, ns, nU, nV, nb = needs
+    out, inp = weight.shape
+    g = grad.reshape(-1, out)
+    x2 = x.reshape(-1, inp)
+    k = U.shape[1]
+    dx = dw = dr = ds = dU = dV = db = None
+    if nx or ns:
+        gx = (g * r) @ weight  # (M, in): gradient w.r.t. s ⊙ x
+        if ns:
+            ds = (gx * x2).sum(0)
+        if nx:
+            dx = gx.mul_(s)
+            if k:
+                dx.addmm_(g @ U, V.T)
+            dx = dx.reshape(x.shape)
+    if nw:
+        dw = (g * r).T @ (x2 * s)
+    if nr:
+        dr = (g * F.linear(x2 * s, weight)).sum(0)
+    if nU:
+        dU = g.T @ (x2 @ V)
+    if nV:
+        dV = x2.T @ (g @ U)
+    if nb and has_bias:
+        db = g.sum(0)
+    return tuple(_none_like(x) if t is None else t for t in (dx, dw, dr, ds, dU, dV, db))
+
+
+# --------------------------------------------------------------------------------------------
+# linear, mixed tasks
+# --------------------------------------------------------------------------------------------
+def _rows(x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten ``x (M, ..., in)`` to rows ``(M·L, in)`` and repeat each task id over its L rows."""
+    inp = x.shape[-1]
+    rows = x.reshape(-1, inp)
+    per = rows.shape[0] // max(x.shape[0], 1)
+    ids = task_ids if per == 1 else task_ids.repeat_interleave(per)
+    return rows, ids
+
+
+def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B) -> torch.Tensor:
+    """``x (M, ..., in)``, ``task_ids (M,)`` → ``(M, ..., out)``; row m uses bank entry ``task_ids[m]``."""
+    out = weight.shape[0]
+    x2, ids = _rows(x, task_ids)
+    y = F.linear(x2 * S[ids], weight).mul_(R[ids])
+    if U.shape[2]:
+        for t, idx in task_groups(ids):
+            xi = x2.index_select(0, idx)
+            y.index_add_(0, idx, (xi @ V[t]) @ U[t].T)
+    if B is not None:
+        y.add_(B[ids])
+    return y.reshape(*x.shape[:-1], out)
+
+
+def perturbed_linear_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias: bool,
+                                 needs: Sequence[bool]):
+    """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)`` with the shapes of the inputs."""
+    nx, nw, nr, ns, nU, nV, nb = needs
+    out, inp = weight.shape
+    x2, ids = _rows(x, task_ids)
+    g = grad.reshape(-1, out)
+    T, k = R.shape[0], U.shape[2]
+    s_rows = S[ids]
+    dx = dw = dR = dS = dU = dV = dB = None
+    if nx or ns:
+        gx = (g * R[ids]) @ weight
+        if ns:
+            dS = torch.zeros_like(S).index_add_(0, ids, gx * x2)
+        if nx:
+            dx = gx.mul_(s_rows)
+    if nw:
+        dw = (g * R[ids]).T @ (x2 * s_rows)
+    if nr:
+        dR = torch.zeros_like(R).index_add_(0, ids, g * F.linear(x2 * s_rows, weight))
+    if nU:
+        dU = torch.zeros_like(U)
+    if nV:
+        dV = torch.zeros_like(V)
+    if k and (nx or nU or nV):
+        for t, idx in task_groups(ids):
+            gi, xi = g.index_select(0, idx), x2.index_select(0, idx)
+            gu = gi @ U[t]  # (m, k)
+            if nx:
+                dx.index_add_(0, idx, gu @ V[t].T)
+            if nU:
+                dU[t] = gi.T @ (xi @ V[t])
+            if nV:
+                dV[t] = xi.T @ gu
+    if nb and has_bias:
+        dB = torch.zeros(T, out, dtype=g.dtype, device=g.device).index_add_(0, ids, g)
+    if dx is not None:
+        dx = dx.reshape(x.shape)
+    return tuple(_none_like(x) if t is None else t for t in (dx, dw, dR, dS, dU, dV, dB))
+
+
+# --------------------------------------------------------------------------------------------
+# conv, one task
+# --------------------------------------------------------------------------------------------
+def _lowrank_conv(x, U, V, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``U · Σ_window(Vᵀ · x)``; the window sum commutes with the channel mix, so it runs on
+    whichever side has fewer channels (k or C_in)."""
+    if U.shape[1] <= x.shape[1]:
+        pooled = window_sum(_conv1x1(x, V.T), kernel, stride, padding, dilation)
+    else:
+        pooled = _conv1x1(window_sum(x, kernel, stride, padding, dilation), V.T)
+    return _conv1x1(pooled, U)
+
+
+def perturbed_conv2d(x, weight, r, s, U, V, bias, stride, padding, dilation) -> torch.Tensor:
+    """``x (N, C_in, H, W)`` → ``(N, C_out, H_out, W_out)``."""
+    kernel = weight.shape[-2:]
+    y = F.conv2d(x * _chan(s), weight, None, stride, padding, dilation).mul_(_chan(r))
+    if U.shape[1]:
+        y.add_(_lowrank_conv(x, U, V, kernel, stride, padding, dilation))
+    if bias is not None:
+        y.add_(_chan(bias))
+    return y
+
+
+def perturbed_conv2d_backward(grad, x, weight, r, s, U, V, has_bias: bool, stride, padding, dilation,
+                              needs: Sequence[bool]):
+    """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)``."""
+    nx, nw, nr, ns, nU, nV, nb = needs
+    kernel = tuple(weight.shape[-2:])
+    k = U.shape[1]
+    g = grad
+    xs = x * _chan(s)
+    dx = dw = dr = ds = dU = dV = db = None
+    if nx or ns:
+        gxs = conv2d_input(x.shape, weight, g * _chan(r), stride, padding, dilation)
+        if ns:
+            ds = (gxs * x).sum((0, 2, 3))
+        if nx:
+            dx = gxs.mul_(_chan(s))
+    if nw:
+        dw = conv2d_weight(xs, weight.shape, g * _chan(r), stride, padding, dilation)
+    if nr:
+        dr = (g * F.conv2d(xs, weight, None, stride, padding, dilation)).sum((0, 2, 3))
+    if nU:
+        pooled = window_sum(_conv1x1(x, V.T), kernel, stride, padding, dilation)
+        dU = torch.einsum("nohw,nkhw->ok", g, pooled)
+    if k and (nx or nV):
+        gz = window_sum_adjoint(_conv1x1(g, U.T), x.shape[-2:], kernel, stride, padding, dilation)
+        if nV:
+            dV = torch.einsum("nchw,nkhw->ck", x, gz)
+        if nx:
+            dx.add_(_conv1x1(gz, V))
+    elif nV:
+        dV = torch.zeros_like(V)
+    if nb and has_bias:
+        db = g.sum((0, 2, 3))
+    return tuple(_none_like(x) if t is None else t for t in (dx, dw, dr, ds, dU, dV, db))
+
+
+# --------------------------------------------------------------------------------------------
+# conv, mixed tasks
+# --------------------------------------------------------------------------------------------
+def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation) -> torch.Tensor:
+    """``x (N, C_in, H, W)``, ``task_ids (N,)`` → ``(N, C_out, H_out, W_out)``."""
+    kernel = weight.shape[-2:]
+    y = F.conv2d(x * _chan(S[task_ids]), weight, None, stride, padding, dilation).mul_(_chan(R[task_ids]))
+    if U.shape[2]:
+        for t, idx in task_groups(task_ids):
+            y.index_add_(0, idx, _lowrank_conv(x.index_select(0, idx), U[t], V[t], kernel, stride, padding, dilation))
+    if B is not None:
+        y.add_(_chan(B[task_ids]))
+    return y
+
+
+def perturbed_conv2d_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias: bool, stride, padding,
+                                 dilation, needs: Sequence[bool]):
+    """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)``."""
+    nx, nw, nr, ns, nU, nV, nb = needs
+    kernel = tuple(weight.shape[-2:])
+    k = U.shape[2]
+    g, ids = grad, task_ids
+    s_img, r_img = _chan(S[ids]), _chan(R[ids])
+    xs = x * s_img
+    dx = dw = dR = dS = dU = dV = dB = None
+    if nx or ns:
+        gxs = conv2d_input(x.shape, weight, g * r_img, stride, padding, dilation)
+        if ns:
+            dS = torch.zeros_like(S).index_add_(0, ids, (gxs * x).sum((2, 3)))
+        if nx:
+            dx = gxs.mul_(s_img)
+    if nw:
+        dw = conv2d_weight(xs, weight.shape, g * r_img, stride, padding, dilation)
+    if nr:
+        c = F.conv2d(xs, weight, None, stride, padding, dilation)
+        dR = torch.zeros_like(R).index_add_(0, ids, (g * c).sum((2, 3)))
+    if nU:
+        dU = torch.zeros_like(U)
+    if nV:
+        dV = torch.zeros_like(V)
+    if k and (nx or nU or nV):
+        for t, idx in task_groups(ids):
+            gi, xi = g.index_select(0, idx), x.index_select(0, idx)
+            if nU:
+                pooled = window_sum(_conv1x1(xi, V[t].T), kernel, stride, padding, dilation)
+                dU[t] = torch.einsum("nohw,nkhw->ok", gi, pooled)
+            if nx or nV:
+                gz = window_sum_adjoint(_conv1x1(gi, U[t].T), x.shape[-2:], kernel, stride, padding, dilation)
+                if nV:
+                    dV[t] = torch.einsum("nchw,nkhw->ck", xi, gz)
+                if nx:
+                    dx.index_add_(0, idx, _conv1x1(gz, V[t]))
+    if nb and has_bias:
+        dB = torch.zeros(R.shape[0], R.shape[1], dtype=g.dtype, device=g.device).index_add_(0, ids, g.sum((2, 3)))
+    return tuple(_none_like(x) if t is None else t for t in (dx, dw, dR, dS, dU, dV, dB))
