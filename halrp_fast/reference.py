@@ -241,9 +241,11 @@ def perturbed_conv2d_backward(grad, x, weight, r, s, U, V, has_bias: bool, strid
         dw = conv2d_weight(xs, weight.shape, g * _chan(r), stride, padding, dilation)
     if nr:
         dr = (g * F.conv2d(xs, weight, None, stride, padding, dilation)).sum((0, 2, 3))
-    if nU:
+    if nU and k:
         pooled = window_sum(_conv1x1(x, V.T), kernel, stride, padding, dilation)
         dU = torch.einsum("nohw,nkhw->ok", g, pooled)
+    elif nU:
+        dU = torch.zeros_like(U)
     if k and (nx or nV):
         gz = window_sum_adjoint(_conv1x1(g, U.T), x.shape[-2:], kernel, stride, padding, dilation)
         if nV:

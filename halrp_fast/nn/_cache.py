@@ -1,0 +1,59 @@
+"""A small LRU cache of tensors derived from parameters, invalidated when any source changes."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+
+def tensor_key(tensors: Sequence[torch.Tensor | None]) -> tuple | None:
+    """Identity of the current *values* of ``tensors``: object, storage, in-place version, dtype, device.
+
+    In-place updates (optimiser steps, ``load_state_dict``) bump ``_version``; ``.to()``/``.data =``
+    change the storage.  ``None`` when a tensor has no version counter (inference tensors): then the
+    value is recomputed every time.
+    """
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            continue
+        try:
+            key.append((id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)))
+        except RuntimeError:
+            return None
+    return tuple(key)
+
+
+class DerivedCache:
+    """``get(name, sources, build)`` returns ``build()``, reusing it while ``sources`` are unchanged.
+
+    Built without autograd and outside inference mode, so the value can be reused anywhere no
+    gradient w.r.t. the sources is needed.  Holds at most ``capacity`` entries (LRU).
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[Hashable, tuple[tuple, torch.Tensor]] = OrderedDict()
+
+    def get(self, name: Hashable, sources: Sequence[torch.Tensor | None], build: Callable[[], object]):
+        key = tensor_key(sources)
+        hit = self._entries.get(name)
+        if key is not None and hit is not None and hit[0] == key:
+            self._entries.move_to_end(name)
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():
+            value = build()
+        if key is not None and self.capacity > 0:
+            self._entries[name] = (key, value)
+            self._entries.move_to_end(name)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,110 @@
+"""Task selection shared by the task-aware modules of one model.
+
+A :class:`TaskModel` resolves its ``task_ids`` argument once per forward into a
+:class:`TaskSelection` and publishes it on a :class:`TaskContext` that every task-aware module of
+the model holds, so an unmodified user ``forward`` (which calls ``self.conv1(x)`` with one argument)
+still routes every layer to the right task.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TaskSelection:
+    """The tasks of one batch.
+
+    ``single`` is set when every row belongs to one task.  Otherwise ``tasks`` lists the distinct
+    tasks in ascending order, ``local_ids (M,)`` maps each row to its position in ``tasks``,
+    ``groups`` holds ``(task, row indices)`` per distinct task and ``restore (M,)`` puts rows that
+    were concatenated group by group back in batch order.
+    """
+
+    single: int | None = None
+    tasks: list[int] = field(default_factory=list)
+    local_ids: torch.Tensor | None = None
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    restore: torch.Tensor | None = None
+
+    def regroup(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-group results (in ``groups`` order) and restore the batch order."""
+        return torch.cat(parts).index_select(0, self.restore)
+
+
+def select_tasks(task_ids, batch: int, num_tasks: int, device: torch.device | None = None) -> TaskSelection:
+    """Validate ``task_ids`` (an int, or an int64 tensor of shape ``(batch,)``) and resolve it."""
+    if isinstance(task_ids, torch.Tensor) and task_ids.dim() == 0:
+        if task_ids.dtype != torch.int64:
+            raise TypeError(f"task_ids must be an int or an int64 tensor, got a 0-d tensor of dtype {task_ids.dtype}")
+        task_ids = int(task_ids)
+    if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+        if not 0 <= task_ids < num_tasks:
+            raise ValueError(f"task id {task_ids} is out of range: the model has tasks 0..{num_tasks - 1} "
+                             f"(add_task() adds one)")
+        return TaskSelection(single=task_ids)
+    if not isinstance(task_ids, torch.Tensor):
+        raise TypeError(f"task_ids must be an int or an int64 tensor of shape ({batch},), got {type(task_ids).__name__}")
+    if task_ids.dtype != torch.int64:
+        raise TypeError(f"task_ids must be int64 with shape ({batch},), got dtype {task_ids.dtype}")
+    if tuple(task_ids.shape) != (batch,):
+        raise ValueError(f"task_ids must have shape ({batch},) (one task per sample), got {tuple(task_ids.shape)}")
+    if device is not None:
+        task_ids = task_ids.to(device)
+    if batch == 0:
+        return TaskSelection(tasks=[], local_ids=task_ids, groups=[], restore=task_ids)
+    tasks_t, local_ids, counts = torch.unique(task_ids, sorted=True, return_inverse=True, return_counts=True)
+    tasks = tasks_t.tolist()
+    if tasks[0] < 0 or tasks[-1] >= num_tasks:
+        bad = tasks[0] if tasks[0] < 0 else tasks[-1]
+        raise ValueError(f"task id {bad} in task_ids is out of range: the model has tasks 0..{num_tasks - 1}")
+    if len(tasks) == 1:
+        return TaskSelection(single=tasks[0])
+    order = torch.argsort(task_ids, stable=True)
+    groups = list(zip(tasks, torch.split(order, counts.tolist()), strict=True))
+    return TaskSelection(tasks=tasks, local_ids=local_ids, groups=groups, restore=torch.argsort(order))
+
+
+class TaskContext:
+    """Holds the :class:`TaskSelection` of the batch in flight."""
+
+    def __init__(self) -> None:
+        self.selection: TaskSelection | None = None
+
+    @contextmanager
+    def use(self, selection: TaskSelection) -> Iterator[None]:
+        previous, self.selection = self.selection, selection
+        try:
+            yield
+        finally:
+            self.selection = previous
+
+
+class TaskModule(torch.nn.Module):
+    """Base of the task-aware modules: resolves the selection for a forward call."""
+
+    def __init__(self, ctx: TaskContext | None = None) -> None:
+        super().__init__()
+        self._ctx = ctx if ctx is not None else TaskContext()
+        self.num_tasks = 1
+
+    def _selection(self, task_ids, x: torch.Tensor) -> TaskSelection:
+        if task_ids is not None:
+            return select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
+        if self._ctx.selection is None:
+            raise ValueError(
+                f"{type(self).__name__} needs task ids: call it as module(x, task_ids) or through the TaskModel "
+                f"that holds it (model(x, task_ids))"
+            )
+        return self._ctx.selection
+
+    def _check_task(self, t: int, allow_base: bool = True) -> int:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise TypeError(f"task must be an int, got {type(t).__name__}")
+        lo = 0 if allow_base else 1
+        if not lo <= t < self.num_tasks:
+            raise ValueError(f"task {t} is out of range: expected {lo}..{self.num_tasks - 1}")
+        return t

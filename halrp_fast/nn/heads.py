@@ -1,0 +1,75 @@
+"""One classifier per task, each with its own number of classes."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ._context import TaskContext, TaskModule
+
+
+class TaskHeads(TaskModule):
+    """``heads[t]`` classifies task ``t``; ``heads[0]`` is the model's original head.
+
+    New heads come from ``head_factory(num_classes)``; by default an ``nn.Linear`` with the original
+    head's input size, bias setting, dtype and device.  For a single task the output is
+    ``(M, C_t)``; a mixed batch returns ``(M, max C_t)`` where the columns past a row's own class
+    count are ``-inf`` (so ``argmax`` and ``cross_entropy`` on the row's own labels are unaffected).
+    """
+
+    def __init__(self, head: nn.Module, ctx: TaskContext | None = None,
+                 head_factory: Callable[[int], nn.Module] | None = None) -> None:
+        super().__init__(ctx)
+        if head_factory is None and not isinstance(head, nn.Linear):
+            raise TypeError(f"the head must be an nn.Linear (got {type(head).__name__}); for another kind of "
+                            f"head pass head_factory=lambda num_classes: <new head module>")
+        self.heads = nn.ModuleList([head])
+        self._factory = head_factory
+        self.num_classes: list[int] = [self._classes_of(head)]
+
+    @staticmethod
+    def _classes_of(head: nn.Module) -> int:
+        n = getattr(head, "out_features", None)
+        if n is None:
+            raise TypeError(f"cannot tell the number of classes of head {type(head).__name__}: give it an "
+                            f"'out_features' attribute")
+        return int(n)
+
+    def add_task(self, num_classes: int) -> int:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if self._factory is not None:
+            head = self._factory(num_classes)
+        else:
+            base = self.heads[0]
+            head = nn.Linear(base.in_features, num_classes, bias=base.bias is not None,
+                             device=base.weight.device, dtype=base.weight.dtype)
+        self.heads.append(head)
+        self.num_classes.append(num_classes)
+        self.num_tasks += 1
+        return self.num_tasks - 1
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        return list(self.heads[self._check_task(t)].parameters())
+
+    def to_plain(self, t: int) -> nn.Module:
+        return copy.deepcopy(self.heads[self._check_task(t)])
+
+    def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
+        sel = self._selection(task_ids, x)
+        if sel.single is not None:
+            return self.heads[sel.single](x)
+        width = max(self.num_classes[t] for t in sel.tasks)
+        parts = []
+        for t, idx in sel.groups:
+            logits = self.heads[t](x.index_select(0, idx))
+            if logits.shape[-1] < width:
+                pad = logits.new_full((*logits.shape[:-1], width - logits.shape[-1]), float("-inf"))
+                logits = torch.cat([logits, pad], dim=-1)
+            parts.append(logits)
+        return sel.regroup(parts)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}"

@@ -1,0 +1,230 @@
+"""``convert(model)``: any PyTorch model → a :class:`TaskModel` serving one task or a mixed batch."""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ._context import TaskContext, TaskModule, select_tasks
+from .batchnorm import TaskBatchNorm
+from .heads import TaskHeads
+from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear
+
+
+class TaskModel(nn.Module):
+    """A converted model: the frozen base is task 0, every later task adds its own small parameters.
+
+    ``forward(x, task_ids)``: ``task_ids`` is an int (the whole batch) or an int64 tensor ``(M,)``
+    with one task per sample (a mixed batch).  The wrapped model is ``self.model``; its structure is
+    unchanged except that linear, conv, BatchNorm layers and the head are task-aware.
+    """
+
+    def __init__(self, model: nn.Module, ctx: TaskContext, head_name: str) -> None:
+        super().__init__()
+        self.model = model
+        self._ctx = ctx
+        self.head_name = head_name
+
+    # ---------------------------------------------------------------- structure
+    @property
+    def heads(self) -> TaskHeads:
+        return self.model.get_submodule(self.head_name)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.heads.num_tasks
+
+    @property
+    def num_classes(self) -> list[int]:
+        return list(self.heads.num_classes)
+
+    def task_modules(self) -> dict[str, TaskModule]:
+        """Every task-aware module by qualified name (relative to ``self.model``)."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, TaskModule)}
+
+    def perturbed_layers(self) -> dict[str, PerturbedLayer]:
+        """The task-aware linear and conv layers by qualified name."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, PerturbedLayer)}
+
+    def _layer(self, layer: str | PerturbedLayer) -> PerturbedLayer:
+        if isinstance(layer, PerturbedLayer):
+            return layer
+        layers = self.perturbed_layers()
+        if layer not in layers:
+            raise ValueError(f"no task-aware linear/conv layer named {layer!r}; layers: {sorted(layers)}")
+        return layers[layer]
+
+    def _check_task(self, t: int) -> int:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise TypeError(f"task must be an int, got {type(t).__name__}")
+        if not 0 <= t < self.num_tasks:
+            raise ValueError(f"task {t} is out of range: the model has tasks 0..{self.num_tasks - 1}")
+        return t
+
+    # ---------------------------------------------------------------- tasks
+    def add_task(self, num_classes: int) -> int:
+        """Add a task (initialised to the base, rank 0 everywhere) with its own head; returns its id."""
+        t = self.heads.add_task(num_classes)
+        for m in self.task_modules().values():
+            if not isinstance(m, TaskHeads):
+                m.add_task()
+        return t
+
+    def named_task_parameters(self, t: int) -> dict[str, nn.Parameter]:
+        """What trains for task ``t``, by name (as in ``self.named_parameters()``).
+
+        Task 0: every parameter of the base (the original model's parameters, including those of
+        layers that are not task-aware).  Task ``t ≥ 1``: its ``r, s, U, V``, biases, BatchNorm affine
+        parameters and head.
+        """
+        self._check_task(t)
+        owned = {id(p) for m in self.task_modules().values() for p in m.parameters()}
+        chosen = {id(p) for m in self.task_modules().values() for p in m.task_parameters(t)}
+        out = {}
+        for name, p in self.named_parameters():
+            if id(p) in chosen or (t == 0 and id(p) not in owned):
+                out[name] = p
+        return out
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        return list(self.named_task_parameters(t).values())
+
+    def freeze_task(self, t: int) -> None:
+        """Stop gradients for task ``t``'s parameters (``requires_grad = False``)."""
+        for p in self.task_parameters(t):
+            p.requires_grad_(False)
+
+    def unfreeze_task(self, t: int) -> None:
+        for p in self.task_parameters(t):
+            p.requires_grad_(True)
+
+    def set_rank(self, task: int, layer: str | PerturbedLayer, U: torch.Tensor, V: torch.Tensor) -> None:
+        """Give ``layer`` (name or module) for ``task`` the perturbation ``U (out, k)``, ``V (in, k)``."""
+        self._layer(layer).set_rank(self._check_task(task), U, V)
+
+    def ranks(self, task: int) -> dict[str, int]:
+        """Rank of ``task``'s perturbation in every task-aware linear/conv layer."""
+        self._check_task(task)
+        return {name: m.rank(task) for name, m in self.perturbed_layers().items()}
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        sel = select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
+        with self._ctx.use(sel):
+            return self.model(x)
+
+    # ---------------------------------------------------------------- export
+    def export_task(self, t: int) -> nn.Module:
+        """An ordinary model (plain ``nn.Linear``/``nn.Conv2d``/BatchNorm/head) computing task ``t``.
+
+        Linear and conv layers hold the merged weight ``diag(r) W diag(s) + U Vᵀ``; the result needs no
+        ``halrp_fast`` at run time and is called as ``plain(x)``.
+        """
+        self._check_task(t)
+        plain = copy.deepcopy(self.model)
+        replacements = {name: m.to_plain(t) for name, m in self.task_modules().items()}
+        for name, module in replacements.items():
+            _set_submodule(plain, name, module)
+        return plain
+
+    # ---------------------------------------------------------------- state
+    def get_extra_state(self):
+        return {"num_classes": self.num_classes}
+
+    def set_extra_state(self, state) -> None:
+        """On ``load_state_dict``: add the tasks the state holds (before the children load their values)."""
+        wanted = list(state["num_classes"])
+        have = self.num_classes
+        if wanted[: len(have)] != have[: len(wanted)] or len(wanted) < len(have):
+            raise ValueError(f"state dict holds tasks with classes {wanted}, this model has {have}: "
+                             f"load it into a freshly converted model of the same architecture")
+        for n in wanted[len(have):]:
+            self.add_task(n)
+
+
+_LAZY = (nn.LazyLinear, nn.LazyConv2d, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _find_head(model: nn.Module, head: str) -> str:
+    if head == "last":
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError("head='last' found no nn.Linear in the model; name the classifier module with head=")
+        return linears[-1]
+    try:
+        model.get_submodule(head)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n]
+        raise ValueError(f"head={head!r} names no submodule of the model; submodules: {names[:50]}") from None
+    return head
+
+
+def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
+            exclude: Iterable[str] = (), head_factory: Callable[[int], nn.Module] | None = None) -> TaskModel:
+    """Make ``model`` task-aware and return a :class:`TaskModel` with one task (task 0 = the model).
+
+    Every ``nn.Linear`` and ``nn.Conv2d`` becomes :class:`TaskLinear`/:class:`TaskConv2d`, every
+    ``BatchNorm1d``/``BatchNorm2d`` a :class:`TaskBatchNorm`, and the classifier named by ``head``
+    (a qualified module name, or ``"last"`` for the last ``nn.Linear``) a :class:`TaskHeads`.
+
+    ``exclude``: qualified names of modules (and everything below them) to leave as they are; they
+    stay shared by all tasks and belong to the base.  Grouped convs and non-zero padding modes are
+    refused unless excluded.  Linear layers inside ``nn.MultiheadAttention`` are left shared (that
+    module reads their weights directly) with a warning.  ``inplace=False`` converts a deep copy.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, TaskModel):
+        raise TypeError("model is already a TaskModel")
+    if not inplace:
+        model = copy.deepcopy(model)
+    head_name = _find_head(model, head)
+    skip = tuple(exclude)
+    for name in skip:
+        model.get_submodule(name)  # raises for a wrong name
+    ctx = TaskContext()
+    shared_mha = []
+    replacements: dict[str, nn.Module] = {}
+    mha_prefixes = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name, m in model.named_modules():
+        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if any(name.startswith(p + ".") for p in mha_prefixes):
+            shared_mha.append(name)
+            continue
+        if isinstance(m, _LAZY) and name != head_name:
+            raise ValueError(f"module {name!r} is lazy (uninitialised): run one forward pass before convert()")
+        if name == head_name:
+            replacements[name] = TaskHeads(m, ctx, head_factory)
+        elif isinstance(m, TaskModule):
+            raise TypeError(f"module {name!r} is already task-aware")
+        elif isinstance(m, nn.Conv2d):
+            try:
+                replacements[name] = TaskConv2d.from_conv(m, ctx)
+            except ValueError as exc:
+                raise ValueError(f"cannot convert {name!r}: {exc}; pass exclude=[{name!r}] to keep it shared") from None
+        elif isinstance(m, nn.Linear):
+            replacements[name] = TaskLinear.from_linear(m, ctx)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            replacements[name] = TaskBatchNorm(m, ctx)
+    # Children of replaced modules must not be replaced twice (e.g. a head that is a Sequential).
+    for name in sorted(replacements, key=len):
+        if any(name.startswith(p + ".") for p in replacements if p != name):
+            del replacements[name]
+    for name, module in replacements.items():
+        _set_submodule(model, name, module)
+    if shared_mha:
+        warnings.warn(f"linear layers inside nn.MultiheadAttention stay shared by all tasks: {shared_mha}",
+                      stacklevel=2)
+    return TaskModel(model, ctx, head_name)

@@ -1,0 +1,308 @@
+"""Task-aware linear and conv layers: one frozen base weight, per-task ``r, s, U, V`` and bias.
+
+Task 0 is the base itself (``r = s = 1``, no low-rank term, the base bias).  Task ``t ≥ 1`` computes
+``y = r_t ⊙ op(s_t ⊙ x, W) + U_t (V_tᵀ x) + b_t``; its rank ``k`` (columns of ``U_t``/``V_t``) may be
+0 and differs per task and per layer.
+
+Per-task tensors live in ``ParameterDict``\\ s keyed by the task number (``r.3``, ``U.3``, ...), so a
+state dict names them plainly; loading a state dict whose ranks differ from the current ones
+resizes ``U``/``V`` to the stored ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _checks, reference
+from ..functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
+from ._cache import DerivedCache
+from ._context import TaskContext, TaskModule, TaskSelection
+
+_PER_TASK = ("r", "s", "U", "V", "task_bias")
+
+
+def _as_parameter(t: torch.Tensor) -> nn.Parameter:
+    """Keep the caller's Parameter object (optimisers holding it stay valid); wrap a plain tensor."""
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class PerturbedLayer(TaskModule):
+    """Shared machinery of :class:`TaskLinear` and :class:`TaskConv2d`.
+
+    Attributes: ``weight`` (the base, task 0), ``bias`` (task 0's bias or ``None``), and per task
+    ``t ≥ 1``: ``r[str(t)] (out,)``, ``s[str(t)] (in,)``, ``U[str(t)] (out, k)``, ``V[str(t)] (in, k)``,
+    ``task_bias[str(t)] (out,)`` (absent when the base has no bias).
+
+    ``merge_cache_size`` bounds the number of merged task weights kept for inference (LRU).
+    """
+
+    merge_cache_size: int = 8
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ctx: TaskContext | None = None) -> None:
+        super().__init__(ctx)
+        self.weight = _as_parameter(weight)
+        self.bias = None if bias is None else _as_parameter(bias)
+        for name in _PER_TASK:
+            setattr(self, name, nn.ParameterDict())
+        self._merged = DerivedCache(self.merge_cache_size)
+        self._banks = DerivedCache(2)
+
+    # ---------------------------------------------------------------- sizes
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def rank(self, t: int) -> int:
+        """Rank of task ``t``'s perturbation (0 for the base)."""
+        self._check_task(t)
+        return 0 if t == 0 else self.U[str(t)].shape[1]
+
+    # ---------------------------------------------------------------- tasks
+    def add_task(self) -> int:
+        """Add a task initialised to the base (r = s = 1, rank 0, bias copied); returns its id."""
+        t, w = self.num_tasks, self.weight
+        opts = dict(dtype=w.dtype, device=w.device)
+        self.r[str(t)] = nn.Parameter(torch.ones(self.out_features, **opts))
+        self.s[str(t)] = nn.Parameter(torch.ones(self.in_features, **opts))
+        self.U[str(t)] = nn.Parameter(torch.zeros(self.out_features, 0, **opts))
+        self.V[str(t)] = nn.Parameter(torch.zeros(self.in_features, 0, **opts))
+        if self.bias is not None:
+            self.task_bias[str(t)] = nn.Parameter(self.bias.detach().clone())
+        self.num_tasks += 1
+        return t
+
+    def task_tensors(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(r, s, U, V, bias)`` of task ``t``; for task 0 the identity scales and an empty rank."""
+        self._check_task(t)
+        if t == 0:
+            w = self.weight
+            opts = dict(dtype=w.dtype, device=w.device)
+            return (torch.ones(self.out_features, **opts), torch.ones(self.in_features, **opts),
+                    torch.zeros(self.out_features, 0, **opts), torch.zeros(self.in_features, 0, **opts), self.bias)
+        k = str(t)
+        return self.r[k], self.s[k], self.U[k], self.V[k], self.task_bias[k] if self.bias is not None else None
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        """What trains for task ``t``: the base weight and bias for task 0, else ``r, s, U, V, bias``."""
+        self._check_task(t)
+        if t == 0:
+            return [p for p in (self.weight, self.bias) if p is not None]
+        return [p for p in self.task_tensors(t) if p is not None]
+
+    def set_rank(self, t: int, U: torch.Tensor, V: torch.Tensor) -> None:
+        """Replace task ``t``'s perturbation by ``U (out, k)``, ``V (in, k)`` (copied; k may be 0)."""
+        self._check_task(t, allow_base=False)
+        _checks.check_like("U", U, self.weight, "weight")
+        _checks.check_like("V", V, self.weight, "weight")
+        _checks.check_lowrank_pair(U, V, self.out_features, self.in_features, None)
+        key = str(t)
+        grad = self.U[key].requires_grad
+        self.U[key] = nn.Parameter(U.detach().clone(), requires_grad=grad)
+        self.V[key] = nn.Parameter(V.detach().clone(), requires_grad=grad)
+        self.clear_caches()
+
+    def clear_caches(self) -> None:
+        self._merged.clear()
+        self._banks.clear()
+
+    def _apply(self, fn, recurse=True):
+        self.clear_caches()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Ranks are data: resize U/V to the stored rank before the values are copied in.
+        for name in ("U", "V"):
+            bank = getattr(self, name)
+            for key in list(bank.keys()):
+                stored = state_dict.get(f"{prefix}{name}.{key}")
+                if isinstance(stored, torch.Tensor) and stored.shape != bank[key].shape and stored.dim() == 2 \
+                        and stored.shape[0] == bank[key].shape[0]:
+                    old = bank[key]
+                    bank[key] = nn.Parameter(old.new_empty(stored.shape), requires_grad=old.requires_grad)
+        self.clear_caches()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    # ---------------------------------------------------------------- merged weights
+    def merged_weight(self, t: int) -> torch.Tensor:
+        """``diag(r) W diag(s) + U Vᵀ`` of task ``t`` (no autograd; cached until a parameter changes)."""
+        self._check_task(t)
+        if t == 0:
+            return self.weight.detach()
+        r, s, U, V, _ = self.task_tensors(t)
+        return self._merged.get(t, (self.weight, r, s, U, V), lambda: self._merge(self.weight, r, s, U, V))
+
+    def _can_merge(self, tensors) -> bool:
+        """The merged weight serves when no gradient w.r.t. the layer's parameters is needed."""
+        if _is_compiling():
+            return False
+        return not torch.is_grad_enabled() or not any(p.requires_grad for p in tensors)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
+        """``x`` → this layer's output for task ``task_ids`` (int or ``(M,)`` int64; default: the
+        selection of the enclosing :class:`TaskModel`)."""
+        sel = self._selection(task_ids, x)
+        if sel.single is not None:
+            return self._forward_single(x, sel.single)
+        return self._forward_mixed(x, sel)
+
+    def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if t == 0:
+            return self._plain(x, self.weight, self.bias)
+        r, s, U, V, b = self.task_tensors(t)
+        if self._can_merge((self.weight, r, s, U, V)):
+            return self._plain(x, self.merged_weight(t), b)
+        return self._op(x, r, s, U, V, b)
+
+    def _forward_mixed(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor:
+        per_task = [self.task_tensors(t) for t in sel.tasks]
+        sources = [self.weight] + [p for tensors in per_task for p in tensors]
+        if self._can_merge(sources):
+            banks = self._banks.get(tuple(sel.tasks), sources, lambda: self._stack(per_task))
+        else:
+            banks = self._stack(per_task)
+        return self._op_mt(x, sel.local_ids, *banks)
+
+    @staticmethod
+    def _stack(per_task):
+        """Banks ``R (T, out)``, ``S (T, in)``, ``U (T, out, kmax)``, ``V (T, in, kmax)``, ``B (T, out)``;
+        ranks below ``kmax`` zero-padded."""
+        rs, ss, Us, Vs, bs = zip(*per_task, strict=True)
+        kmax = max(u.shape[1] for u in Us)
+        R, S = torch.stack(rs), torch.stack(ss)
+        U = torch.stack([F.pad(u, (0, kmax - u.shape[1])) for u in Us])
+        V = torch.stack([F.pad(v, (0, kmax - v.shape[1])) for v in Vs])
+        B = None if bs[0] is None else torch.stack(bs)
+        return R, S, U, V, B
+
+    # ---------------------------------------------------------------- per-kind hooks
+    def _plain(self, x, weight, bias):
+        raise NotImplementedError
+
+    def _op(self, x, r, s, U, V, bias):
+        raise NotImplementedError
+
+    def _op_mt(self, x, local_ids, R, S, U, V, B):
+        raise NotImplementedError
+
+    def _merge(self, weight, r, s, U, V):
+        raise NotImplementedError
+
+    def to_plain(self, t: int) -> nn.Module:
+        """An ordinary ``nn.Linear``/``nn.Conv2d`` holding task ``t``'s merged weight and bias."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, tasks={self.num_tasks}"
+
+
+class TaskLinear(PerturbedLayer):
+    """Task-aware ``nn.Linear``: ``x (..., in)`` → ``(..., out)``; mixed batches take ``x (M, ..., in)``."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, ctx: TaskContext | None = None) -> TaskLinear:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.weight, linear.bias, ctx)
+
+    def _plain(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def _op(self, x, r, s, U, V, bias):
+        return perturbed_linear(x, self.weight, r, s, U, V, bias)
+
+    def _op_mt(self, x, local_ids, R, S, U, V, B):
+        return perturbed_linear_mt(x, local_ids, self.weight, R, S, U, V, B)
+
+    def _merge(self, weight, r, s, U, V):
+        return reference.merge_linear_weight(weight, r, s, U, V)
+
+    def to_plain(self, t: int) -> nn.Linear:
+        b = self.task_tensors(t)[4]
+        w = self.weight
+        plain = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(self.merged_weight(t))
+            if b is not None:
+                plain.bias.copy_(b)
+        return plain
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        # 'same' (stride 1): total padding d·(k−1) per dim, which must split evenly to be a zero pad.
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(p % 2 for p in total):
+            raise ValueError(f"padding='same' with kernel {conv.kernel_size} and dilation {conv.dilation} pads "
+                             f"asymmetrically, which TaskConv2d does not support; use explicit padding")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+class TaskConv2d(PerturbedLayer):
+    """Task-aware ``nn.Conv2d`` (groups = 1, zero padding): ``x (N, C_in, H, W)`` → ``(N, C_out, H_out, W_out)``.
+
+    The low-rank term ``U Vᵀ`` is the same at every kernel position (the paper's conv form).
+    """
+
+    def __init__(self, weight, bias, stride=1, padding=0, dilation=1, ctx: TaskContext | None = None) -> None:
+        super().__init__(weight, bias, ctx)
+        if weight.dim() != 4:
+            raise ValueError(f"weight must have shape (C_out, C_in, kh, kw), got {tuple(weight.shape)}")
+        self.stride, self.padding, self.dilation = _checks.conv_geometry(stride, padding, dilation)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ctx: TaskContext | None = None) -> TaskConv2d:
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"TaskConv2d supports groups=1 only (the perturbation U Vᵀ is a full C_out×C_in "
+                             f"matrix), got groups={conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"TaskConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        return cls(conv.weight, conv.bias, conv.stride, _conv_padding(conv), conv.dilation, ctx)
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return tuple(self.weight.shape[-2:])
+
+    def _plain(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def _op(self, x, r, s, U, V, bias):
+        return perturbed_conv2d(x, self.weight, r, s, U, V, bias, self.stride, self.padding, self.dilation)
+
+    def _op_mt(self, x, local_ids, R, S, U, V, B):
+        return perturbed_conv2d_mt(x, local_ids, self.weight, R, S, U, V, B, self.stride, self.padding, self.dilation)
+
+    def _merge(self, weight, r, s, U, V):
+        return reference.merge_conv_weight(weight, r, s, U, V)
+
+    def to_plain(self, t: int) -> nn.Conv2d:
+        b = self.task_tensors(t)[4]
+        w = self.weight
+        plain = nn.Conv2d(self.in_features, self.out_features, self.kernel_size, self.stride, self.padding,
+                          self.dilation, bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(self.merged_weight(t))
+            if b is not None:
+                plain.bias.copy_(b)
+        return plain
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"tasks={self.num_tasks}")

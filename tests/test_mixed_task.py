@@ -1,0 +1,129 @@
+"""Mixed-task ops: row m equals the single-task op with task task_ids[m]; float64 oracle per row."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import halrp_fast as hf
+from oracle import assert_close, conv_mt, linear_mt
+
+
+def banks(T, n_in, n_out, k, dtype=torch.float32, bias=True, ranks=None):
+    g = dict(dtype=dtype)
+    R = 1 + 0.3 * torch.randn(T, n_out, **g)
+    S = 1 + 0.3 * torch.randn(T, n_in, **g)
+    U = 0.3 * torch.randn(T, n_out, k, **g)
+    V = 0.3 * torch.randn(T, n_in, k, **g)
+    if ranks is not None:  # zero-pad per-task ranks below k
+        for t, kt in enumerate(ranks):
+            U[t, :, kt:] = 0
+            V[t, :, kt:] = 0
+    B = torch.randn(T, n_out, **g) if bias else None
+    return R, S, U, V, B
+
+
+ID_CASES = {
+    "unsorted": [3, 0, 2, 0, 1, 3, 3],
+    "single": [2, 2, 2, 2],
+    "one_row": [1],
+    "all_distinct": [4, 1, 0, 3, 2],
+    "empty": [],
+}
+
+
+@pytest.mark.parametrize("case", list(ID_CASES))
+@pytest.mark.parametrize("k", [0, 1, 17, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_mt_matches_oracle(case, k, dtype):
+    ids = torch.tensor(ID_CASES[case], dtype=torch.int64)
+    x = torch.randn(len(ids), 13, dtype=dtype)
+    W = torch.randn(11, 13, dtype=dtype) / 13**0.5
+    bk = banks(5, 13, 11, k, dtype, ranks=[k, max(k - 1, 0), 0, k, 1 if k else 0])
+    y = hf.perturbed_linear_mt(x, ids, W, *bk)
+    assert y.shape == (len(ids), 11)
+    assert_close(y, linear_mt(x, ids, W, *bk), dtype)
+
+
+def test_linear_mt_rows_equal_single_task_op():
+    ids = torch.tensor([2, 0, 2, 1, 0])
+    x = torch.randn(5, 3, 9)  # (M, L, in): a task per sample, several rows each
+    W = torch.randn(6, 9)
+    R, S, U, V, B = banks(3, 9, 6, 4)
+    y = hf.perturbed_linear_mt(x, ids, W, R, S, U, V, B)
+    for m, t in enumerate(ids.tolist()):
+        torch.testing.assert_close(y[m], hf.perturbed_linear(x[m], W, R[t], S[t], U[t], V[t], B[t]))
+
+
+@pytest.mark.parametrize("case", ["unsorted", "single", "one_row", "empty"])
+@pytest.mark.parametrize("k", [0, 2, 70])
+def test_conv_mt_matches_oracle(case, k):
+    ids = torch.tensor(ID_CASES[case], dtype=torch.int64)
+    x = torch.randn(len(ids), 3, 7, 6)
+    W = torch.randn(5, 3, 3, 3) / 5
+    bk = banks(5, 3, 5, k)
+    geo = dict(stride=(2, 1), padding=1, dilation=1)
+    y = hf.perturbed_conv2d_mt(x, ids, W, *bk, **geo)
+    if len(ids):
+        assert_close(y, conv_mt(x, ids, W, *bk, **geo), torch.float32)
+    else:
+        assert y.shape == (0, 5, 4, 6)
+
+
+def test_conv_mt_rows_equal_single_task_op():
+    ids = torch.tensor([1, 0, 1])
+    x = torch.randn(3, 4, 8, 8)
+    W = torch.randn(6, 4, 3, 3)
+    R, S, U, V, B = banks(2, 4, 6, 3)
+    y = hf.perturbed_conv2d_mt(x, ids, W, R, S, U, V, B, padding=2, dilation=2)
+    for n, t in enumerate(ids.tolist()):
+        yn = hf.perturbed_conv2d(x[n:n + 1], W, R[t], S[t], U[t], V[t], B[t], padding=2, dilation=2)
+        torch.testing.assert_close(y[n:n + 1], yn)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_linear_mt(bias):
+    ids = torch.tensor([1, 0, 1, 2])
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    bk = [None if b is None else b.requires_grad_() for b in banks(3, 5, 3, 2, torch.float64, bias=bias)]
+    assert torch.autograd.gradcheck(lambda x, W, *b: hf.perturbed_linear_mt(x, ids, W, *b), (x, W, *bk))
+
+
+def test_gradcheck_conv_mt():
+    ids = torch.tensor([1, 0, 1])
+    x = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    bk = [b.requires_grad_() for b in banks(2, 2, 3, 2, torch.float64)]
+    assert torch.autograd.gradcheck(
+        lambda x, W, *b: hf.perturbed_conv2d_mt(x, ids, W, *b, stride=2, padding=1), (x, W, *bk))
+
+
+def test_mixed_gradients_equal_sum_of_per_task_gradients():
+    ids = torch.tensor([0, 2, 0, 2, 2])
+    x = torch.randn(5, 7, dtype=torch.float64)
+    W = torch.randn(4, 7, dtype=torch.float64)
+    bk = [b.requires_grad_() for b in banks(3, 7, 4, 3, torch.float64)]
+    g = torch.randn(5, 4, dtype=torch.float64)
+    grads = torch.autograd.grad(hf.perturbed_linear_mt(x, ids, W, *bk), bk, g)
+    leaves = [b.detach().clone().requires_grad_() for b in bk]
+    ref = torch.autograd.grad(linear_mt(x, ids, W, *leaves), leaves, g)
+    for a, e in zip(grads, ref):
+        torch.testing.assert_close(a, e)
+    assert grads[0][1].abs().sum() == 0  # task 1 absent from the batch: no gradient
+
+
+def test_opcheck_mixed():
+    ids = torch.tensor([1, 0, 1])
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(4, 5, dtype=torch.float64)
+    bk = [b.requires_grad_() for b in banks(2, 5, 4, 2, torch.float64)]
+    opcheck(torch.ops.halrp.perturbed_linear_mt.default, (x, ids, W, *bk))
+    xc = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    Wc = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    bkc = [b.requires_grad_() for b in banks(2, 2, 4, 2, torch.float64)]
+    opcheck(torch.ops.halrp.perturbed_conv2d_mt.default, (xc, ids, Wc, *bkc, [1, 1], [1, 1], [1, 1]))
+    g = torch.randn(3, 4, dtype=torch.float64)
+    opcheck(torch.ops.halrp.perturbed_linear_mt_backward.default,
+            (g, x.detach(), ids, W, *[b.detach() for b in bk[:4]], True, [True] * 7))
+    gc = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    opcheck(torch.ops.halrp.perturbed_conv2d_mt_backward.default,
+            (gc, xc.detach(), ids, Wc, *[b.detach() for b in bkc[:4]], True, [1, 1], [1, 1], [1, 1], [True] * 7))
