@@ -1,9 +1,11 @@
 """halrp_fast: Hessian-Aware Low-Rank Perturbation continual learning with fused kernels."""
-from . import ops  # noqa: F401  (registers the halrp:: ops)
+from . import (
+    models,
+    nn,
+    ops,  # noqa: F401  (registers the halrp:: ops)
+)
 from ._backend import env_report as _env_report
-from . import models, nn
 from .functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
-
 from .nn import TaskModel, convert
 
 __version__ = "0.1.0"

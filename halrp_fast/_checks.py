@@ -23,6 +23,16 @@ def check_floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {_desc(t)}")
 
 
+def check_tensors(optional: Sequence[str] = (), **named) -> None:
+    """Every argument must be a tensor (those named in ``optional`` may be ``None``)."""
+    for name, t in named.items():
+        if t is None and name in optional:
+            continue
+        if not isinstance(t, torch.Tensor):
+            kind = "an int64 tensor of shape (M,)" if name == "task_ids" else "a torch.Tensor"
+            raise TypeError(f"{name} must be {kind}, got {type(t).__name__}")
+
+
 def check_like(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "x") -> None:
     """``t`` must be floating, with the dtype and device of ``ref``."""
     check_floating(name, t)

@@ -90,7 +90,8 @@ def test_task0_parameters_cover_the_base_including_unconverted_layers():
     base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
     model = hf.convert(base)
     names = set(model.named_task_parameters(0))
-    assert {f"model.{n}" for n in ("0.weight", "0.bias", "1.weight", "1.bias", "3.heads.0.weight", "3.heads.0.bias")} == names
+    expected = ("0.weight", "0.bias", "1.weight", "1.bias", "3.heads.0.weight", "3.heads.0.bias")
+    assert {f"model.{n}" for n in expected} == names
 
 
 def test_state_dict_round_trip(base):

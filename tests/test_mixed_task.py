@@ -1,10 +1,10 @@
 """Mixed-task ops: row m equals the single-task op with task task_ids[m]; float64 oracle per row."""
 import pytest
 import torch
+from oracle import assert_close, conv_mt, linear_mt
 from torch.library import opcheck
 
 import halrp_fast as hf
-from oracle import assert_close, conv_mt, linear_mt
 
 
 def banks(T, n_in, n_out, k, dtype=torch.float32, bias=True, ranks=None):

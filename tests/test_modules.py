@@ -3,10 +3,10 @@ import copy
 
 import pytest
 import torch
+from oracle import assert_close, conv, linear
 from torch import nn
 
 from halrp_fast.nn import TaskBatchNorm, TaskConv2d, TaskHeads, TaskLinear
-from oracle import assert_close, conv, linear
 
 
 def perturbed_linear_layer(n_in=9, n_out=5, k=3, tasks=2):
@@ -159,7 +159,7 @@ def test_batchnorm_eval_mixed_vectorised_matches_modules():
     for _ in range(2):
         bn.add_task()
     with torch.no_grad():
-        for t, m in enumerate(bn.bns):
+        for m in bn.bns:
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2)
             m.weight.normal_()

@@ -1,10 +1,10 @@
 """halrp::perturbed_conv2d against the float64 oracle (explicit merged conv weight)."""
 import pytest
 import torch
+from oracle import assert_close, assert_low_precision, conv
 from torch.library import opcheck
 
 import halrp_fast as hf
-from oracle import assert_close, assert_low_precision, conv
 
 
 def make(N, c_in, c_out, kh, kw, k, H=9, W=8, dtype=torch.float32, bias=True):

@@ -1,10 +1,10 @@
 """halrp::perturbed_linear against the float64 oracle: values, gradients, opcheck, awkward inputs."""
 import pytest
 import torch
+from oracle import assert_close, assert_low_precision, linear
 from torch.library import opcheck
 
 import halrp_fast as hf
-from oracle import assert_close, assert_low_precision, linear
 
 
 def make(M, n_in, n_out, k, dtype=torch.float32, bias=True, lead=()):

@@ -39,7 +39,8 @@ def select_tasks(task_ids, batch: int, num_tasks: int, device: torch.device | No
     """Validate ``task_ids`` (an int, or an int64 tensor of shape ``(batch,)``) and resolve it."""
     if isinstance(task_ids, torch.Tensor) and task_ids.dim() == 0:
         if task_ids.dtype != torch.int64:
-            raise TypeError(f"task_ids must be an int or an int64 tensor, got a 0-d tensor of dtype {task_ids.dtype}")
+            raise TypeError(f"task_ids must be an int or an int64 tensor, got a 0-d tensor of dtype "
+                            f"{task_ids.dtype}")
         task_ids = int(task_ids)
     if isinstance(task_ids, int) and not isinstance(task_ids, bool):
         if not 0 <= task_ids < num_tasks:
@@ -47,7 +48,8 @@ def select_tasks(task_ids, batch: int, num_tasks: int, device: torch.device | No
                              f"(add_task() adds one)")
         return TaskSelection(single=task_ids)
     if not isinstance(task_ids, torch.Tensor):
-        raise TypeError(f"task_ids must be an int or an int64 tensor of shape ({batch},), got {type(task_ids).__name__}")
+        raise TypeError(f"task_ids must be an int or an int64 tensor of shape ({batch},), "
+                        f"got {type(task_ids).__name__}")
     if task_ids.dtype != torch.int64:
         raise TypeError(f"task_ids must be int64 with shape ({batch},), got dtype {task_ids.dtype}")
     if tuple(task_ids.shape) != (batch,):

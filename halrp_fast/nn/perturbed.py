@@ -80,7 +80,7 @@ class PerturbedLayer(TaskModule):
         self.num_tasks += 1
         return t
 
-    def task_tensors(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def task_tensors(self, t: int) -> tuple[torch.Tensor, ...]:
         """``(r, s, U, V, bias)`` of task ``t``; for task 0 the identity scales and an empty rank."""
         self._check_task(t)
         if t == 0:

@@ -1,0 +1,40 @@
+"""Shared helpers of the benchmark scripts: timing, environment row, markdown tables."""
+from __future__ import annotations
+
+import platform
+import subprocess
+
+import torch
+import torch.utils.benchmark as tb
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment_line(device: str) -> str:
+    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    return (f"device: {device} ({name}), threads: {torch.get_num_threads()}, torch {torch.__version__}, "
+            f"git {git_sha()}")
+
+
+def median_ms(fn, device: str = "cpu", min_run_time: float = 0.3) -> float:
+    """Median wall time of ``fn()`` in milliseconds (CUDA: triton.testing.do_bench)."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Bad input gets an early ValueError/TypeError that names the argument and what was expected."""
+import pytest
+import torch
+from torch import nn
+
+import halrp_fast as hf
+from halrp_fast.nn import TaskLinear
+
+
+def lin_args(M=4, n_in=6, n_out=5, k=2, dtype=torch.float32):
+    return dict(x=torch.randn(M, n_in, dtype=dtype), weight=torch.randn(n_out, n_in, dtype=dtype),
+                r=torch.ones(n_out, dtype=dtype), s=torch.ones(n_in, dtype=dtype),
+                U=torch.zeros(n_out, k, dtype=dtype), V=torch.zeros(n_in, k, dtype=dtype),
+                bias=torch.zeros(n_out, dtype=dtype))
+
+
+LINEAR_CASES = [
+    ("x", torch.randn(4, 7), ValueError, r"x must have shape \(\.\.\., in=6\)"),
+    ("x", torch.randint(0, 3, (4, 6)), TypeError, "x must be a floating-point tensor"),
+    ("weight", torch.randn(5, 6, 1), ValueError, r"weight must have shape \(out, in\)"),
+    ("weight", torch.randn(5, 6, dtype=torch.float64), TypeError, "weight must have the dtype of x"),
+    ("r", torch.ones(4), ValueError, r"r must have shape \(5,\)"),
+    ("r", torch.ones(5, 1), ValueError, r"r must have shape \(5,\)"),  # no silent broadcasting
+    ("s", torch.ones(5), ValueError, r"s must have shape \(6,\)"),
+    ("U", torch.zeros(4, 2), ValueError, r"U must have shape \(5, 2\)"),
+    ("U", torch.zeros(5), ValueError, "U must have shape"),
+    ("V", torch.zeros(6, 3), ValueError, "rank k=2 of U"),
+    ("bias", torch.zeros(6), ValueError, r"bias must have shape \(5,\)"),
+    ("bias", torch.zeros(5, dtype=torch.float16), TypeError, "bias must have the dtype of x"),
+    ("s", torch.ones(6, device="meta"), ValueError, "s must be on the device of x"),
+]
+
+
+@pytest.mark.parametrize("arg,value,exc,match", LINEAR_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(LINEAR_CASES)])
+def test_perturbed_linear_bad_arguments(arg, value, exc, match):
+    kw = lin_args()
+    kw[arg] = value
+    with pytest.raises(exc, match=match):
+        hf.perturbed_linear(**kw)
+
+
+def test_not_a_tensor():
+    kw = lin_args()
+    kw["x"] = [[1.0]]
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        hf.perturbed_linear(**kw)
+
+
+def mt_args(M=4, T=3):
+    a = lin_args(M)
+    return dict(x=a["x"], task_ids=torch.tensor([0, 2, 1, 0][:M]), weight=a["weight"],
+                R=torch.ones(T, 5), S=torch.ones(T, 6), U=torch.zeros(T, 5, 2), V=torch.zeros(T, 6, 2),
+                B=torch.zeros(T, 5))
+
+
+MT_CASES = [
+    ("task_ids", torch.tensor([0, 2, 1, 0], dtype=torch.int32), TypeError, "task_ids must be int64"),
+    ("task_ids", torch.tensor([0, 2, 1]), ValueError, r"task_ids must have shape \(4,\)"),
+    ("task_ids", torch.tensor([0, 3, 1, 0]), ValueError, r"task_ids must lie in \[0, 3\).*found 3"),
+    ("task_ids", torch.tensor([0, -1, 1, 0]), ValueError, "found -1"),
+    ("task_ids", [0, 1, 1, 0], TypeError, "task_ids must be an int64 tensor"),
+    ("S", torch.ones(2, 6), ValueError, r"S must have shape \(3, 6\)"),
+    ("U", torch.zeros(3, 5), ValueError, r"U must have shape \(T, out=5, k\)"),
+    ("V", torch.zeros(3, 6, 1), ValueError, "rank k=2 of U"),
+    ("B", torch.zeros(3, 4), ValueError, r"B must have shape \(3, 5\)"),
+    ("x", torch.randn(6), ValueError, r"x must have shape \(M, \.\.\., in\)"),
+]
+
+
+@pytest.mark.parametrize("arg,value,exc,match", MT_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(MT_CASES)])
+def test_perturbed_linear_mt_bad_arguments(arg, value, exc, match):
+    kw = mt_args()
+    kw[arg] = value
+    with pytest.raises(exc, match=match):
+        hf.perturbed_linear_mt(**kw)
+
+
+def conv_args():
+    return dict(x=torch.randn(2, 3, 8, 8), weight=torch.randn(4, 3, 3, 3), r=torch.ones(4), s=torch.ones(3),
+                U=torch.zeros(4, 2), V=torch.zeros(3, 2), bias=None)
+
+
+CONV_CASES = [
+    (dict(x=torch.randn(3, 8, 8)), ValueError, r"x must have shape \(N, C_in, H, W\)"),
+    (dict(x=torch.randn(2, 6, 8, 8)), ValueError, "C_in=3 channels.*groups=1"),
+    (dict(weight=torch.randn(4, 1, 3, 3)), ValueError, "C_in=1 channels to match weight"),
+    (dict(stride=0), ValueError, "stride must be ≥ 1"),
+    (dict(padding=-1), ValueError, "padding must be ≥ 0"),
+    (dict(dilation=(1, 0)), ValueError, "dilation must be ≥ 1"),
+    (dict(stride=(1, 2, 3)), TypeError, "stride must be an int or a pair"),
+    (dict(padding="same"), TypeError, "padding must be an int or a pair"),
+    (dict(x=torch.randn(2, 3, 2, 2)), ValueError, "too small for kernel"),
+    (dict(s=torch.ones(4)), ValueError, r"s must have shape \(3,\)"),
+]
+
+
+@pytest.mark.parametrize("update,exc,match", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+def test_perturbed_conv2d_bad_arguments(update, exc, match):
+    kw = conv_args()
+    kw.update(update)
+    with pytest.raises(exc, match=match):
+        hf.perturbed_conv2d(**kw)
+
+
+def test_conv_mt_bad_task_ids():
+    kw = conv_args()
+    del kw["r"], kw["s"], kw["U"], kw["V"], kw["bias"]
+    banks = dict(R=torch.ones(2, 4), S=torch.ones(2, 3), U=torch.zeros(2, 4, 1), V=torch.zeros(2, 3, 1))
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\)"):
+        hf.perturbed_conv2d_mt(task_ids=torch.tensor([0, 2]), **kw, **banks)
+    with pytest.raises(ValueError, match=r"task_ids must have shape \(2,\)"):
+        hf.perturbed_conv2d_mt(task_ids=torch.tensor([[0, 1]]), **kw, **banks)
+
+
+@pytest.fixture
+def model():
+    m = hf.convert(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+    m.add_task(4)
+    return m
+
+
+def test_model_task_id_errors(model):
+    x = torch.randn(3, 6)
+    with pytest.raises(ValueError, match=r"task id 2 is out of range: the model has tasks 0\.\.1"):
+        model(x, 2)
+    with pytest.raises(ValueError, match="task id -1"):
+        model(x, -1)
+    with pytest.raises(ValueError, match="task id 5 in task_ids is out of range"):
+        model(x, torch.tensor([0, 5, 1]))
+    with pytest.raises(TypeError, match="task_ids must be int64"):
+        model(x, torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"task_ids must have shape \(3,\)"):
+        model(x, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="task_ids must be an int"):
+        model(x, "1")
+    with pytest.raises(TypeError, match="task_ids must be an int"):
+        model(x, True)
+
+
+def test_model_method_errors(model):
+    with pytest.raises(ValueError, match="no task-aware linear/conv layer named 'nope'"):
+        model.set_rank(1, "nope", torch.zeros(5, 1), torch.zeros(6, 1))
+    with pytest.raises(ValueError, match="task 0 is out of range: expected 1"):
+        model.set_rank(0, "0", torch.zeros(5, 1), torch.zeros(6, 1))
+    with pytest.raises(ValueError, match=r"U must have shape \(out=5, k\)"):
+        model.set_rank(1, "0", torch.zeros(5), torch.zeros(6, 1))
+    with pytest.raises(ValueError, match="rank k=2 of U"):
+        model.set_rank(1, "0", torch.zeros(5, 2), torch.zeros(6, 1))
+    with pytest.raises(TypeError, match="U must have the dtype of weight"):
+        model.set_rank(1, "0", torch.zeros(5, 1, dtype=torch.float64), torch.zeros(6, 1))
+    with pytest.raises(ValueError, match="task 3 is out of range"):
+        model.task_parameters(3)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        model.add_task(0)
+    with pytest.raises(ValueError, match="head='nope' names no submodule"):
+        hf.convert(nn.Linear(2, 2), head="nope")
+    with pytest.raises(ValueError, match="found no nn.Linear"):
+        hf.convert(nn.Conv2d(2, 2, 1))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        hf.convert("lenet")
+
+
+def test_layer_without_task_ids():
+    layer = TaskLinear.from_linear(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"TaskLinear needs task ids"):
+        layer(torch.randn(1, 3))
+
+
+def test_load_state_dict_mismatch(model):
+    other = hf.convert(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+    other.add_task(2)
+    with pytest.raises(ValueError, match="holds tasks with classes"):
+        other.load_state_dict(model.state_dict())

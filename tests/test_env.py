@@ -1,0 +1,73 @@
+"""Provider selection, env_report and the CLI's env command."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import halrp_fast as hf
+from halrp_fast import _backend
+
+
+def test_env_report_names_every_op_and_provider():
+    report = hf.env_report()
+    for op in _backend.OPS:
+        assert op in report
+    assert "reference" in report and "cpu" in report
+
+
+def test_import_does_not_import_triton():
+    code = "import sys, halrp_fast; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="HALRP_FAST_BACKEND='nonsense' names no provider"):
+        hf.perturbed_linear(torch.randn(2, 3), torch.randn(2, 3), torch.ones(2), torch.ones(3),
+                            torch.zeros(2, 0), torch.zeros(3, 0))
+
+
+def test_registered_provider_serves_and_falls_back(monkeypatch):
+    calls = []
+
+    def fake_linear(*args):
+        calls.append("linear")
+        return _backend.reference.perturbed_linear(*args)
+
+    provider = _backend.Provider(name="probe", devices=("cpu",), load=lambda: {"perturbed_linear": fake_linear},
+                                 auto=False)
+    _backend.register_provider(provider)
+    try:
+        monkeypatch.setenv(_backend.ENV_VAR, "probe")
+        x = torch.randn(2, 3, requires_grad=True)
+        y = hf.perturbed_linear(x, torch.randn(2, 3), torch.ones(2), torch.ones(3), torch.zeros(2, 0),
+                                torch.zeros(3, 0))
+        y.sum().backward()  # the backward op falls back to reference
+        assert calls == ["linear"]
+        assert "probe" in hf.env_report()
+    finally:
+        _backend._PROVIDERS.pop("probe")
+        _backend._SELECTION.clear()
+
+
+def test_unavailable_provider_reports_why(monkeypatch):
+    def load():
+        raise ImportError("no module named 'imaginary'")
+
+    _backend.register_provider(_backend.Provider(name="broken", devices=("cpu",), load=load, auto=False))
+    try:
+        assert "unavailable (ImportError: no module named 'imaginary')" in hf.env_report()
+        monkeypatch.setenv(_backend.ENV_VAR, "broken")
+        with pytest.raises(RuntimeError, match="broken is not available"):
+            hf.perturbed_linear(torch.randn(2, 3), torch.randn(2, 3), torch.ones(2), torch.ones(3),
+                                torch.zeros(2, 0), torch.zeros(3, 0))
+    finally:
+        _backend._PROVIDERS.pop("broken")
+        _backend._SELECTION.clear()
+
+
+def test_cli_env():
+    out = subprocess.run([sys.executable, "-m", "halrp_fast.cli", "env"], capture_output=True, text=True, check=True)
+    assert "perturbed_conv2d_mt" in out.stdout
