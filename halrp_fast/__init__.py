@@ -17,6 +17,8 @@ def env_report() -> str:
 
 
 __all__ = [
+    "HALRPConfig",
+    "HALRPLearner",
     "TaskModel",
     "__version__",
     "convert",
@@ -25,6 +27,8 @@ __all__ = [
     "perturbed_conv2d_mt",
     "perturbed_linear",
     "perturbed_linear_mt",
+    "data",
+    "metrics",
     "models",
     "nn",
 ]

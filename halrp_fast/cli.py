@@ -1,8 +1,10 @@
-"""``halrp-fast`` command line."""
+"""``halrp-fast`` command line: ``env``, ``run``, ``demo``."""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -12,18 +14,135 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_from_args(bench, args: argparse.Namespace):
+    from .continual import HALRPConfig
+
+    values = dict(bench.config)
+    for field in ("epochs", "lr", "lr_decay", "approx_rate", "upper_rank", "est_rank_epochs", "l1", "wd", "prune",
+                  "seed", "device", "rank_mode", "optimizer"):
+        v = getattr(args, field, None)
+        if v is not None:
+            values[field] = v
+    if args.prune == "none":
+        values["prune"] = None
+    if args.prune_value is not None:
+        values["prune_value"] = tuple(args.prune_value) if len(args.prune_value) > 1 else args.prune_value[0]
+    if args.no_prune_bound:
+        values["prune_bound_all_tasks"] = False
+    if args.prune_bound:
+        values["prune_bound_all_tasks"] = True
+    values["progress"] = not args.no_progress
+    return HALRPConfig(**values)
+
+
+def format_table(results: dict) -> str:
+    lines = ["| task | final acc % | rank total | params added | bytes |", "|---|---|---|---|---|"]
+    for t, acc in enumerate(results["final_accuracy"]):
+        key = "base" if t == 0 else f"task_{t}"
+        ranks = sum(results["ranks"].get(str(t), {}).values())
+        lines.append(f"| {t} | {acc:.2f} | {ranks} | {results['params'][key]} | {results['bytes'][key]} |")
+    lines.append(f"\nACC {results['ACC']:.2f}%  BWT {results['BWT']:.2f}  forgetting {results['forgetting']:.2f}  "
+                 f"growth {100 * results['growth']:.1f}%  wall {results['meta'].get('wall_seconds', 0):.1f}s")
+    return "\n".join(lines)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import models
+    from .continual import HALRPLearner
+    from .continual.runner import run_stream
+    from .data import benchmarks
+    from .plots import plot_accuracy_matrix, plot_ranks
+
+    bench = benchmarks.get(args.benchmark)
+    cfg = _config_from_args(bench, args)
+    torch.manual_seed(cfg.seed)
+    batch = args.batch_size or bench.batch_size
+    tasks = bench.build(batch_size=batch, seed=cfg.seed, max_per_task=args.max_per_task)
+    if args.tasks is not None:
+        tasks = tasks[: args.tasks]
+    model_name = args.model or bench.model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"benchmark": bench.name, "model": model_name, "batch_size": batch, "command": sys.argv}
+
+    def make_learner():
+        torch.manual_seed(cfg.seed)
+        net = getattr(models, model_name)(**bench.model_kwargs)
+        return HALRPLearner(net, cfg, head="last")
+
+    tic = time.perf_counter()
+    _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
+                            log=(lambda s: None) if args.quiet else print, meta=meta)
+    results["meta"]["wall_seconds"] = time.perf_counter() - tic
+    from .continual.checkpoint import atomic_write_json
+
+    atomic_write_json(out / "results.json", results)
+    plot_accuracy_matrix(results["acc_matrix"], out / "acc_matrix.png")
+    plot_ranks({k: v for k, v in results["ranks"].items() if v}, out / "ranks.png")
+    print(format_table(results))
+    print(f"results: {out / 'results.json'}, figures: {out / 'acc_matrix.png'}, {out / 'ranks.png'}")
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
+    from .continual.pruning import MODES
+    from .data import benchmarks
+
+    if not demo:
+        p.add_argument("--benchmark", required=True, choices=sorted(benchmarks.BENCHMARKS))
+    p.add_argument("--model", choices=["lenet", "alexnet", "resnet18"], help="network (default: the benchmark's)")
+    p.add_argument("--out", default="runs/demo" if demo else None, required=not demo, help="output directory")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-decay", dest="lr_decay", type=float)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--approx-rate", dest="approx_rate", type=float)
+    p.add_argument("--upper-rank", dest="upper_rank", type=int)
+    p.add_argument("--rank-mode", dest="rank_mode", choices=["hessian", "flat"])
+    p.add_argument("--est-rank-epochs", dest="est_rank_epochs", type=int)
+    p.add_argument("--l1", type=float)
+    p.add_argument("--wd", type=float)
+    p.add_argument("--optimizer", choices=["adam", "sgd"])
+    p.add_argument("--prune", choices=[*MODES, "none"])
+    p.add_argument("--prune-value", dest="prune_value", type=float, nargs="+")
+    p.add_argument("--prune-bound", dest="prune_bound", action="store_true", help="bound growth over all tasks")
+    p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--tasks", type=int, help="use only the first N tasks")
+    p.add_argument("--max-per-task", dest="max_per_task", type=int, help="cap the training samples per task")
+    p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="halrp-fast", description="HALRP continual learning with fused kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="which implementation serves each op on each device, and why")
     env.set_defaults(func=_cmd_env)
+    run = sub.add_parser("run", help="run HALRP on a benchmark task stream")
+    _add_run_options(run, demo=False)
+    run.set_defaults(func=_cmd_run)
+    demo = sub.add_parser("demo", help="run on the embedded permuted-digits stream (no download)")
+    _add_run_options(demo, demo=True)
+    demo.set_defaults(func=_cmd_run, benchmark="pdigits")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"halrp-fast: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+__all__ = ["build_parser", "format_table", "main"]

@@ -37,4 +37,8 @@ class AlexNet(nn.Module):
 
 
 def alexnet(in_channels: int = 3, img_size: int = 32, num_classes: int = 10) -> AlexNet:
-    return AlexNet(in_channels, img_size, num_classes)
+    model = AlexNet(in_channels, img_size, num_classes)
+    # lets checkpoints rebuild the architecture
+    model._halrp_spec = {"name": "alexnet",
+                          "kwargs": dict(in_channels=in_channels, img_size=img_size, num_classes=num_classes)}
+    return model

@@ -31,4 +31,8 @@ class LeNet(nn.Module):
 
 
 def lenet(in_channels: int = 3, img_size: int = 32, num_classes: int = 10) -> LeNet:
-    return LeNet(in_channels, img_size, num_classes)
+    model = LeNet(in_channels, img_size, num_classes)
+    # lets checkpoints rebuild the architecture
+    model._halrp_spec = {"name": "lenet",
+                          "kwargs": dict(in_channels=in_channels, img_size=img_size, num_classes=num_classes)}
+    return model

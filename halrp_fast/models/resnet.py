@@ -51,4 +51,8 @@ class ResNet18(nn.Module):
 
 
 def resnet18(in_channels: int = 3, img_size: int = 32, num_classes: int = 10, nf: int = 32) -> ResNet18:
-    return ResNet18(in_channels, img_size, num_classes, nf)
+    model = ResNet18(in_channels, img_size, num_classes, nf)
+    # lets checkpoints rebuild the architecture
+    model._halrp_spec = {"name": "resnet18",
+                          "kwargs": dict(in_channels=in_channels, img_size=img_size, num_classes=num_classes, nf=nf)}
+    return model

@@ -103,6 +103,16 @@ class TaskModule(torch.nn.Module):
             )
         return self._ctx.selection
 
+    #: state-dict key prefixes (relative to the module) of per-task containers: "<prefix>.<task>.<...>"
+    _task_containers: tuple[str, ...] = ()
+
+    def task_of_key(self, key: str) -> int:
+        """The task that owns the state-dict entry ``key`` (relative to this module); 0 = the base."""
+        head, _, rest = key.partition(".")
+        if head in self._task_containers:
+            return int(rest.split(".", 1)[0])
+        return 0
+
     def _check_task(self, t: int, allow_base: bool = True) -> int:
         if isinstance(t, bool) or not isinstance(t, int):
             raise TypeError(f"task must be an int, got {type(t).__name__}")

@@ -19,6 +19,8 @@ class TaskBatchNorm(TaskModule):
     each task's rows form their own batch; with running statistics it is one vectorised pass.
     """
 
+    _task_containers = ("bns",)
+
     def __init__(self, bn: _BatchNorm, ctx: TaskContext | None = None) -> None:
         super().__init__(ctx)
         if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):

@@ -19,6 +19,8 @@ class TaskHeads(TaskModule):
     count are ``-inf`` (so ``argmax`` and ``cross_entropy`` on the row's own labels are unaffected).
     """
 
+    _task_containers = ("heads",)
+
     def __init__(self, head: nn.Module, ctx: TaskContext | None = None,
                  head_factory: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__(ctx)

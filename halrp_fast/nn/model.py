@@ -110,6 +110,29 @@ class TaskModel(nn.Module):
         self._check_task(task)
         return {name: m.rank(task) for name, m in self.perturbed_layers().items()}
 
+    def task_of_state_key(self, key: str) -> int:
+        """The task owning ``key`` of ``self.state_dict()`` (0: the base and everything shared)."""
+        if not key.startswith("model."):
+            return 0
+        rest = key[len("model."):]
+        best = None
+        for name, m in self.task_modules().items():
+            if rest.startswith(name + ".") and (best is None or len(name) > len(best[0])):
+                best = (name, m)
+        return 0 if best is None else best[1].task_of_key(rest[len(best[0]) + 1:])
+
+    def split_state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
+        """``self.state_dict()`` split by owning task (the extra state is left out)."""
+        parts: dict[int, dict[str, torch.Tensor]] = {t: {} for t in range(self.num_tasks)}
+        for key, value in self.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                parts[self.task_of_state_key(key)][key] = value
+        return parts
+
+    def task_state_dict(self, t: int) -> dict[str, torch.Tensor]:
+        """Parameters and buffers stored for task ``t`` (task 0: the base and all shared state)."""
+        return self.split_state_dict()[self._check_task(t)]
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -42,6 +42,7 @@ class PerturbedLayer(TaskModule):
     """
 
     merge_cache_size: int = 8
+    _task_containers = _PER_TASK
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ctx: TaskContext | None = None) -> None:
         super().__init__(ctx)

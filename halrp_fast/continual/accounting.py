@@ -1,0 +1,41 @@
+"""Parameter accounting: the paper's count and the bytes really stored per task."""
+from __future__ import annotations
+
+import torch
+
+from ..nn import TaskModel
+
+
+def _task_tensors(model: TaskModel, t: int) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer stored for task ``t`` (task 0: everything else), by state-dict key."""
+    return model.task_state_dict(t)
+
+
+def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, int]:
+    """The paper's count: the base's parameters plus, per task ``t ≥ 1``, its ``r, s``, the nonzeros of
+    its ``U, V`` (all entries when ``dense``), biases, BatchNorm affine parameters and head.
+
+    Returns ``{"base": n0, "task_1": n1, ..., "total": n0 + Σ n_t}``.
+    """
+    counts = {"base": sum(p.numel() for p in model.task_parameters(0))}
+    for t in range(1, model.num_tasks):
+        n = 0
+        for name, p in model.named_task_parameters(t).items():
+            leaf = name.rsplit(".", 2)[-2]
+            if leaf in ("U", "V") and not dense:
+                n += int((p != 0).sum())
+            else:
+                n += p.numel()
+        counts[f"task_{t}"] = n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def stored_bytes(model: TaskModel) -> dict[str, int]:
+    """Bytes of every tensor stored per task (parameters and buffers, as held in memory)."""
+    out = {}
+    for t in range(model.num_tasks):
+        out["base" if t == 0 else f"task_{t}"] = sum(v.numel() * v.element_size()
+                                                      for v in _task_tensors(model, t).values())
+    out["total"] = sum(out.values())
+    return out

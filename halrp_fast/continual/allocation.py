@@ -1,0 +1,63 @@
+"""Hessian-aware global rank allocation and the low-rank initialisation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..linalg import LayerSpectrum
+
+
+@dataclass
+class Allocation:
+    """``ranks[layer]`` and ``explained[layer]`` = share of the layer's ‖D‖² its kept values explain."""
+
+    ranks: dict[str, int]
+    explained: dict[str, float]
+
+
+def allocate_ranks(spectra: dict[str, LayerSpectrum], importance: dict[str, float], kernel_area: dict[str, int],
+                   approx_rate: float, upper_rank: int, mode: str = "hessian") -> Allocation:
+    """Score ``k_h·k_w·σ_i²·importance_l`` for every singular value of every layer, sort all scores
+    descending, keep the shortest prefix whose cumulative share of the total exceeds ``approx_rate``;
+    a layer's rank is its count in that prefix, clamped to ``[1, min(upper_rank, out, in)]``.
+
+    The total includes the energy of singular values that were not computed (``energy − Σ σ²``), so
+    the shares are exact when a spectrum is truncated.  ``mode="flat"`` gives every layer
+    ``upper_rank`` (clamped to its size).
+    """
+    if mode not in ("hessian", "flat"):
+        raise ValueError(f"mode must be 'hessian' or 'flat', got {mode!r}")
+    if not 0 < approx_rate <= 1:
+        raise ValueError(f"approx_rate must be in (0, 1], got {approx_rate}")
+    if upper_rank < 1:
+        raise ValueError(f"upper_rank must be ≥ 1, got {upper_rank}")
+    names = list(spectra)
+    caps = {n: max(1, min(upper_rank, spectra[n].S.numel())) for n in names}
+    if mode == "flat":
+        ranks = dict(caps)
+    else:
+        weights = {n: kernel_area[n] * importance[n] for n in names}
+        scores = torch.cat([spectra[n].S.double().pow(2) * weights[n] for n in names])
+        owner = torch.cat([torch.full((spectra[n].S.numel(),), i) for i, n in enumerate(names)])
+        tail = sum(max(spectra[n].energy - float(spectra[n].S.double().pow(2).sum()), 0.0) * weights[n] for n in names)
+        total = float(scores.sum()) + tail
+        counts = torch.zeros(len(names), dtype=torch.long)
+        if total > 0:
+            order = torch.argsort(scores, descending=True, stable=True)
+            share = torch.cumsum(scores[order], 0) / total
+            above = (share > approx_rate).nonzero()
+            keep = int(above[0]) + 1 if above.numel() else len(order)
+            counts = torch.bincount(owner[order[:keep]], minlength=len(names))
+        ranks = {n: int(min(max(int(counts[i]), 1), caps[n])) for i, n in enumerate(names)}
+    explained = {}
+    for n in names:
+        e = spectra[n].energy
+        explained[n] = float(spectra[n].S[: ranks[n]].double().pow(2).sum() / e) if e > 0 else 1.0
+    return Allocation(ranks, explained)
+
+
+def lowrank_init(spectrum: LayerSpectrum, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U = U_k √Σ_k (out, k)``, ``V = V_k √Σ_k (in, k)`` so that ``U Vᵀ`` is the best rank-k fit of D."""
+    root = spectrum.S[:k].clamp_min(0).sqrt()
+    return spectrum.U[:, :k] * root, spectrum.V[:, :k] * root

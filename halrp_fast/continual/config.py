@@ -1,0 +1,92 @@
+"""Hyper-parameters of the HALRP learner."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .pruning import MODES, parse_value
+
+
+@dataclass
+class HALRPConfig:
+    """Everything that shapes a HALRP run.
+
+    Training: ``epochs`` per task (the ``est_rank_epochs`` of the free model count towards it for tasks
+    ≥ 1), ``lr`` with a per-epoch multiplicative decay ``lr_decay``, or with ``paper_schedule`` the
+    paper's per-iteration ``ExponentialLR`` with ``γ = 0.95^(batch / (schedule_data_size / n_tasks ·
+    train_frac · (1 − valid_frac)))``.  Loss of a task ≥ 1: ``CE + l1 Σ(|U|+|V|) + wd/2 Σ(r²+s²+U²+V²)``;
+    task 0: ``CE + wd/2 Σ‖W‖²`` over the linear/conv weights.
+
+    Ranks: ``rank_mode="hessian"`` keeps the shortest prefix of all layers' importance-weighted
+    singular values explaining more than ``approx_rate``, clamped to ``[1, upper_rank]``; ``"flat"``
+    gives every layer ``upper_rank``.  Pruning after each task: ``prune`` (one of
+    :data:`~halrp_fast.continual.pruning.MODES` or None) with ``prune_value`` and the all-task bound.
+    """
+
+    epochs: int = 12
+    lr: float = 1e-3
+    lr_decay: float = 1.0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    paper_schedule: bool = False
+    schedule_data_size: int = 50000
+    n_tasks: int | None = None
+    train_frac: float = 1.0
+    valid_frac: float = 0.0
+    approx_rate: float = 0.9
+    upper_rank: int = 100
+    rank_mode: str = "hessian"
+    est_rank_epochs: int = 1
+    l1: float = 1e-6
+    wd: float = 1e-3
+    prune: str | None = "mixAR_AllLayer"
+    prune_value: float | tuple[float, float] = (1e-5, 0.40)
+    prune_bound_all_tasks: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prune_value, list):
+            self.prune_value = tuple(self.prune_value)
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be ≥ 1, got {self.epochs}")
+        if not 0 <= self.est_rank_epochs <= self.epochs:
+            raise ValueError(f"est_rank_epochs must be in [0, epochs={self.epochs}], got {self.est_rank_epochs}")
+        if self.lr <= 0 or self.lr_decay <= 0:
+            raise ValueError(f"lr and lr_decay must be > 0, got {self.lr}, {self.lr_decay}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not 0 < self.approx_rate <= 1:
+            raise ValueError(f"approx_rate must be in (0, 1], got {self.approx_rate}")
+        if self.upper_rank < 1:
+            raise ValueError(f"upper_rank must be ≥ 1, got {self.upper_rank}")
+        if self.rank_mode not in ("hessian", "flat"):
+            raise ValueError(f"rank_mode must be 'hessian' or 'flat', got {self.rank_mode!r}")
+        if self.l1 < 0 or self.wd < 0:
+            raise ValueError(f"l1 and wd must be ≥ 0, got {self.l1}, {self.wd}")
+        if self.prune is not None:
+            if self.prune not in MODES:
+                raise ValueError(f"prune must be None or one of {MODES}, got {self.prune!r}")
+            parse_value(self.prune, self.prune_value)
+        if self.paper_schedule and not self.n_tasks:
+            raise ValueError("paper_schedule needs n_tasks (the number of tasks of the stream)")
+
+    def schedule_gamma(self, batch_size: int) -> float:
+        """Per-iteration decay of the paper's schedule for batches of ``batch_size``."""
+        per_task = self.schedule_data_size / self.n_tasks * self.train_frac * (1 - self.valid_frac)
+        return 0.95 ** (batch_size / per_task)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["prune_value"], tuple):
+            d["prune_value"] = list(d["prune_value"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HALRPConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown HALRPConfig fields: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,89 @@
+"""Rank estimation for a new task: scalings, discrepancies, spectra, importance, allocation, initialisation."""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..linalg import discrepancy, fit_scalings, layer_spectra
+from ..nn import TaskBatchNorm, TaskModel
+from .allocation import allocate_ranks, lowrank_init
+from .importance import empirical_fisher
+
+
+@dataclass
+class Estimate:
+    """What the estimation step decided for one task."""
+
+    ranks: dict[str, int]
+    explained: dict[str, float]
+    importance: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def free_model(model: TaskModel, t: int) -> nn.Module:
+    """A plain copy of the base (weights, biases, BatchNorm) with task ``t``'s fresh head."""
+    free = model.export_task(0)
+    head = copy.deepcopy(model.heads.heads[t])
+    parent_name, _, child = model.head_name.rpartition(".")
+    parent = free.get_submodule(parent_name) if parent_name else free
+    setattr(parent, child, head)
+    for p in free.parameters():
+        p.requires_grad_(True)
+    return free
+
+
+def kernel_areas(model: TaskModel) -> dict[str, int]:
+    """``k_h·k_w`` of every conv layer, 1 for linear layers."""
+    return {n: (L.weight.shape[2] * L.weight.shape[3] if L.weight.dim() == 4 else 1)
+            for n, L in model.perturbed_layers().items()}
+
+
+def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importance_loader: Iterable,
+                            approx_rate: float, upper_rank: int, rank_mode: str = "hessian",
+                            device: str = "cpu") -> Estimate:
+    """Fit task ``t`` of ``model`` to the trained ``free`` model.
+
+    Per layer: scalings ``r, s`` (least squares), discrepancy ``D``, its SVD; per layer importance
+    (empirical Fisher of ``free`` on ``importance_loader``); global allocation; then ``r, s`` and
+    ``U = U_k √Σ_k``, ``V = V_k √Σ_k`` go into task ``t``, and its biases, BatchNorm and head are taken
+    from ``free``.
+    """
+    layers = model.perturbed_layers()
+    seconds = {}
+    tic = time.perf_counter()
+    weights = {n: free.get_submodule(n).weight for n in layers}
+    importance = empirical_fisher(free, weights, importance_loader, device)
+    seconds["importance"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    scalings, mats = {}, {}
+    for n, L in layers.items():
+        W, Wf = L.weight.detach(), weights[n].detach()
+        r, s = fit_scalings(Wf, W)
+        scalings[n] = (r, s)
+        mats[n] = discrepancy(Wf, W, r, s)
+    spectra = layer_spectra(mats)
+    alloc = allocate_ranks(spectra, importance, kernel_areas(model), approx_rate, upper_rank, rank_mode)
+    seconds["svd_allocation"] = time.perf_counter() - tic
+
+    with torch.no_grad():
+        for n, L in layers.items():
+            r, s = scalings[n]
+            key = str(t)
+            L.r[key].copy_(r)
+            L.s[key].copy_(s)
+            U, V = lowrank_init(spectra[n], alloc.ranks[n])
+            L.set_rank(t, U, V)
+            free_bias = free.get_submodule(n).bias
+            if L.bias is not None:
+                L.task_bias[key].copy_(free_bias)
+        for n, m in model.task_modules().items():
+            if isinstance(m, TaskBatchNorm):
+                m.bns[t].load_state_dict(free.get_submodule(n).state_dict())
+        model.heads.heads[t].load_state_dict(free.get_submodule(model.head_name).state_dict())
+    return Estimate(alloc.ranks, alloc.explained, importance, seconds)

@@ -1,0 +1,38 @@
+"""Layer importance: the empirical Fisher information of each layer's weight."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader: Iterable,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """``importance[name] = Σ_batches mean(∂L_b/∂W_name)² · n_b / n_batches``.
+
+    ``L_b`` is the mean cross-entropy of batch ``b`` (true labels, model in eval mode), ``n_b`` its size;
+    ``weights`` maps names to parameters of ``model`` (the conv/linear weights).  The model's train/eval
+    mode and its parameters' gradients are left as they were.
+    """
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in weights}
+    batches = 0
+    was_training = model.training
+    saved = {name: w.grad for name, w in weights.items()}
+    model.eval()
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y)
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for (name, _), g in zip(weights.items(), grads, strict=True):
+                sums[name] += g.double().pow(2).mean() * len(x)
+            batches += 1
+    finally:
+        model.train(was_training)
+        for name, w in weights.items():
+            w.grad = saved[name]
+    if batches == 0:
+        raise ValueError("the importance loader yielded no batch")
+    return {name: float(v / batches) for name, v in sums.items()}

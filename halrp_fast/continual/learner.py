@@ -1,0 +1,216 @@
+"""The HALRP learner: the whole method on any converted model and any stream of task datasets."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..nn import TaskModel, convert
+from . import checkpoint
+from .accounting import paper_parameter_count, stored_bytes
+from .config import HALRPConfig
+from .estimation import estimate_and_initialise, free_model
+from .pruning import growth, prune
+from .training import accuracy, train
+
+
+@dataclass
+class TaskReport:
+    """What happened while learning one task (JSON-serialisable through ``dataclasses.asdict``)."""
+
+    task: int
+    num_classes: int
+    ranks: dict[str, int] = field(default_factory=dict)
+    explained: dict[str, float] = field(default_factory=dict)
+    importance: dict[str, float] = field(default_factory=dict)
+    params_added: int = 0
+    params_added_dense: int = 0
+    bytes_added: int = 0
+    growth: float = 0.0
+    prune_rate: float | None = None
+    prune_thresholds: dict[str, float] = field(default_factory=dict)
+    train_loss: list[float] = field(default_factory=list)
+    val_accuracy: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class HALRPLearner:
+    """Learns tasks one after another with Hessian-aware low-rank perturbations.
+
+    ``learn_task(train, val, num_classes)`` learns task 0 (the base) on the first call and a
+    perturbation task on every later call; ``evaluate(loader, task_id)`` gives accuracy in percent;
+    ``save(dir)`` / ``HALRPLearner.load(dir)`` checkpoint; ``export_task(t)`` gives a plain model.
+    """
+
+    def __init__(self, model: nn.Module, config: HALRPConfig | None = None, head: str = "last") -> None:
+        self.config = config or HALRPConfig()
+        if not isinstance(model, TaskModel):
+            model = convert(model, head=head)
+        self.model = model.to(self.config.device)
+        self.reports: list[TaskReport] = []
+
+    @property
+    def num_learned(self) -> int:
+        """Tasks learned so far (the next ``learn_task`` learns task ``num_learned``)."""
+        return len(self.reports)
+
+    # ------------------------------------------------------------------ learning
+    def learn_task(self, train_loader: Iterable, val_loader: Iterable | None = None,
+                   num_classes: int | None = None) -> TaskReport:
+        """Learn the next task from ``train_loader`` (``(x, y)`` with labels ``0..num_classes−1``).
+
+        ``val_loader`` (optional) drives the importance estimate and the reported validation accuracy.
+        """
+        cfg, model = self.config, self.model
+        t = self.num_learned
+        torch.manual_seed(cfg.seed + 10007 * t)
+        tic_all = time.perf_counter()
+        if t == 0:
+            if num_classes is not None and num_classes != model.num_classes[0]:
+                raise ValueError(f"num_classes={num_classes} but the model's head has {model.num_classes[0]} "
+                                 f"classes for task 0")
+            report = self._learn_base(train_loader)
+        else:
+            if num_classes is None:
+                raise ValueError(f"num_classes is required for task {t}")
+            if model.num_tasks != t:
+                raise ValueError(f"the model holds {model.num_tasks} tasks but the learner has learned {t}")
+            report = self._learn_perturbation(t, train_loader, val_loader, num_classes)
+        model.freeze_task(t)
+        if t >= 1 and cfg.prune is not None:
+            tic = time.perf_counter()
+            pr = prune(model, cfg.prune, cfg.prune_value, cfg.prune_bound_all_tasks)
+            report.seconds["pruning"] = time.perf_counter() - tic
+            report.prune_rate = pr.rate
+            report.prune_thresholds = {n: thr for (task, n), thr in pr.thresholds.items() if task == t}
+            report.ranks = model.ranks(t)
+        if val_loader is not None:
+            report.val_accuracy = self._accuracy(val_loader, t)
+        counts, dense, nbytes = paper_parameter_count(model), paper_parameter_count(model, dense=True), \
+            stored_bytes(model)
+        key = "base" if t == 0 else f"task_{t}"
+        report.params_added, report.params_added_dense = counts[key], dense[key]
+        report.bytes_added = nbytes[key]
+        report.growth = counts["total"] / counts["base"] - 1
+        report.seconds["total"] = time.perf_counter() - tic_all
+        self.reports.append(report)
+        return report
+
+    def _learn_base(self, loader: Iterable) -> TaskReport:
+        cfg, model = self.config, self.model
+        layers = list(model.perturbed_layers().values())
+        params = model.task_parameters(0)
+
+        def penalty():
+            return cfg.wd / 2 * sum(L.weight.pow(2).sum() for L in layers)
+
+        tic = time.perf_counter()
+        losses = train(lambda x: model(x, 0), params, loader, cfg.epochs, cfg, penalty if cfg.wd else None,
+                       modules=[model], desc="task 0")
+        return TaskReport(task=0, num_classes=model.num_classes[0], train_loss=losses,
+                          seconds={"training": time.perf_counter() - tic})
+
+    def _learn_perturbation(self, t_expected: int, loader: Iterable, val_loader: Iterable | None,
+                            num_classes: int) -> TaskReport:
+        cfg, model = self.config, self.model
+        t = model.add_task(num_classes)
+        assert t == t_expected
+        seconds = {}
+        tic = time.perf_counter()
+        free = free_model(model, t).to(cfg.device)
+        train(free, list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
+              desc=f"task {t} estimate")
+        seconds["free_training"] = time.perf_counter() - tic
+        est = estimate_and_initialise(model, t, free, val_loader if val_loader is not None else loader,
+                                      cfg.approx_rate, cfg.upper_rank, cfg.rank_mode, cfg.device)
+        seconds.update(est.seconds)
+        del free
+        layers = list(model.perturbed_layers().values())
+        key = str(t)
+
+        def penalty():
+            reg_l1 = sum(L.U[key].abs().sum() + L.V[key].abs().sum() for L in layers)
+            reg_l2 = sum(L.r[key].pow(2).sum() + L.s[key].pow(2).sum() + L.U[key].pow(2).sum()
+                         + L.V[key].pow(2).sum() for L in layers)
+            return cfg.l1 * reg_l1 + cfg.wd / 2 * reg_l2
+
+        tic = time.perf_counter()
+        losses = train(lambda x: model(x, t), model.task_parameters(t), loader, cfg.epochs - cfg.est_rank_epochs,
+                       cfg, penalty if (cfg.l1 or cfg.wd) else None, modules=[model], desc=f"task {t}")
+        seconds["training"] = time.perf_counter() - tic
+        return TaskReport(task=t, num_classes=num_classes, ranks=model.ranks(t), explained=est.explained,
+                          importance=est.importance, train_loss=losses, seconds=seconds)
+
+    # ------------------------------------------------------------------ use
+    def evaluate(self, loader: Iterable, task_id: int) -> float:
+        """Top-1 accuracy (percent) of task ``task_id`` on ``loader`` (eval mode, merged weights)."""
+        if not 0 <= task_id < self.num_learned:
+            raise ValueError(f"task {task_id} has not been learned (learned: 0..{self.num_learned - 1})")
+        return self._accuracy(loader, task_id)
+
+    def _accuracy(self, loader: Iterable, task_id: int) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return accuracy(lambda x: self.model(x, task_id), loader, self.config.device)
+        finally:
+            self.model.train(was_training)
+
+    def export_task(self, t: int) -> nn.Module:
+        """A plain ``nn.Module`` computing task ``t`` with merged weights (eval mode)."""
+        if not 0 <= t < self.num_learned:
+            raise ValueError(f"task {t} has not been learned (learned: 0..{self.num_learned - 1})")
+        return self.model.export_task(t).eval()
+
+    def parameter_growth(self) -> float:
+        """Parameters added over the base (paper's count, nonzeros of U, V), as a fraction of the base."""
+        return growth(self.model, dense=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str | os.PathLike, extra: dict | None = None) -> dict:
+        """Write the model (one file per task), config and reports; returns the manifest."""
+        spec = getattr(self.model.model, "_halrp_spec", None)
+        state = {
+            "config": self.config.to_dict(),
+            "model_spec": spec,
+            "reports": [dataclasses.asdict(r) for r in self.reports],
+            **(extra or {}),
+        }
+        return checkpoint.save_checkpoint(directory, self.model, state)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model: nn.Module | None = None,
+             device: str | None = None) -> HALRPLearner:
+        """Restore a learner saved by :meth:`save`.
+
+        ``model``: the architecture to load into (an unconverted model, or a freshly converted
+        :class:`TaskModel`); not needed when the model came from :mod:`halrp_fast.models`.
+        """
+        manifest = checkpoint.read_manifest(directory)
+        config = HALRPConfig.from_dict(manifest["config"])
+        if device is not None:
+            config.device = device
+        if model is None:
+            spec = manifest.get("model_spec")
+            if not spec:
+                raise checkpoint.CheckpointError(f"{directory} was saved from a user model: pass the architecture "
+                                                 f"as HALRPLearner.load(dir, model=...)")
+            from .. import models
+
+            model = getattr(models, spec["name"])(**spec["kwargs"])
+        if not isinstance(model, TaskModel):
+            model = convert(model, head=manifest["head_name"])
+        if model.num_tasks != 1:
+            raise checkpoint.CheckpointError("load into a freshly converted model (with task 0 only)")
+        checkpoint.load_into(model, directory, manifest)
+        learner = cls(model, config)
+        learner.reports = [TaskReport(**r) for r in manifest.get("reports", [])]
+        for t in range(learner.num_learned):
+            learner.model.freeze_task(t)
+        learner.manifest = manifest
+        return learner

@@ -1,0 +1,103 @@
+"""Run a learner over a task stream: accuracy matrix, checkpoints after every task, resume, results."""
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__, metrics
+from ..data import TaskData
+from . import checkpoint
+from .learner import HALRPLearner
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _acc_to_json(A: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in A]
+
+
+def _acc_from_json(rows, T: int) -> np.ndarray:
+    A = np.full((T, T), np.nan)
+    for i, row in enumerate(rows):
+        for j, v in enumerate(row):
+            if v is not None:
+                A[i, j] = v
+    return A
+
+
+def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskData], out_dir: str | Path | None = None,
+               resume: bool = True, progress: bool = False, log: Callable[[str], None] = print,
+               meta: dict | None = None) -> tuple[HALRPLearner, dict]:
+    """Learn ``tasks`` in order; after task ``i`` evaluate tasks ``0..i`` (``A[i, j]``).
+
+    With ``out_dir``, the learner is checkpointed to ``out_dir/checkpoint`` after every task and, with
+    ``resume``, a run that stopped continues from its last completed task (same result as an uninterrupted
+    run on CPU: every task's randomness is seeded from the config seed and the task index).
+    Returns the learner and the results dictionary (also written to ``out_dir/results.json``).
+    """
+    T = len(tasks)
+    if T == 0:
+        raise ValueError("the task stream is empty")
+    A = np.full((T, T), np.nan)
+    ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
+    learner = None
+    if ckpt is not None and resume and (ckpt / checkpoint.MANIFEST).exists():
+        learner = HALRPLearner.load(ckpt)
+        A = _acc_from_json(learner.manifest.get("acc_matrix", []), T)
+        if learner.num_learned > T:
+            raise checkpoint.CheckpointError(f"{ckpt} holds {learner.num_learned} tasks, the stream has {T}")
+        log(f"resuming from {ckpt}: {learner.num_learned} task(s) done")
+    if learner is None:
+        learner = make_learner()
+    start = learner.num_learned
+    iterator = range(start, T)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="tasks", initial=start, total=T, dynamic_ncols=True)
+    for t in iterator:
+        task = tasks[t]
+        report = learner.learn_task(task.train, task.val, task.num_classes)
+        tic = time.perf_counter()
+        for j in range(t + 1):
+            A[t, j] = learner.evaluate(tasks[j].test, j)
+        report.seconds["evaluation"] = time.perf_counter() - tic
+        log(f"task {t} ({task.name}): test acc {A[t, t]:.2f}%, ranks {sum(report.ranks.values())} total, "
+            f"growth {100 * report.growth:.1f}%, {report.seconds['total']:.1f}s")
+        if ckpt is not None:
+            learner.save(ckpt, extra={"acc_matrix": _acc_to_json(A[: t + 1, : t + 1]), "meta": meta or {}})
+    results = build_results(learner, A, tasks, meta)
+    if out_dir is not None:
+        checkpoint.atomic_write_json(Path(out_dir) / "results.json", results)
+    return learner, results
+
+
+def build_results(learner: HALRPLearner, A: np.ndarray, tasks: Sequence[TaskData], meta: dict | None) -> dict:
+    from .accounting import paper_parameter_count, stored_bytes
+
+    counts = paper_parameter_count(learner.model)
+    nbytes = stored_bytes(learner.model)
+    summary = metrics.summary(A)
+    return {
+        "acc_matrix": _acc_to_json(A),
+        "ACC": summary["ACC"],
+        "BWT": summary["BWT"],
+        "forgetting": summary["forgetting"],
+        "final_accuracy": summary["final"],
+        "growth": counts["total"] / counts["base"] - 1,
+        "params": counts,
+        "bytes": nbytes,
+        "ranks": {str(r.task): r.ranks for r in learner.reports},
+        "seconds": {str(r.task): r.seconds for r in learner.reports},
+        "tasks": [t.name for t in tasks],
+        "reports": [dataclasses.asdict(r) for r in learner.reports],
+        "config": learner.config.to_dict(),
+        "meta": meta or {},
+        "versions": {"halrp_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }

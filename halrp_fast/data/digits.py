@@ -1,0 +1,51 @@
+"""Permuted digits: scikit-learn's bundled 8×8 digits (1,797 images), one pixel permutation per task.
+
+The embedded default stream of ``halrp-fast demo``: no download, real data.
+"""
+from __future__ import annotations
+
+import torch
+
+from .stream import TaskData, make_loader, split_indices
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (1797, 1, 8, 8)`` in ``[0, 1]`` and labels ``y (1797,)``."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError("the digits data ships with scikit-learn: pip install scikit-learn") from exc
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    return x, torch.tensor(data.target, dtype=torch.int64)
+
+
+def permuted_digits(num_tasks: int = 10, batch_size: int = 32, seed: int = 0,
+                    fractions: tuple[float, float, float] = (0.6, 0.1, 0.3), max_per_task: int | None = None,
+                    normalize: bool = True) -> list[TaskData]:
+    """``num_tasks`` tasks of 10 classes; task ``t`` applies permutation ``t`` to the 64 pixels (task 0 too).
+
+    The train / val / test split (``fractions``) is fixed by ``seed`` and shared by all tasks;
+    ``max_per_task`` caps the training samples.  Inputs are standardised with the training mean/std.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
+    x, y = load_digits_tensors()
+    train_idx, val_idx, test_idx = split_indices(len(x), fractions, seed)
+    if max_per_task is not None:
+        train_idx = train_idx[:max_per_task]
+    if normalize:
+        mean, std = x[train_idx].mean(), x[train_idx].std()
+        x = (x - mean) / std
+    gen = torch.Generator().manual_seed(seed + 1)
+    tasks = []
+    for t in range(num_tasks):
+        perm = torch.randperm(64, generator=gen)
+        xt = x.view(len(x), 64)[:, perm].view_as(x)
+        tasks.append(TaskData(
+            name=f"pdigits-{t}", num_classes=10,
+            train=make_loader((xt[train_idx], y[train_idx]), batch_size, True, seed + 100 + t),
+            val=make_loader((xt[val_idx], y[val_idx]), 256, False) if len(val_idx) else None,
+            test=make_loader((xt[test_idx], y[test_idx]), 256, False),
+        ))
+    return tasks
