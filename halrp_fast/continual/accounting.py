@@ -13,19 +13,23 @@ def _task_tensors(model: TaskModel, t: int) -> dict[str, torch.Tensor]:
 
 def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, int]:
     """The paper's count: the base's parameters plus, per task ``t ≥ 1``, its ``r, s``, the nonzeros of
-    its ``U, V`` (all entries when ``dense``), biases, BatchNorm affine parameters and head.
+    its ``U, V`` (with ``dense``: all entries at the allocated rank, before pruning), biases, BatchNorm
+    affine parameters and head.
 
     Returns ``{"base": n0, "task_1": n1, ..., "total": n0 + Σ n_t}``.
     """
     counts = {"base": sum(p.numel() for p in model.task_parameters(0))}
+    layers = model.perturbed_layers()
     for t in range(1, model.num_tasks):
         n = 0
         for name, p in model.named_task_parameters(t).items():
             leaf = name.rsplit(".", 2)[-2]
-            if leaf in ("U", "V") and not dense:
-                n += int((p != 0).sum())
-            else:
+            if leaf not in ("U", "V"):
                 n += p.numel()
+            elif not dense:
+                n += int((p != 0).sum())
+        if dense:
+            n += sum(L.allocated_rank(t) * (L.out_features + L.in_features) for L in layers.values())
         counts[f"task_{t}"] = n
     counts["total"] = sum(counts.values())
     return counts

@@ -53,7 +53,8 @@ def allocate_ranks(spectra: dict[str, LayerSpectrum], importance: dict[str, floa
     explained = {}
     for n in names:
         e = spectra[n].energy
-        explained[n] = float(spectra[n].S[: ranks[n]].double().pow(2).sum() / e) if e > 0 else 1.0
+        kept = float(spectra[n].S[: ranks[n]].double().pow(2).sum())
+        explained[n] = min(1.0, kept / e) if e > 0 else 1.0  # σ from float32 may overshoot ‖D‖² by rounding
     return Allocation(ranks, explained)
 
 

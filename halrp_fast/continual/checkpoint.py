@@ -117,7 +117,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 def load_state(directory: str | os.PathLike, manifest: dict) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint (verified against the manifest), plus the model's extra state."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
     directory = Path(directory)
@@ -131,7 +131,7 @@ def load_state(directory: str | os.PathLike, manifest: dict) -> dict[str, torch.
             raise CheckpointError(f"checkpoint file {path} is corrupted (sha256 differs from the manifest)")
         try:
             tensors = st_load(data)
-        except SafetensorsError as exc:
+        except SafetensorError as exc:
             raise CheckpointError(f"checkpoint file {path} cannot be read: {exc}") from None
         expected = entry["tensors"]
         if set(tensors) != set(expected):

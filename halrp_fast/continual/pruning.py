@@ -25,10 +25,11 @@ MODES = ("absolute", "relative", "relativeAllLayer", "relativeAllLayerAllTask", 
          "mixAR_AllLayerAllTask")
 
 
-def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The ``q``-quantile of ``values`` (any size, on its device), linear interpolation as numpy."""
+def exact_quantile(values: torch.Tensor, q: float, extra_zeros: int = 0) -> torch.Tensor:
+    """The ``q``-quantile of ``values`` ≥ 0 plus ``extra_zeros`` implicit zeros (any size, on the values'
+    device), with numpy's linear interpolation."""
     flat = values.reshape(-1)
-    n = flat.numel()
+    n = flat.numel() + extra_zeros
     if n == 0:
         raise ValueError("quantile of an empty tensor")
     if not 0 <= q <= 1:
@@ -36,11 +37,16 @@ def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     pos = q * (n - 1)
     lo = int(pos)
     hi = min(lo + 1, n - 1)
-    v_lo = torch.kthvalue(flat, lo + 1).values
+
+    def kth(i: int) -> torch.Tensor:  # i-th smallest (0-based) of zeros + values
+        if i < extra_zeros:
+            return flat.new_zeros(())
+        return torch.kthvalue(flat, i - extra_zeros + 1).values
+
+    v_lo = kth(lo)
     if hi == lo or pos == lo:
         return v_lo
-    v_hi = torch.kthvalue(flat, hi + 1).values
-    return v_lo + (v_hi - v_lo) * (pos - lo)
+    return v_lo + (kth(hi) - v_lo) * (pos - lo)
 
 
 @dataclass
@@ -85,6 +91,12 @@ def _pair(layer, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.U[str(t)], layer.V[str(t)]
 
 
+def _dropped_entries(layer, t: int) -> int:
+    """Entries of ``U, V`` removed with dropped columns: they count as zeros in every quantile, so
+    pruning a task again at the same rate removes nothing more."""
+    return (layer.allocated_rank(t) - layer.rank(t)) * (layer.out_features + layer.in_features)
+
+
 def prune(model: TaskModel, mode: str, value, bound_all_tasks: bool = False) -> PruneReport:
     """Prune the ``U, V`` of tasks ``1 .. num_tasks−1`` in place (see the module docstring)."""
     a, p = parse_value(mode, value)
@@ -99,29 +111,27 @@ def prune(model: TaskModel, mode: str, value, bound_all_tasks: bool = False) -> 
     if not tasks or not layers:
         return report
 
-    def magnitudes(pairs):
-        return torch.cat([x.detach().abs().reshape(-1) for U, V in pairs for x in (U, V)])
-
-    def threshold(pairs) -> float:
+    def threshold(members: list[tuple[int, str]]) -> float:
         thr = 0.0 if a is None else a
         if p is not None:
-            mags = magnitudes(pairs)
-            if mags.numel():
-                thr = max(thr, float(exact_quantile(mags, p)))
+            mags = torch.cat([x.detach().abs().reshape(-1) for t, n in members for x in _pair(layers[n], t)])
+            zeros = sum(_dropped_entries(layers[n], t) for t, n in members)
+            if mags.numel() + zeros:
+                thr = max(thr, float(exact_quantile(mags, p, zeros)))
         return thr
 
     thresholds: dict[tuple[int, str], float] = {}
     if mode.endswith("AllLayerAllTask"):
-        thr = threshold([_pair(L, t) for t in tasks for L in layers.values()])
+        thr = threshold([(t, n) for t in tasks for n in layers])
         thresholds = {(t, n): thr for t in tasks for n in layers}
     elif mode.endswith("AllLayer"):
         for t in tasks:
-            thr = threshold([_pair(L, t) for L in layers.values()])
+            thr = threshold([(t, n) for n in layers])
             thresholds.update({(t, n): thr for n in layers})
     else:
         for t in tasks:
-            for n, L in layers.items():
-                thresholds[(t, n)] = threshold([_pair(L, t)])
+            for n in layers:
+                thresholds[(t, n)] = threshold([(t, n)])
     report.thresholds = thresholds
     with torch.no_grad():
         for t in tasks:
@@ -146,5 +156,5 @@ def drop_empty_columns(layer, t: int) -> int:
     alive = (U != 0).any(0) & (V != 0).any(0)
     if bool(alive.all()):
         return U.shape[1]
-    layer.set_rank(t, U.detach()[:, alive], V.detach()[:, alive])
+    layer.set_rank(t, U.detach()[:, alive], V.detach()[:, alive], pruned=True)
     return int(alive.sum())

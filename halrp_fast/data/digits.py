@@ -44,7 +44,7 @@ def permuted_digits(num_tasks: int = 10, batch_size: int = 32, seed: int = 0,
         xt = x.view(len(x), 64)[:, perm].view_as(x)
         tasks.append(TaskData(
             name=f"pdigits-{t}", num_classes=10,
-            train=make_loader((xt[train_idx], y[train_idx]), batch_size, True, seed + 100 + t),
+            train=make_loader((xt[train_idx], y[train_idx]), batch_size, True),
             val=make_loader((xt[val_idx], y[val_idx]), 256, False) if len(val_idx) else None,
             test=make_loader((xt[test_idx], y[test_idx]), 256, False),
         ))

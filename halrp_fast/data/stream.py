@@ -18,13 +18,15 @@ class TaskData:
     test: DataLoader
 
 
-def make_loader(dataset: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool,
-                seed: int = 0) -> DataLoader:
-    """A loader whose shuffling depends only on ``seed`` (not on the global RNG)."""
+def make_loader(dataset: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool) -> DataLoader:
+    """A loader over ``dataset`` (or a pair of tensors).
+
+    Shuffling draws from torch's global RNG, which :class:`~halrp_fast.continual.HALRPLearner` seeds at the
+    start of every task, so a run (and a resumed run) is reproducible whatever loaders were used before.
+    """
     if isinstance(dataset, tuple):
         dataset = TensorDataset(*dataset)
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
 
 
 def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ def layer_spectra(mats: dict[str, torch.Tensor]) -> dict[str, LayerSpectrum]:
     for names in by_shape.values():
         batch = torch.stack([mats[n].detach() for n in names])
         U, S, Vh = torch.linalg.svd(batch, full_matrices=False)
-        energy = batch.pow(2).sum((1, 2))
+        energy = batch.double().pow(2).sum((1, 2))
         for i, n in enumerate(names):
             out[n] = LayerSpectrum(U[i], S[i], Vh[i].T, float(energy[i]))
     return out

@@ -19,7 +19,17 @@ from ..functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear
 from ._cache import DerivedCache
 from ._context import TaskContext, TaskModule, TaskSelection
 
-_PER_TASK = ("r", "s", "U", "V", "task_bias")
+_PER_TASK = ("r", "s", "U", "V", "task_bias", "allocated")
+
+
+class _RankBook(nn.Module):
+    """Per-task 0-d int64 buffers named by task: the rank each task was allocated before pruning."""
+
+    def set(self, t: int, k: int, device) -> None:
+        self.register_buffer(str(t), torch.tensor(k, dtype=torch.int64, device=device))
+
+    def get(self, t: int) -> int:
+        return int(getattr(self, str(t)))
 
 
 def _as_parameter(t: torch.Tensor) -> nn.Parameter:
@@ -48,8 +58,9 @@ class PerturbedLayer(TaskModule):
         super().__init__(ctx)
         self.weight = _as_parameter(weight)
         self.bias = None if bias is None else _as_parameter(bias)
-        for name in _PER_TASK:
+        for name in _PER_TASK[:-1]:
             setattr(self, name, nn.ParameterDict())
+        self.allocated = _RankBook()
         self._merged = DerivedCache(self.merge_cache_size)
         self._banks = DerivedCache(2)
 
@@ -67,6 +78,11 @@ class PerturbedLayer(TaskModule):
         self._check_task(t)
         return 0 if t == 0 else self.U[str(t)].shape[1]
 
+    def allocated_rank(self, t: int) -> int:
+        """The rank task ``t`` was given by :meth:`set_rank` before pruning dropped any column."""
+        self._check_task(t)
+        return 0 if t == 0 else self.allocated.get(t)
+
     # ---------------------------------------------------------------- tasks
     def add_task(self) -> int:
         """Add a task initialised to the base (r = s = 1, rank 0, bias copied); returns its id."""
@@ -78,6 +94,7 @@ class PerturbedLayer(TaskModule):
         self.V[str(t)] = nn.Parameter(torch.zeros(self.in_features, 0, **opts))
         if self.bias is not None:
             self.task_bias[str(t)] = nn.Parameter(self.bias.detach().clone())
+        self.allocated.set(t, 0, w.device)
         self.num_tasks += 1
         return t
 
@@ -99,8 +116,11 @@ class PerturbedLayer(TaskModule):
             return [p for p in (self.weight, self.bias) if p is not None]
         return [p for p in self.task_tensors(t) if p is not None]
 
-    def set_rank(self, t: int, U: torch.Tensor, V: torch.Tensor) -> None:
-        """Replace task ``t``'s perturbation by ``U (out, k)``, ``V (in, k)`` (copied; k may be 0)."""
+    def set_rank(self, t: int, U: torch.Tensor, V: torch.Tensor, pruned: bool = False) -> None:
+        """Replace task ``t``'s perturbation by ``U (out, k)``, ``V (in, k)`` (copied; k may be 0).
+
+        ``pruned=True`` marks a rank reduction by pruning: the allocated rank stays as it was.
+        """
         self._check_task(t, allow_base=False)
         _checks.check_like("U", U, self.weight, "weight")
         _checks.check_like("V", V, self.weight, "weight")
@@ -109,6 +129,8 @@ class PerturbedLayer(TaskModule):
         grad = self.U[key].requires_grad
         self.U[key] = nn.Parameter(U.detach().clone(), requires_grad=grad)
         self.V[key] = nn.Parameter(V.detach().clone(), requires_grad=grad)
+        if not pruned:
+            self.allocated.set(t, U.shape[1], self.weight.device)
         self.clear_caches()
 
     def clear_caches(self) -> None:
