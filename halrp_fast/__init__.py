@@ -1,14 +1,19 @@
-"""halrp_fast: Hessian-Aware Low-Rank Perturbation continual learning with fused kernels."""
+"""halrp_fast: Hessian-Aware Low-Rank Perturbation continual learning with fused kernels.
+
+Importing the package registers the ``halrp::`` ops; it never imports Triton.
+"""
 from . import (
+    data,
+    metrics,
     models,
     nn,
     ops,  # noqa: F401  (registers the halrp:: ops)
 )
 from ._backend import env_report as _env_report
+from ._version import __version__
+from .continual import HALRPConfig, HALRPLearner
 from .functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
 from .nn import TaskModel, convert
-
-__version__ = "0.1.0"
 
 
 def env_report() -> str:
@@ -22,13 +27,13 @@ __all__ = [
     "TaskModel",
     "__version__",
     "convert",
+    "data",
     "env_report",
+    "metrics",
+    "models",
+    "nn",
     "perturbed_conv2d",
     "perturbed_conv2d_mt",
     "perturbed_linear",
     "perturbed_linear_mt",
-    "data",
-    "metrics",
-    "models",
-    "nn",
 ]

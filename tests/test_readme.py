@@ -19,7 +19,8 @@ def test_readme_has_two_commands_and_ci_runs_them():
         assert command in ci, f"README command not run by .ci/run: {command}"
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write checkpoints under ./runs
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..nn import TaskModel
 
 FORMAT = "halrp_fast-checkpoint"

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, metrics
+from .. import metrics
+from .._version import __version__
 from ..data import TaskData
 from . import checkpoint
 from .learner import HALRPLearner
