@@ -18,6 +18,16 @@ def _perturbed(layer, k):
     return t
 
 
+def _time(dense, layer, t, x) -> tuple[float, float, float]:
+    """Median ms of the dense layer, the task's merged-weight path and the unmerged op on ``x``."""
+    with torch.no_grad():
+        t_dense = median_ms(lambda: dense(x))
+        t_merged = median_ms(lambda: layer(x, t))
+        r, s, U, V, b = layer.task_tensors(t)
+        t_op = median_ms(lambda: layer._op(x, r, s, U, V, b))
+    return t_dense, t_merged, t_op
+
+
 def main() -> None:
     torch.manual_seed(0)
     rows = []
@@ -26,12 +36,7 @@ def main() -> None:
         layer = TaskLinear.from_linear(nn.Linear(n_in, n_out))
         t = _perturbed(layer, k)
         for M in (1, 64, 256):
-            x = torch.randn(M, n_in)
-            with torch.no_grad():
-                t_dense = median_ms(lambda: dense(x))
-                t_merged = median_ms(lambda: layer(x, t))
-                r, s, U, V, b = layer.task_tensors(t)
-                t_op = median_ms(lambda: layer._op(x, r, s, U, V, b))
+            t_dense, t_merged, t_op = _time(dense, layer, t, torch.randn(M, n_in))
             rows.append([f"linear {n_in}->{n_out} k={k}", M, t_dense, t_merged, t_op, t_merged / t_dense,
                          t_op / t_merged])
     for c_in, c_out, hw, k in ((20, 50, 16, 10), (64, 128, 16, 32)):
@@ -39,12 +44,7 @@ def main() -> None:
         layer = TaskConv2d.from_conv(nn.Conv2d(c_in, c_out, 5, padding=2))
         t = _perturbed(layer, k)
         for N in (1, 64):
-            x = torch.randn(N, c_in, hw, hw)
-            with torch.no_grad():
-                t_dense = median_ms(lambda: dense(x))
-                t_merged = median_ms(lambda: layer(x, t))
-                r, s, U, V, b = layer.task_tensors(t)
-                t_op = median_ms(lambda: layer._op(x, r, s, U, V, b))
+            t_dense, t_merged, t_op = _time(dense, layer, t, torch.randn(N, c_in, hw, hw))
             rows.append([f"conv5x5 {c_in}->{c_out} {hw}x{hw} k={k}", N, t_dense, t_merged, t_op, t_merged / t_dense,
                          t_op / t_merged])
     print(environment_line("cpu"))

@@ -64,17 +64,23 @@ def check_lowrank_pair(U: torch.Tensor, V: torch.Tensor, out: int, inp: int, ban
     return k
 
 
-def check_linear(x, weight, r, s, U, V, bias) -> None:
-    """Single-task linear: x (..., in), weight (out, in), r (out,), s (in,), U (out, k), V (in, k)."""
+def _check_linear_core(x, weight, rows: str, min_dim: int) -> tuple[int, int]:
+    """x floating with ≥ ``min_dim`` dims and last dim ``in``; weight ``(out, in)``; returns (out, in)."""
     check_floating("x", x)
-    if x.dim() < 1:
-        raise ValueError(f"x must have shape (..., in), got {_desc(x)}")
+    if x.dim() < min_dim:
+        raise ValueError(f"x must have shape ({rows}in), got {_desc(x)}")
     check_like("weight", weight, x)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (out, in), got {_desc(weight)}")
     out, inp = weight.shape
     if x.shape[-1] != inp:
-        raise ValueError(f"x must have shape (..., in={inp}) to match weight {tuple(weight.shape)}, got {_desc(x)}")
+        raise ValueError(f"x must have shape ({rows}in={inp}) to match weight {tuple(weight.shape)}, got {_desc(x)}")
+    return out, inp
+
+
+def check_linear(x, weight, r, s, U, V, bias) -> None:
+    """Single-task linear: x (..., in), weight (out, in), r (out,), s (in,), U (out, k), V (in, k)."""
+    out, inp = _check_linear_core(x, weight, "..., ", 1)
     for name, t in (("r", r), ("s", s), ("U", U), ("V", V)):
         check_like(name, t, x)
     check_shape("r", r, (out,), "(out,)")
@@ -108,15 +114,7 @@ def check_task_id_range(task_ids: torch.Tensor, num_tasks: int) -> None:
 
 def check_linear_mt(x, task_ids, weight, R, S, U, V, B) -> None:
     """Mixed-task linear: x (M, ..., in), task_ids (M,), banks R (T, out), S (T, in), U (T, out, k), ..."""
-    check_floating("x", x)
-    if x.dim() < 2:
-        raise ValueError(f"x must have shape (M, ..., in) with one task per row M, got {_desc(x)}")
-    check_like("weight", weight, x)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (out, in), got {_desc(weight)}")
-    out, inp = weight.shape
-    if x.shape[-1] != inp:
-        raise ValueError(f"x must have shape (M, ..., in={inp}) to match weight {tuple(weight.shape)}, got {_desc(x)}")
+    out, inp = _check_linear_core(x, weight, "M, ..., ", 2)
     check_task_ids(task_ids, x.shape[0], x.device)
     _check_banks(x, R, S, U, V, B, out, inp)
 
