@@ -41,7 +41,8 @@ class Provider:
     raises ``ImportError``/``RuntimeError`` whose message says why it cannot serve; it runs once.
     ``devices`` lists the device types (``"cpu"``, ``"cuda"``, ...) it serves; ``priority`` orders
     providers in ``auto`` mode (higher first); ``auto`` = False keeps it out of ``auto`` mode
-    (it is then used only when named in ``HALRP_FAST_BACKEND``).
+    (it is then used only when named in ``HALRP_FAST_BACKEND``); ``auto_devices`` (default: all of
+    ``devices``) limits the device types for which ``auto`` mode may pick it.
     """
 
     name: str
@@ -49,6 +50,7 @@ class Provider:
     load: Callable[[], dict[str, Callable]]
     priority: int = 0
     auto: bool = True
+    auto_devices: tuple[str, ...] | None = None
     _impls: dict[str, Callable] | None = field(default=None, repr=False)
     _error: str | None = field(default=None, repr=False)
 
@@ -85,6 +87,30 @@ register_provider(
 )
 
 
+def _load_triton() -> dict[str, Callable]:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        raise ImportError("triton is not installed (pip install triton)")
+    from .kernels import perturbed_linear
+
+    return {"perturbed_linear": perturbed_linear.perturbed_linear,
+            "perturbed_linear_mt": perturbed_linear.perturbed_linear_mt}
+
+
+# Triton kernels serve CUDA tensors; with TRITON_INTERPRET=1 (read at import, as Triton does) they also
+# run on CPU tensors in the interpreter, but only when HALRP_FAST_BACKEND=triton asks for it.
+register_provider(
+    Provider(
+        name="triton",
+        devices=("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
+        load=_load_triton,
+        priority=10,
+        auto_devices=("cuda",),
+    )
+)
+
+
 
 def requested() -> str:
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -113,7 +139,8 @@ def _choose(op: str, device_type: str, want: str) -> tuple[str, Callable]:
             return p.name, impls[op]
         return "reference", _PROVIDERS["reference"].impls()[op]
     for p in sorted(_PROVIDERS.values(), key=lambda p: -p.priority):
-        if p.auto and _serves(p, device_type) and op in p.impls():
+        auto_ok = p.auto and (p.auto_devices is None or device_type in p.auto_devices)
+        if auto_ok and _serves(p, device_type) and op in p.impls():
             return p.name, p.impls()[op]
     raise RuntimeError(f"no provider implements {op} on {device_type}")
 

@@ -1,0 +1,180 @@
+"""Fused perturbed linear forward, one task or a batch that mixes tasks.
+
+    y[m] = r_t ⊙ ((s_t ⊙ x[m]) Wᵀ) + (x[m] V_t) U_tᵀ + b_t,      t = task of row m
+
+One kernel, grid over (M tiles, N tiles):
+
+* The ``W`` product runs once per M tile whatever the tasks of its rows: ``s`` is gathered per row and
+  applied to the x tile in registers, ``r`` and the bias are gathered per row in the epilogue.
+* ``x V`` is accumulated inside the K loop from the x tiles already loaded (ranks ≤ ``FUSED_RANK_MAX``);
+  larger ranks get ``x V`` from one GEMM per task before the launch and the epilogue walks the rank in
+  chunks, so registers stay bounded for any rank.
+* Mixed batches: the launcher orders rows by task (a permutation, no copy of x) so that an M tile holds
+  few distinct tasks; the low-rank work loops over the tasks present in the tile only, so the cost grows
+  with the number of distinct tasks, not with the batch.
+
+Accumulation is fp32; fp32 inputs use IEEE products unless ``torch.backends.cuda.matmul.allow_tf32``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import next_pow2, row_tasks
+
+# Above this rank, an x V accumulator of BLOCK_M × rank fp32 values would spill registers (64 × 64 = 4096
+# values = 32 per thread with 4 warps), so x V comes from a separate GEMM instead.
+FUSED_RANK_MAX = 64
+
+
+@triton.jit
+def _perturbed_linear_fwd_kernel(
+    x_ptr, rows_ptr, tid_ptr, w_ptr, r_ptr, s_ptr, u_ptr, v_ptr, b_ptr, xv_ptr, y_ptr,
+    M, N, K, RANK,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_rt, stride_st, stride_ut, stride_un, stride_ur, stride_vt, stride_vk, stride_vr, stride_bt,
+    stride_xvm, stride_ym,
+    HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, FUSE_XV: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = pos < M
+    if HAS_TASKS:
+        rows = tl.load(rows_ptr + pos, mask=m_mask, other=0)
+        tid = tl.load(tid_ptr + pos, mask=m_mask, other=0)
+        t_lo = tl.min(tl.where(m_mask, tid, 2147483647))
+        t_hi = tl.max(tl.where(m_mask, tid, -1))
+    else:
+        rows = pos
+        tid = tl.zeros((BLOCK_M,), dtype=tl.int64)
+        t_lo = 0
+        t_hi = 0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < RANK
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xv = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        mk = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mk, other=0.0)
+        s = tl.load(s_ptr + tid[:, None] * stride_st + offs_k[None, :], mask=mk, other=0.0)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot((x * s).to(w.dtype), w, allow_tf32=ALLOW_TF32)
+        if HAS_RANK and FUSE_XV:
+            kr = k_mask[:, None] & r_mask[None, :]
+            for t in range(t_lo, t_hi + 1):
+                v = tl.load(v_ptr + t * stride_vt + offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr,
+                            mask=kr, other=0.0)
+                xt = tl.where((tid == t)[:, None], x, 0.0).to(v.dtype)
+                xv += tl.dot(xt, v, allow_tf32=ALLOW_TF32)
+
+    mn = m_mask[:, None] & n_mask[None, :]
+    acc *= tl.load(r_ptr + tid[:, None] * stride_rt + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
+    if HAS_RANK:
+        if FUSE_XV:
+            for t in range(t_lo, t_hi + 1):
+                u = tl.load(u_ptr + t * stride_ut + offs_n[None, :] * stride_un + offs_r[:, None] * stride_ur,
+                            mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                xt = tl.where((tid == t)[:, None], xv, 0.0)
+                acc += tl.dot(xt, u.to(tl.float32), allow_tf32=ALLOW_TF32)
+        else:
+            for r0 in range(0, RANK, BLOCK_R):
+                offs_rr = r0 + offs_r
+                rr_mask = offs_rr < RANK
+                xvc = tl.load(xv_ptr + rows[:, None] * stride_xvm + offs_rr[None, :],
+                              mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
+                for t in range(t_lo, t_hi + 1):
+                    u = tl.load(u_ptr + t * stride_ut + offs_n[None, :] * stride_un + offs_rr[:, None] * stride_ur,
+                                mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
+                    xt = tl.where((tid == t)[:, None], xvc, 0.0)
+                    acc += tl.dot(xt, u.to(tl.float32), allow_tf32=ALLOW_TF32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + tid[:, None] * stride_bt + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+def _blocks(M: int, N: int, K: int, rank: int, fused: bool) -> tuple[int, int, int, int]:
+    """Tile sizes by shape bucket (no autotuning sweep: one fixed config per bucket, no first-call cost).
+
+    Small M (decode-like) is memory bound on W: a narrow M tile and wide N/K tiles stream W once.  Large M
+    is compute bound: square 64×64 tiles with BLOCK_K 32 keep the fp32 accumulator at 32 values per thread.
+    """
+    block_m = 16 if M <= 16 else (32 if M <= 64 else 64)
+    block_n = 64
+    block_k = 64 if M <= 16 else 32
+    block_r = max(16, next_pow2(min(rank, FUSED_RANK_MAX))) if fused else FUSED_RANK_MAX
+    return block_m, block_n, block_k, block_r
+
+
+def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor, S: torch.Tensor, U: torch.Tensor,
+                         V: torch.Tensor, B: torch.Tensor | None, task_ids: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the kernel.
+
+    Single task (``task_ids=None``): ``x (..., in)``, ``R (out,)``, ``S (in,)``, ``U (out, k)``,
+    ``V (in, k)``, ``B (out,)``.  Mixed: ``x (M, ..., in)``, ``task_ids (M,)``, banks ``R (T, out)``,
+    ``S (T, in)``, ``U (T, out, k)``, ``V (T, in, k)``, ``B (T, out)``.  ``out`` (optional) receives the
+    result, shape ``(..., out)`` contiguous.
+    """
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)  # a view whenever the layout allows it (no hidden copy)
+    M = x2.shape[0]
+    banked = task_ids is not None
+    if not banked:
+        R, S, B = R[None], S[None], None if B is None else B[None]
+        U, V = U[None], V[None]
+    rank = U.shape[-1]
+    y = out if out is not None else torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    y2 = y.view(-1, N)
+    R, S = R.contiguous(), S.contiguous()
+    B = None if B is None else B.contiguous()
+    if banked:
+        rows, tids = row_tasks(task_ids, M // max(x.shape[0], 1))
+    else:
+        rows = tids = x2  # unused (HAS_TASKS = False)
+    fused = rank <= FUSED_RANK_MAX
+    xv = y2  # unused unless the rank is too large to fuse
+    if rank and not fused:
+        xv = torch.empty(M, rank, dtype=torch.float32, device=x.device)
+        if banked:
+            for t in torch.unique(tids).tolist():
+                idx = rows[tids == t]
+                xv[idx] = x2[idx].float() @ V[t].float()
+        else:
+            torch.matmul(x2.float(), V[0].float(), out=xv)
+    bm, bn, bk, br = _blocks(M, N, K, rank, fused)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _perturbed_linear_fwd_kernel[grid](
+        x2, rows, tids, weight, R, S, U, V, B if B is not None else R, xv, y2,
+        M, N, K, rank,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+        R.stride(0), S.stride(0), U.stride(0), U.stride(1), U.stride(2), V.stride(0), V.stride(1), V.stride(2),
+        B.stride(0) if B is not None else 0,
+        xv.stride(0), y2.stride(0),
+        HAS_TASKS=banked, HAS_BIAS=B is not None, HAS_RANK=rank > 0, FUSE_XV=fused,
+        ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+    )
+    return y
+
+
+def perturbed_linear(x, weight, r, s, U, V, bias):
+    """Provider entry for ``halrp::perturbed_linear``."""
+    return perturbed_linear_fwd(x, weight, r, s, U, V, bias)
+
+
+def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B):
+    """Provider entry for ``halrp::perturbed_linear_mt``."""
+    return perturbed_linear_fwd(x, weight, R, S, U, V, B, task_ids=task_ids)
