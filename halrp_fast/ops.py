@@ -7,8 +7,11 @@ the same static properties and state the output shapes, so ``torch.compile`` tra
 without a graph break.  Each forward op has a backward op of its own, so a provider can fuse the
 gradients too; autograd is registered once, here.
 
-Gradient masks (``needs``) are ordered ``(x, weight, r|R, s|S, U, V, bias|B)``; a gradient that is
-not needed comes back as an empty tensor.
+Every forward op takes ``save`` and returns ``(y, saved_base, saved_lowrank)``: with ``save`` the two
+tensors the backward reuses (see :mod:`halrp_fast.reference`), otherwise empty placeholders (a provider may
+also decline to save; the backward then recomputes).  They are not differentiable outputs.  Gradient
+masks (``needs``) are ordered ``(x, weight, r|R, s|S, U, V, bias|B)``; a gradient that is not needed comes
+back as an empty tensor.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ _LIB = "halrp"
 _N_GRADS = 7
 # (dx, dweight, dr|dR, ds|dS, dU, dV, dbias|dB)
 Grads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+# (y, saved base product, saved low-rank intermediate)
+Outputs = tuple[Tensor, Tensor, Tensor]
 
 
 def _needed(grads: Sequence[Tensor], needs: Sequence[bool]) -> tuple[Tensor | None, ...]:
@@ -31,6 +36,12 @@ def _needed(grads: Sequence[Tensor], needs: Sequence[bool]) -> tuple[Tensor | No
 
 def _empty_or(flag: bool, like: Tensor) -> Tensor:
     return torch.empty_like(like) if flag else like.new_empty(0)
+
+
+def _fake_outputs(x, y_shape, lowrank_shape, save: bool) -> Outputs:
+    if not save:
+        return x.new_empty(y_shape), x.new_empty(0), x.new_empty(0)
+    return x.new_empty(y_shape), x.new_empty(y_shape), x.new_empty(lowrank_shape)
 
 
 def _fake_grads(x, weight, r, s, U, V, has_bias: bool, needs: Sequence[bool]) -> Grads:
@@ -44,43 +55,47 @@ def _fake_grads(x, weight, r, s, U, V, has_bias: bool, needs: Sequence[bool]) ->
 # ============================================================================================
 @torch.library.custom_op(f"{_LIB}::perturbed_linear", mutates_args=())
 def perturbed_linear(x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor, V: Tensor,
-                     bias: Tensor | None) -> Tensor:
-    """``r ⊙ ((s ⊙ x) weightᵀ) + (x V) Uᵀ + bias`` for ``x (..., in)`` → ``(..., out)``."""
+                     bias: Tensor | None, save: bool) -> Outputs:
+    """``r ⊙ ((s ⊙ x) weightᵀ) + (x V) Uᵀ + bias`` for ``x (..., in)`` → ``(..., out)``, and with ``save``
+    ``c = (s ⊙ x) weightᵀ`` and ``x V``."""
     _checks.check_linear(x, weight, r, s, U, V, bias)
-    return _backend.call("perturbed_linear", x.device.type, x, weight, r, s, U, V, bias)
+    return _backend.call("perturbed_linear", x.device.type, x, weight, r, s, U, V, bias, save)
 
 
 @perturbed_linear.register_fake
-def _(x, weight, r, s, U, V, bias):
+def _(x, weight, r, s, U, V, bias, save):
     _checks.check_linear(x, weight, r, s, U, V, bias)
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+    lead = x.shape[:-1]
+    return _fake_outputs(x, (*lead, weight.shape[0]), (*lead, U.shape[1]), save)
 
 
 @torch.library.custom_op(f"{_LIB}::perturbed_linear_backward", mutates_args=())
 def perturbed_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor,
-                              V: Tensor, has_bias: bool, needs: Sequence[bool]) -> Grads:
+                              V: Tensor, saved_base: Tensor, saved_lowrank: Tensor, has_bias: bool,
+                              needs: Sequence[bool]) -> Grads:
     """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)`` of :func:`perturbed_linear`."""
     _checks.check_grad_mask(needs, _N_GRADS)
-    return _backend.call("perturbed_linear_backward", x.device.type, grad, x, weight, r, s, U, V, has_bias,
-                         list(needs))
+    return _backend.call("perturbed_linear_backward", x.device.type, grad, x, weight, r, s, U, V, saved_base,
+                         saved_lowrank, has_bias, list(needs))
 
 
 @perturbed_linear_backward.register_fake
-def _(grad, x, weight, r, s, U, V, has_bias, needs):
+def _(grad, x, weight, r, s, U, V, saved_base, saved_lowrank, has_bias, needs):
     return _fake_grads(x, weight, r, s, U, V, has_bias, needs)
 
 
 def _setup_single(ctx, inputs, output):
     x, weight, r, s, U, V, bias = inputs[:7]
-    ctx.save_for_backward(x, weight, r, s, U, V)
+    ctx.save_for_backward(x, weight, r, s, U, V, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.has_bias = bias is not None
-    ctx.geometry = tuple(inputs[7:])  # conv: (stride, padding, dilation); linear: ()
+    ctx.geometry = tuple(inputs[8:])  # conv: (stride, padding, dilation); linear: ()
 
 
-def _linear_autograd(ctx, grad):
-    needs = list(ctx.needs_input_grad)
+def _linear_autograd(ctx, grad, _grad_base, _grad_lowrank):
+    needs = list(ctx.needs_input_grad[:7])
     grads = perturbed_linear_backward(grad, *ctx.saved_tensors, ctx.has_bias, needs)
-    return _needed(grads, needs)
+    return (*_needed(grads, needs), None)
 
 
 perturbed_linear.register_autograd(_linear_autograd, setup_context=_setup_single)
@@ -91,39 +106,41 @@ perturbed_linear.register_autograd(_linear_autograd, setup_context=_setup_single
 # ============================================================================================
 @torch.library.custom_op(f"{_LIB}::perturbed_linear_mt", mutates_args=())
 def perturbed_linear_mt(x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor, S: Tensor, U: Tensor,
-                        V: Tensor, B: Tensor | None) -> Tensor:
+                        V: Tensor, B: Tensor | None, save: bool) -> Outputs:
     """Row ``m`` of ``x (M, ..., in)`` through task ``task_ids[m]`` of the banks → ``(M, ..., out)``."""
     _checks.check_linear_mt(x, task_ids, weight, R, S, U, V, B)
     _checks.check_task_id_range(task_ids, R.shape[0])
-    return _backend.call("perturbed_linear_mt", x.device.type, x, task_ids, weight, R, S, U, V, B)
+    return _backend.call("perturbed_linear_mt", x.device.type, x, task_ids, weight, R, S, U, V, B, save)
 
 
 @perturbed_linear_mt.register_fake
-def _(x, task_ids, weight, R, S, U, V, B):
+def _(x, task_ids, weight, R, S, U, V, B, save):
     _checks.check_linear_mt(x, task_ids, weight, R, S, U, V, B)
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+    lead = x.shape[:-1]
+    return _fake_outputs(x, (*lead, weight.shape[0]), (*lead, U.shape[2]), save)
 
 
 @torch.library.custom_op(f"{_LIB}::perturbed_linear_mt_backward", mutates_args=())
 def perturbed_linear_mt_backward(grad: Tensor, x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor,
-                                 S: Tensor, U: Tensor, V: Tensor, has_bias: bool,
-                                 needs: Sequence[bool]) -> Grads:
+                                 S: Tensor, U: Tensor, V: Tensor, saved_base: Tensor, saved_lowrank: Tensor,
+                                 has_bias: bool, needs: Sequence[bool]) -> Grads:
     """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)`` of :func:`perturbed_linear_mt`."""
     _checks.check_grad_mask(needs, _N_GRADS)
     return _backend.call("perturbed_linear_mt_backward", x.device.type, grad, x, task_ids, weight, R, S, U, V,
-                         has_bias, list(needs))
+                         saved_base, saved_lowrank, has_bias, list(needs))
 
 
 @perturbed_linear_mt_backward.register_fake
-def _(grad, x, task_ids, weight, R, S, U, V, has_bias, needs):
+def _(grad, x, task_ids, weight, R, S, U, V, saved_base, saved_lowrank, has_bias, needs):
     return _fake_grads(x, weight, R, S, U, V, has_bias, needs)
 
 
 def _setup_mixed(ctx, inputs, output):
     x, task_ids, weight, R, S, U, V, B = inputs[:8]
-    ctx.save_for_backward(x, task_ids, weight, R, S, U, V)
+    ctx.save_for_backward(x, task_ids, weight, R, S, U, V, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
     ctx.has_bias = B is not None
-    ctx.geometry = tuple(inputs[8:])
+    ctx.geometry = tuple(inputs[9:])
 
 
 def _mixed_needs(ctx) -> list[bool]:
@@ -133,10 +150,10 @@ def _mixed_needs(ctx) -> list[bool]:
 
 def _mixed_grads(grads, ctx):
     g = _needed(grads, _mixed_needs(ctx))
-    return (g[0], None, *g[1:])
+    return (g[0], None, *g[1:], None)  # no gradient for task_ids and save
 
 
-def _linear_mt_autograd(ctx, grad):
+def _linear_mt_autograd(ctx, grad, _grad_base, _grad_lowrank):
     grads = perturbed_linear_mt_backward(grad, *ctx.saved_tensors, ctx.has_bias, _mixed_needs(ctx))
     return _mixed_grads(grads, ctx)
 
@@ -153,45 +170,47 @@ def _geometry(stride, padding, dilation):
 
 @torch.library.custom_op(f"{_LIB}::perturbed_conv2d", mutates_args=())
 def perturbed_conv2d(x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor, V: Tensor, bias: Tensor | None,
-                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
-    """``r ⊙ conv(s ⊙ x, weight) + U · Σ_window(Vᵀ · x) + bias`` for ``x (N, C_in, H, W)``."""
+                     save: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Outputs:
+    """``r ⊙ conv(s ⊙ x, weight) + U · Σ_window(Vᵀ · x) + bias`` for ``x (N, C_in, H, W)``, and with
+    ``save`` ``c = conv(s ⊙ x, weight)`` and ``Σ_window(Vᵀ · x)``."""
     geo = _geometry(stride, padding, dilation)
     _checks.check_conv(x, weight, r, s, U, V, bias, *geo)
-    return _backend.call("perturbed_conv2d", x.device.type, x, weight, r, s, U, V, bias, *geo)
+    return _backend.call("perturbed_conv2d", x.device.type, x, weight, r, s, U, V, bias, *geo, save)
 
 
-def _conv_out(x, weight, geo):
+def _conv_fake_outputs(x, weight, k, geo, save):
     ho, wo = _checks.conv_out_hw(x, weight, *geo)
-    return x.new_empty(x.shape[0], weight.shape[0], ho, wo)
+    return _fake_outputs(x, (x.shape[0], weight.shape[0], ho, wo), (x.shape[0], k, ho, wo), save)
 
 
 @perturbed_conv2d.register_fake
-def _(x, weight, r, s, U, V, bias, stride, padding, dilation):
+def _(x, weight, r, s, U, V, bias, save, stride, padding, dilation):
     geo = _geometry(stride, padding, dilation)
     _checks.check_conv(x, weight, r, s, U, V, bias, *geo)
-    return _conv_out(x, weight, geo)
+    return _conv_fake_outputs(x, weight, U.shape[1], geo, save)
 
 
 @torch.library.custom_op(f"{_LIB}::perturbed_conv2d_backward", mutates_args=())
 def perturbed_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor,
-                              V: Tensor, has_bias: bool, stride: Sequence[int], padding: Sequence[int],
-                              dilation: Sequence[int], needs: Sequence[bool]) -> Grads:
+                              V: Tensor, saved_base: Tensor, saved_lowrank: Tensor, has_bias: bool,
+                              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                              needs: Sequence[bool]) -> Grads:
     """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)`` of :func:`perturbed_conv2d`."""
     _checks.check_grad_mask(needs, _N_GRADS)
     geo = _geometry(stride, padding, dilation)
-    return _backend.call("perturbed_conv2d_backward", x.device.type, grad, x, weight, r, s, U, V, has_bias, *geo,
-                         list(needs))
+    return _backend.call("perturbed_conv2d_backward", x.device.type, grad, x, weight, r, s, U, V, saved_base,
+                         saved_lowrank, has_bias, *geo, list(needs))
 
 
 @perturbed_conv2d_backward.register_fake
-def _(grad, x, weight, r, s, U, V, has_bias, stride, padding, dilation, needs):
+def _(grad, x, weight, r, s, U, V, saved_base, saved_lowrank, has_bias, stride, padding, dilation, needs):
     return _fake_grads(x, weight, r, s, U, V, has_bias, needs)
 
 
-def _conv_autograd(ctx, grad):
+def _conv_autograd(ctx, grad, _grad_base, _grad_lowrank):
     needs = list(ctx.needs_input_grad[:7])
     grads = perturbed_conv2d_backward(grad, *ctx.saved_tensors, ctx.has_bias, *ctx.geometry, needs)
-    return (*_needed(grads, needs), None, None, None)
+    return (*_needed(grads, needs), None, None, None, None)
 
 
 perturbed_conv2d.register_autograd(_conv_autograd, setup_context=_setup_single)
@@ -202,40 +221,40 @@ perturbed_conv2d.register_autograd(_conv_autograd, setup_context=_setup_single)
 # ============================================================================================
 @torch.library.custom_op(f"{_LIB}::perturbed_conv2d_mt", mutates_args=())
 def perturbed_conv2d_mt(x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor, S: Tensor, U: Tensor, V: Tensor,
-                        B: Tensor | None, stride: Sequence[int], padding: Sequence[int],
-                        dilation: Sequence[int]) -> Tensor:
+                        B: Tensor | None, save: bool, stride: Sequence[int], padding: Sequence[int],
+                        dilation: Sequence[int]) -> Outputs:
     """Image ``n`` of ``x (N, C_in, H, W)`` through task ``task_ids[n]`` of the banks."""
     geo = _geometry(stride, padding, dilation)
     _checks.check_conv_mt(x, task_ids, weight, R, S, U, V, B, *geo)
     _checks.check_task_id_range(task_ids, R.shape[0])
-    return _backend.call("perturbed_conv2d_mt", x.device.type, x, task_ids, weight, R, S, U, V, B, *geo)
+    return _backend.call("perturbed_conv2d_mt", x.device.type, x, task_ids, weight, R, S, U, V, B, *geo, save)
 
 
 @perturbed_conv2d_mt.register_fake
-def _(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation):
+def _(x, task_ids, weight, R, S, U, V, B, save, stride, padding, dilation):
     geo = _geometry(stride, padding, dilation)
     _checks.check_conv_mt(x, task_ids, weight, R, S, U, V, B, *geo)
-    return _conv_out(x, weight, geo)
+    return _conv_fake_outputs(x, weight, U.shape[2], geo, save)
 
 
 @torch.library.custom_op(f"{_LIB}::perturbed_conv2d_mt_backward", mutates_args=())
 def perturbed_conv2d_mt_backward(grad: Tensor, x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor, S: Tensor,
-                                 U: Tensor, V: Tensor, has_bias: bool, stride: Sequence[int],
-                                 padding: Sequence[int], dilation: Sequence[int],
+                                 U: Tensor, V: Tensor, saved_base: Tensor, saved_lowrank: Tensor, has_bias: bool,
+                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                                  needs: Sequence[bool]) -> Grads:
     """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)`` of :func:`perturbed_conv2d_mt`."""
     _checks.check_grad_mask(needs, _N_GRADS)
     geo = _geometry(stride, padding, dilation)
     return _backend.call("perturbed_conv2d_mt_backward", x.device.type, grad, x, task_ids, weight, R, S, U, V,
-                         has_bias, *geo, list(needs))
+                         saved_base, saved_lowrank, has_bias, *geo, list(needs))
 
 
 @perturbed_conv2d_mt_backward.register_fake
-def _(grad, x, task_ids, weight, R, S, U, V, has_bias, stride, padding, dilation, needs):
+def _(grad, x, task_ids, weight, R, S, U, V, saved_base, saved_lowrank, has_bias, stride, padding, dilation, needs):
     return _fake_grads(x, weight, R, S, U, V, has_bias, needs)
 
 
-def _conv_mt_autograd(ctx, grad):
+def _conv_mt_autograd(ctx, grad, _grad_base, _grad_lowrank):
     grads = perturbed_conv2d_mt_backward(grad, *ctx.saved_tensors, ctx.has_bias, *ctx.geometry, _mixed_needs(ctx))
     return (*_mixed_grads(grads, ctx), None, None, None)
 

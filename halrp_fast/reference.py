@@ -14,7 +14,11 @@ The mixed-task variants take banks stacked on dim 0 (``R (T, out)``, ``S (T, in)
 ``W`` product once for the whole batch (per-row scales are gathered) and loop over the *distinct*
 tasks only for the low-rank term, so the cost grows with the number of distinct tasks.
 
-Backward functions take the mask ``needs`` of the inputs that require a gradient and return an
+Forward functions take ``save``: with it they also return the tensors the backward reuses — the
+unscaled base product ``c`` (linear: ``(s ⊙ x) Wᵀ``, conv: ``conv(s ⊙ x, W)``) for ``dr`` and the
+low-rank intermediate (linear: ``x V``, conv: ``Σ_window(Vᵀ · x)``) for ``dU`` — so training does not
+recompute the base GEMM / conv; without it they return empty tensors in their place.  Backward functions
+recompute what was not saved, take the mask ``needs`` of the inputs that require a gradient and return an
 empty tensor in place of every gradient that is not needed.
 """
 from __future__ import annotations
@@ -41,8 +45,13 @@ def task_groups(task_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 
 def _none_like(x: torch.Tensor) -> torch.Tensor:
-    """Placeholder for a gradient that is not needed."""
+    """Placeholder for a gradient that is not needed, or a tensor that was not saved."""
     return x.new_empty(0)
+
+
+def is_saved(t: torch.Tensor, shape) -> bool:
+    """A forward's saved tensor has its full shape; the placeholder for 'not saved' has shape (0,)."""
+    return tuple(t.shape) == tuple(shape)
 
 
 def window_sum(z: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> torch.Tensor:
@@ -89,25 +98,33 @@ def merge_conv_weight(weight, r, s, U, V) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # linear, one task
 # --------------------------------------------------------------------------------------------
-def perturbed_linear(x, weight, r, s, U, V, bias) -> torch.Tensor:
-    """``x (..., in)`` → ``(..., out)``."""
+def perturbed_linear(x, weight, r, s, U, V, bias, save: bool = False):
+    """``x (..., in)`` → ``(y (..., out), c (..., out), xV (..., k))`` (the last two empty unless ``save``)."""
     out, inp = weight.shape
+    lead, k = x.shape[:-1], U.shape[1]
     x2 = x.reshape(-1, inp)
-    y = F.linear(x2 * s, weight).mul_(r)
-    if U.shape[1]:
-        y.addmm_(x2 @ V, U.T)
+    c = F.linear(x2 * s, weight)
+    y = c * r if save else c.mul_(r)
+    xv = x2 @ V if k else x2.new_zeros(x2.shape[0], 0)
+    if k:
+        y.addmm_(xv, U.T)
     if bias is not None:
         y.add_(bias)
-    return y.reshape(*x.shape[:-1], out)
+    if not save:
+        return y.reshape(*lead, out), _none_like(x), _none_like(x)
+    return y.reshape(*lead, out), c.reshape(*lead, out), xv.reshape(*lead, k)
 
 
-def perturbed_linear_backward(grad, x, weight, r, s, U, V, has_bias: bool, needs: Sequence[bool]):
-    """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)``; ``needs`` has the same order."""
+def perturbed_linear_backward(grad, x, weight, r, s, U, V, c, xv, has_bias: bool, needs: Sequence[bool]):
+    """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)``; ``needs`` has the same order; ``c`` and ``xv``
+    are the forward's saved tensors (recomputed when empty)."""
     nx, nw, nr, ns, nU, nV, nb = needs
     out, inp = weight.shape
     g = grad.reshape(-1, out)
     x2 = x.reshape(-1, inp)
     k = U.shape[1]
+    c = c.reshape(x2.shape[0], out) if is_saved(c, (*x.shape[:-1], out)) else None
+    xv = xv.reshape(x2.shape[0], k) if is_saved(xv, (*x.shape[:-1], k)) else None
     dx = dw = dr = ds = dU = dV = db = None
     if nx or ns:
         gx = (g * r) @ weight  # (M, in): gradient w.r.t. s ⊙ x
@@ -121,9 +138,9 @@ def perturbed_linear_backward(grad, x, weight, r, s, U, V, has_bias: bool, needs
     if nw:
         dw = (g * r).T @ (x2 * s)
     if nr:
-        dr = (g * F.linear(x2 * s, weight)).sum(0)
+        dr = (g * (c if c is not None else F.linear(x2 * s, weight))).sum(0)
     if nU:
-        dU = g.T @ (x2 @ V)
+        dU = g.T @ (xv if xv is not None else x2 @ V)
     if nV:
         dV = x2.T @ (g @ U)
     if nb and has_bias:
@@ -143,26 +160,36 @@ def _rows(x: torch.Tensor, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.
     return rows, ids
 
 
-def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B) -> torch.Tensor:
-    """``x (M, ..., in)``, ``task_ids (M,)`` → ``(M, ..., out)``; row m uses bank entry ``task_ids[m]``."""
-    out = weight.shape[0]
+def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B, save: bool = False):
+    """``x (M, ..., in)``, ``task_ids (M,)`` → ``(y, c, xV)`` like :func:`perturbed_linear`; row m uses bank
+    entry ``task_ids[m]`` (``xV`` of a row uses its own task's ``V``)."""
+    out, k = weight.shape[0], U.shape[2]
+    lead = x.shape[:-1]
     x2, ids = _rows(x, task_ids)
-    y = F.linear(x2 * S[ids], weight).mul_(R[ids])
-    if U.shape[2]:
+    c = F.linear(x2 * S[ids], weight)
+    y = c * R[ids] if save else c.mul_(R[ids])
+    xv = x2.new_zeros(x2.shape[0], k) if save else None
+    if k:
         for t, idx in task_groups(ids):
-            xi = x2.index_select(0, idx)
-            y.index_add_(0, idx, (xi @ V[t]) @ U[t].T)
+            xvi = x2.index_select(0, idx) @ V[t]
+            y.index_add_(0, idx, xvi @ U[t].T)
+            if save:
+                xv.index_copy_(0, idx, xvi)
     if B is not None:
         y.add_(B[ids])
-    return y.reshape(*x.shape[:-1], out)
+    if not save:
+        return y.reshape(*lead, out), _none_like(x), _none_like(x)
+    return y.reshape(*lead, out), c.reshape(*lead, out), xv.reshape(*lead, k)
 
 
-def perturbed_linear_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias: bool,
+def perturbed_linear_mt_backward(grad, x, task_ids, weight, R, S, U, V, c, xv, has_bias: bool,
                                  needs: Sequence[bool]):
     """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)`` with the shapes of the inputs."""
     nx, nw, nr, ns, nU, nV, nb = needs
     out, inp = weight.shape
     x2, ids = _rows(x, task_ids)
+    c = c.reshape(x2.shape[0], out) if is_saved(c, (*x.shape[:-1], out)) else None
+    xv = xv.reshape(x2.shape[0], U.shape[2]) if is_saved(xv, (*x.shape[:-1], U.shape[2])) else None
     g = grad.reshape(-1, out)
     T, k = R.shape[0], U.shape[2]
     s_rows = S[ids]
@@ -176,7 +203,8 @@ def perturbed_linear_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias
     if nw:
         dw = (g * R[ids]).T @ (x2 * s_rows)
     if nr:
-        dR = torch.zeros_like(R).index_add_(0, ids, g * F.linear(x2 * s_rows, weight))
+        base = c if c is not None else F.linear(x2 * s_rows, weight)
+        dR = torch.zeros_like(R).index_add_(0, ids, g * base)
     if nU:
         dU = torch.zeros_like(U)
     if nV:
@@ -188,7 +216,7 @@ def perturbed_linear_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias
             if nx:
                 dx.index_add_(0, idx, gu @ V[t].T)
             if nU:
-                dU[t] = gi.T @ (xi @ V[t])
+                dU[t] = gi.T @ (xv.index_select(0, idx) if xv is not None else xi @ V[t])
             if nV:
                 dV[t] = xi.T @ gu
     if nb and has_bias:
@@ -201,34 +229,42 @@ def perturbed_linear_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias
 # --------------------------------------------------------------------------------------------
 # conv, one task
 # --------------------------------------------------------------------------------------------
-def _lowrank_conv(x, U, V, kernel, stride, padding, dilation) -> torch.Tensor:
-    """``U · Σ_window(Vᵀ · x)``; the window sum commutes with the channel mix, so it runs on
-    whichever side has fewer channels (k or C_in)."""
-    if U.shape[1] <= x.shape[1]:
-        pooled = window_sum(_conv1x1(x, V.T), kernel, stride, padding, dilation)
-    else:
-        pooled = _conv1x1(window_sum(x, kernel, stride, padding, dilation), V.T)
-    return _conv1x1(pooled, U)
+def _pooled(x, V, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``Σ_window(Vᵀ · x)``: ``(N, k, H_out, W_out)``; the window sum commutes with the channel mix, so it
+    runs on whichever side has fewer channels (k or C_in)."""
+    if V.shape[1] <= x.shape[1]:
+        return window_sum(_conv1x1(x, V.T), kernel, stride, padding, dilation)
+    return _conv1x1(window_sum(x, kernel, stride, padding, dilation), V.T)
 
 
-def perturbed_conv2d(x, weight, r, s, U, V, bias, stride, padding, dilation) -> torch.Tensor:
-    """``x (N, C_in, H, W)`` → ``(N, C_out, H_out, W_out)``."""
+def perturbed_conv2d(x, weight, r, s, U, V, bias, stride, padding, dilation, save: bool = False):
+    """``x (N, C_in, H, W)`` → ``(y (N, C_out, H_out, W_out), c (like y), pooled (N, k, H_out, W_out))``,
+    the last two empty unless ``save``."""
     kernel = weight.shape[-2:]
-    y = F.conv2d(x * _chan(s), weight, None, stride, padding, dilation).mul_(_chan(r))
+    c = F.conv2d(x * _chan(s), weight, None, stride, padding, dilation)
+    y = c * _chan(r) if save else c.mul_(_chan(r))
+    pooled = None
     if U.shape[1]:
-        y.add_(_lowrank_conv(x, U, V, kernel, stride, padding, dilation))
+        pooled = _pooled(x, V, kernel, stride, padding, dilation)
+        y.add_(_conv1x1(pooled, U))
     if bias is not None:
         y.add_(_chan(bias))
-    return y
+    if not save:
+        return y, _none_like(x), _none_like(x)
+    if pooled is None:
+        pooled = y.new_zeros(y.shape[0], 0, *y.shape[2:])
+    return y, c, pooled
 
 
-def perturbed_conv2d_backward(grad, x, weight, r, s, U, V, has_bias: bool, stride, padding, dilation,
+def perturbed_conv2d_backward(grad, x, weight, r, s, U, V, c, pooled, has_bias: bool, stride, padding, dilation,
                               needs: Sequence[bool]):
-    """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)``."""
+    """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)``; ``c``, ``pooled``: the forward's saved tensors."""
     nx, nw, nr, ns, nU, nV, nb = needs
     kernel = tuple(weight.shape[-2:])
     k = U.shape[1]
     g = grad
+    c = c if is_saved(c, g.shape) else None
+    pooled = pooled if is_saved(pooled, (g.shape[0], k, *g.shape[2:])) else None
     xs = x * _chan(s)
     dx = dw = dr = ds = dU = dV = db = None
     if nx or ns:
@@ -240,9 +276,10 @@ def perturbed_conv2d_backward(grad, x, weight, r, s, U, V, has_bias: bool, strid
     if nw:
         dw = conv2d_weight(xs, weight.shape, g * _chan(r), stride, padding, dilation)
     if nr:
-        dr = (g * F.conv2d(xs, weight, None, stride, padding, dilation)).sum((0, 2, 3))
+        dr = (g * (c if c is not None else F.conv2d(xs, weight, None, stride, padding, dilation))).sum((0, 2, 3))
     if nU and k:
-        pooled = window_sum(_conv1x1(x, V.T), kernel, stride, padding, dilation)
+        if pooled is None:
+            pooled = _pooled(x, V, kernel, stride, padding, dilation)
         dU = torch.einsum("nohw,nkhw->ok", g, pooled)
     elif nU:
         dU = torch.zeros_like(U)
@@ -262,25 +299,35 @@ def perturbed_conv2d_backward(grad, x, weight, r, s, U, V, has_bias: bool, strid
 # --------------------------------------------------------------------------------------------
 # conv, mixed tasks
 # --------------------------------------------------------------------------------------------
-def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation) -> torch.Tensor:
-    """``x (N, C_in, H, W)``, ``task_ids (N,)`` → ``(N, C_out, H_out, W_out)``."""
+def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation, save: bool = False):
+    """``x (N, C_in, H, W)``, ``task_ids (N,)`` → ``(y, c, pooled)`` like :func:`perturbed_conv2d`."""
     kernel = weight.shape[-2:]
-    y = F.conv2d(x * _chan(S[task_ids]), weight, None, stride, padding, dilation).mul_(_chan(R[task_ids]))
-    if U.shape[2]:
+    k = U.shape[2]
+    c = F.conv2d(x * _chan(S[task_ids]), weight, None, stride, padding, dilation)
+    y = c * _chan(R[task_ids]) if save else c.mul_(_chan(R[task_ids]))
+    pooled = y.new_zeros(y.shape[0], k, *y.shape[2:]) if save else None
+    if k:
         for t, idx in task_groups(task_ids):
-            y.index_add_(0, idx, _lowrank_conv(x.index_select(0, idx), U[t], V[t], kernel, stride, padding, dilation))
+            p = _pooled(x.index_select(0, idx), V[t], kernel, stride, padding, dilation)
+            y.index_add_(0, idx, _conv1x1(p, U[t]))
+            if save:
+                pooled.index_copy_(0, idx, p)
     if B is not None:
         y.add_(_chan(B[task_ids]))
-    return y
+    if not save:
+        return y, _none_like(x), _none_like(x)
+    return y, c, pooled
 
 
-def perturbed_conv2d_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias: bool, stride, padding,
-                                 dilation, needs: Sequence[bool]):
+def perturbed_conv2d_mt_backward(grad, x, task_ids, weight, R, S, U, V, c, pooled, has_bias: bool, stride,
+                                 padding, dilation, needs: Sequence[bool]):
     """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)``."""
     nx, nw, nr, ns, nU, nV, nb = needs
     kernel = tuple(weight.shape[-2:])
     k = U.shape[2]
     g, ids = grad, task_ids
+    c = c if is_saved(c, g.shape) else None
+    pooled = pooled if is_saved(pooled, (g.shape[0], k, *g.shape[2:])) else None
     s_img, r_img = _chan(S[ids]), _chan(R[ids])
     xs = x * s_img
     dx = dw = dR = dS = dU = dV = dB = None
@@ -293,8 +340,8 @@ def perturbed_conv2d_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias
     if nw:
         dw = conv2d_weight(xs, weight.shape, g * r_img, stride, padding, dilation)
     if nr:
-        c = F.conv2d(xs, weight, None, stride, padding, dilation)
-        dR = torch.zeros_like(R).index_add_(0, ids, (g * c).sum((2, 3)))
+        base = c if c is not None else F.conv2d(xs, weight, None, stride, padding, dilation)
+        dR = torch.zeros_like(R).index_add_(0, ids, (g * base).sum((2, 3)))
     if nU:
         dU = torch.zeros_like(U)
     if nV:
@@ -303,8 +350,9 @@ def perturbed_conv2d_mt_backward(grad, x, task_ids, weight, R, S, U, V, has_bias
         for t, idx in task_groups(ids):
             gi, xi = g.index_select(0, idx), x.index_select(0, idx)
             if nU:
-                pooled = window_sum(_conv1x1(xi, V[t].T), kernel, stride, padding, dilation)
-                dU[t] = torch.einsum("nohw,nkhw->ok", gi, pooled)
+                pi = pooled.index_select(0, idx) if pooled is not None else \
+                    _pooled(xi, V[t], kernel, stride, padding, dilation)
+                dU[t] = torch.einsum("nohw,nkhw->ok", gi, pi)
             if nx or nV:
                 gz = window_sum_adjoint(_conv1x1(gi, U[t].T), x.shape[-2:], kernel, stride, padding, dilation)
                 if nV:

@@ -170,11 +170,12 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
     return y
 
 
-def perturbed_linear(x, weight, r, s, U, V, bias):
-    """Provider entry for ``halrp::perturbed_linear``."""
-    return perturbed_linear_fwd(x, weight, r, s, U, V, bias)
+def perturbed_linear(x, weight, r, s, U, V, bias, save=False):
+    """Provider entry for ``halrp::perturbed_linear``: ``(y, ∅, ∅)`` — the kernel keeps nothing for the
+    backward, which then recomputes ``c`` and ``x V``."""
+    return perturbed_linear_fwd(x, weight, r, s, U, V, bias), x.new_empty(0), x.new_empty(0)
 
 
-def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B):
-    """Provider entry for ``halrp::perturbed_linear_mt``."""
-    return perturbed_linear_fwd(x, weight, R, S, U, V, B, task_ids=task_ids)
+def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B, save=False):
+    """Provider entry for ``halrp::perturbed_linear_mt`` (see :func:`perturbed_linear`)."""
+    return perturbed_linear_fwd(x, weight, R, S, U, V, B, task_ids=task_ids), x.new_empty(0), x.new_empty(0)

@@ -111,19 +111,39 @@ def test_mixed_gradients_equal_sum_of_per_task_gradients():
     assert grads[0][1].abs().sum() == 0  # task 1 absent from the batch: no gradient
 
 
-def test_opcheck_mixed():
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_mixed(save):
     ids = torch.tensor([1, 0, 1])
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(4, 5, dtype=torch.float64)
     bk = [b.requires_grad_() for b in banks(2, 5, 4, 2, torch.float64)]
-    opcheck(torch.ops.halrp.perturbed_linear_mt.default, (x, ids, W, *bk))
+    opcheck(torch.ops.halrp.perturbed_linear_mt.default, (x, ids, W, *bk, save))
     xc = torch.randn(3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
     Wc = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     bkc = [b.requires_grad_() for b in banks(2, 2, 4, 2, torch.float64)]
-    opcheck(torch.ops.halrp.perturbed_conv2d_mt.default, (xc, ids, Wc, *bkc, [1, 1], [1, 1], [1, 1]))
+    geo = ([1, 1], [1, 1], [1, 1])
+    opcheck(torch.ops.halrp.perturbed_conv2d_mt.default, (xc, ids, Wc, *bkc, save, *geo))
     g = torch.randn(3, 4, dtype=torch.float64)
+    banks_d = [b.detach() for b in bk]
+    _, c, xv = torch.ops.halrp.perturbed_linear_mt(x.detach(), ids, W, *banks_d, save)
     opcheck(torch.ops.halrp.perturbed_linear_mt_backward.default,
-            (g, x.detach(), ids, W, *[b.detach() for b in bk[:4]], True, [True] * 7))
+            (g, x.detach(), ids, W, *banks_d[:4], c, xv, True, [True] * 7))
     gc = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    banks_c = [b.detach() for b in bkc]
+    _, cc, pooled = torch.ops.halrp.perturbed_conv2d_mt(xc.detach(), ids, Wc, *banks_c, save, *geo)
     opcheck(torch.ops.halrp.perturbed_conv2d_mt_backward.default,
-            (gc, xc.detach(), ids, Wc, *[b.detach() for b in bkc[:4]], True, [1, 1], [1, 1], [1, 1], [True] * 7))
+            (gc, xc.detach(), ids, Wc, *banks_c[:4], cc, pooled, True, *geo, [True] * 7))
+
+
+def test_mixed_saved_intermediates_match_recomputation():
+    ids = torch.tensor([2, 0, 2, 1])
+    x, W = torch.randn(4, 3, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    bk = banks(3, 6, 5, 3, torch.float64)
+    g = torch.randn(4, 3, 5, dtype=torch.float64)
+    _, c, xv = torch.ops.halrp.perturbed_linear_mt(x, ids, W, *bk, True)
+    empty = x.new_empty(0)
+    op = torch.ops.halrp.perturbed_linear_mt_backward
+    saved = op(g, x, ids, W, *bk[:4], c, xv, True, [True] * 7)
+    recomputed = op(g, x, ids, W, *bk[:4], empty, empty, True, [True] * 7)
+    for a, e in zip(saved, recomputed):
+        torch.testing.assert_close(a, e)

@@ -92,14 +92,30 @@ def test_gradients_match_oracle_autograd():
         torch.testing.assert_close(a, e)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck(save):
     args = [a.requires_grad_() for a in make(2, 3, 4, 3, 3, 2, H=6, W=6, dtype=torch.float64)]
-    opcheck(torch.ops.halrp.perturbed_conv2d.default, (*args, [2, 1], [1, 1], [1, 2]))
-    x, W, r, s, U, V, _ = [a.detach() for a in args]
-    opcheck(torch.ops.halrp.perturbed_conv2d.default, (x, W, r, s, U, V, None, [1, 1], [0, 0], [1, 1]))
+    opcheck(torch.ops.halrp.perturbed_conv2d.default, (*args, save, [2, 1], [1, 1], [1, 2]))
+    x, W, r, s, U, V, b = [a.detach() for a in args]
+    opcheck(torch.ops.halrp.perturbed_conv2d.default, (x, W, r, s, U, V, None, save, [1, 1], [0, 0], [1, 1]))
     g = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    opcheck(torch.ops.halrp.perturbed_conv2d_backward.default,
-            (g, x, W, r, s, U, V, True, [1, 1], [1, 1], [1, 1], [True] * 7))
+    geo = ([1, 1], [1, 1], [1, 1])
+    _, c, pooled = torch.ops.halrp.perturbed_conv2d(x, W, r, s, U, V, b, save, *geo)
+    opcheck(torch.ops.halrp.perturbed_conv2d_backward.default, (g, x, W, r, s, U, V, c, pooled, True, *geo, [True] * 7))
+
+
+def test_saved_and_recomputed_intermediates_give_the_same_gradients():
+    x, W, r, s, U, V, b = make(2, 3, 4, 3, 3, 5, dtype=torch.float64)
+    geo = ([2, 1], [1, 1], [1, 1])
+    y, c, pooled = torch.ops.halrp.perturbed_conv2d(x, W, r, s, U, V, b, True, *geo)
+    assert pooled.shape == (2, 5, *y.shape[2:]) and c.shape == y.shape
+    g = torch.randn_like(y)
+    empty = x.new_empty(0)
+    op = torch.ops.halrp.perturbed_conv2d_backward
+    saved = op(g, x, W, r, s, U, V, c, pooled, True, *geo, [True] * 7)
+    recomputed = op(g, x, W, r, s, U, V, empty, empty, True, *geo, [True] * 7)
+    for a, e in zip(saved, recomputed):
+        torch.testing.assert_close(a, e)
 
 
 def test_torch_compile_no_graph_break():

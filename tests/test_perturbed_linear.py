@@ -94,18 +94,36 @@ def test_partial_gradients_frozen_weight():
 
 
 @pytest.mark.parametrize("k", [0, 3])
-def test_opcheck(k):
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck(k, save):
     args = [a.requires_grad_() for a in make(5, 7, 4, k, torch.float64)]
-    opcheck(torch.ops.halrp.perturbed_linear.default, tuple(args))
-    opcheck(torch.ops.halrp.perturbed_linear.default, (*[a.detach() for a in args[:-1]], None))
+    opcheck(torch.ops.halrp.perturbed_linear.default, (*args, save))
+    opcheck(torch.ops.halrp.perturbed_linear.default, (*[a.detach() for a in args[:-1]], None, save))
 
 
 def test_opcheck_backward_op():
-    x, W, r, s, U, V, _ = make(5, 7, 4, 2, torch.float64)
+    x, W, r, s, U, V, b = make(5, 7, 4, 2, torch.float64)
     g = torch.randn(5, 4, dtype=torch.float64)
-    opcheck(torch.ops.halrp.perturbed_linear_backward.default, (g, x, W, r, s, U, V, True, [True] * 7))
-    opcheck(torch.ops.halrp.perturbed_linear_backward.default,
-            (g, x, W, r, s, U, V, False, [False, False, True, True, False, True, False]))
+    _, c, xv = torch.ops.halrp.perturbed_linear(x, W, r, s, U, V, b, True)
+    empty = x.new_empty(0)
+    op = torch.ops.halrp.perturbed_linear_backward.default
+    opcheck(op, (g, x, W, r, s, U, V, c, xv, True, [True] * 7))
+    opcheck(op, (g, x, W, r, s, U, V, empty, empty, False, [False, False, True, True, False, True, False]))
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_saved_and_recomputed_intermediates_give_the_same_gradients(k):
+    x, W, r, s, U, V, b = make(6, 9, 5, k, torch.float64, lead=(2,))
+    g = torch.randn(2, 6, 5, dtype=torch.float64)
+    y, c, xv = torch.ops.halrp.perturbed_linear(x, W, r, s, U, V, b, True)
+    y2, c0, xv0 = torch.ops.halrp.perturbed_linear(x, W, r, s, U, V, b, False)
+    assert c.shape == (2, 6, 5) and xv.shape == (2, 6, k) and c0.numel() == 0 and xv0.numel() == 0
+    torch.testing.assert_close(y, y2)
+    needs = [True] * 7
+    saved = torch.ops.halrp.perturbed_linear_backward(g, x, W, r, s, U, V, c, xv, True, needs)
+    recomputed = torch.ops.halrp.perturbed_linear_backward(g, x, W, r, s, U, V, c0, xv0, True, needs)
+    for a, e in zip(saved, recomputed):
+        torch.testing.assert_close(a, e)
 
 
 def test_torch_compile_no_graph_break():
