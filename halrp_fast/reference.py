@@ -77,7 +77,7 @@ def _conv1x1(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, M[:, :, None, None])
 
 
-def _chan(v: torch.Tensor) -> torch.Tensor:
+def per_channel(v: torch.Tensor) -> torch.Tensor:
     """``(C,)`` → ``(C, 1, 1)``, or ``(N, C)`` → ``(N, C, 1, 1)``: broadcast over H, W."""
     return v[..., None, None]
 
@@ -229,7 +229,7 @@ def perturbed_linear_mt_backward(grad, x, task_ids, weight, R, S, U, V, c, xv, h
 # --------------------------------------------------------------------------------------------
 # conv, one task
 # --------------------------------------------------------------------------------------------
-def _pooled(x, V, kernel, stride, padding, dilation) -> torch.Tensor:
+def lowrank_pool(x, V, kernel, stride, padding, dilation) -> torch.Tensor:
     """``Σ_window(Vᵀ · x)``: ``(N, k, H_out, W_out)``; the window sum commutes with the channel mix, so it
     runs on whichever side has fewer channels (k or C_in)."""
     if V.shape[1] <= x.shape[1]:
@@ -241,14 +241,14 @@ def perturbed_conv2d(x, weight, r, s, U, V, bias, stride, padding, dilation, sav
     """``x (N, C_in, H, W)`` → ``(y (N, C_out, H_out, W_out), c (like y), pooled (N, k, H_out, W_out))``,
     the last two empty unless ``save``."""
     kernel = weight.shape[-2:]
-    c = F.conv2d(x * _chan(s), weight, None, stride, padding, dilation)
-    y = c * _chan(r) if save else c.mul_(_chan(r))
+    c = F.conv2d(x * per_channel(s), weight, None, stride, padding, dilation)
+    y = c * per_channel(r) if save else c.mul_(per_channel(r))
     pooled = None
     if U.shape[1]:
-        pooled = _pooled(x, V, kernel, stride, padding, dilation)
+        pooled = lowrank_pool(x, V, kernel, stride, padding, dilation)
         y.add_(_conv1x1(pooled, U))
     if bias is not None:
-        y.add_(_chan(bias))
+        y.add_(per_channel(bias))
     if not save:
         return y, _none_like(x), _none_like(x)
     if pooled is None:
@@ -265,21 +265,21 @@ def perturbed_conv2d_backward(grad, x, weight, r, s, U, V, c, pooled, has_bias: 
     g = grad
     c = c if is_saved(c, g.shape) else None
     pooled = pooled if is_saved(pooled, (g.shape[0], k, *g.shape[2:])) else None
-    xs = x * _chan(s)
+    xs = x * per_channel(s)
     dx = dw = dr = ds = dU = dV = db = None
     if nx or ns:
-        gxs = conv2d_input(x.shape, weight, g * _chan(r), stride, padding, dilation)
+        gxs = conv2d_input(x.shape, weight, g * per_channel(r), stride, padding, dilation)
         if ns:
             ds = (gxs * x).sum((0, 2, 3))
         if nx:
-            dx = gxs.mul_(_chan(s))
+            dx = gxs.mul_(per_channel(s))
     if nw:
-        dw = conv2d_weight(xs, weight.shape, g * _chan(r), stride, padding, dilation)
+        dw = conv2d_weight(xs, weight.shape, g * per_channel(r), stride, padding, dilation)
     if nr:
         dr = (g * (c if c is not None else F.conv2d(xs, weight, None, stride, padding, dilation))).sum((0, 2, 3))
     if nU and k:
         if pooled is None:
-            pooled = _pooled(x, V, kernel, stride, padding, dilation)
+            pooled = lowrank_pool(x, V, kernel, stride, padding, dilation)
         dU = torch.einsum("nohw,nkhw->ok", g, pooled)
     elif nU:
         dU = torch.zeros_like(U)
@@ -303,17 +303,17 @@ def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dil
     """``x (N, C_in, H, W)``, ``task_ids (N,)`` → ``(y, c, pooled)`` like :func:`perturbed_conv2d`."""
     kernel = weight.shape[-2:]
     k = U.shape[2]
-    c = F.conv2d(x * _chan(S[task_ids]), weight, None, stride, padding, dilation)
-    y = c * _chan(R[task_ids]) if save else c.mul_(_chan(R[task_ids]))
+    c = F.conv2d(x * per_channel(S[task_ids]), weight, None, stride, padding, dilation)
+    y = c * per_channel(R[task_ids]) if save else c.mul_(per_channel(R[task_ids]))
     pooled = y.new_zeros(y.shape[0], k, *y.shape[2:]) if save else None
     if k:
         for t, idx in task_groups(task_ids):
-            p = _pooled(x.index_select(0, idx), V[t], kernel, stride, padding, dilation)
+            p = lowrank_pool(x.index_select(0, idx), V[t], kernel, stride, padding, dilation)
             y.index_add_(0, idx, _conv1x1(p, U[t]))
             if save:
                 pooled.index_copy_(0, idx, p)
     if B is not None:
-        y.add_(_chan(B[task_ids]))
+        y.add_(per_channel(B[task_ids]))
     if not save:
         return y, _none_like(x), _none_like(x)
     return y, c, pooled
@@ -328,7 +328,7 @@ def perturbed_conv2d_mt_backward(grad, x, task_ids, weight, R, S, U, V, c, poole
     g, ids = grad, task_ids
     c = c if is_saved(c, g.shape) else None
     pooled = pooled if is_saved(pooled, (g.shape[0], k, *g.shape[2:])) else None
-    s_img, r_img = _chan(S[ids]), _chan(R[ids])
+    s_img, r_img = per_channel(S[ids]), per_channel(R[ids])
     xs = x * s_img
     dx = dw = dR = dS = dU = dV = dB = None
     if nx or ns:
@@ -351,7 +351,7 @@ def perturbed_conv2d_mt_backward(grad, x, task_ids, weight, R, S, U, V, c, poole
             gi, xi = g.index_select(0, idx), x.index_select(0, idx)
             if nU:
                 pi = pooled.index_select(0, idx) if pooled is not None else \
-                    _pooled(xi, V[t], kernel, stride, padding, dilation)
+                    lowrank_pool(xi, V[t], kernel, stride, padding, dilation)
                 dU[t] = torch.einsum("nohw,nkhw->ok", gi, pi)
             if nx or nV:
                 gz = window_sum_adjoint(_conv1x1(gi, U[t].T), x.shape[-2:], kernel, stride, padding, dilation)
