@@ -15,8 +15,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from _common import environment_line, markdown_table, median_ms
+
 import halrp_fast as hf
 
 

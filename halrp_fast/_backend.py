@@ -92,10 +92,12 @@ def _load_triton() -> dict[str, Callable]:
 
     if importlib.util.find_spec("triton") is None:
         raise ImportError("triton is not installed (pip install triton)")
-    from .kernels import perturbed_conv2d, perturbed_linear
+    from .kernels import perturbed_conv2d, perturbed_linear, perturbed_linear_backward
 
     return {"perturbed_linear": perturbed_linear.perturbed_linear,
             "perturbed_linear_mt": perturbed_linear.perturbed_linear_mt,
+            "perturbed_linear_backward": perturbed_linear_backward.perturbed_linear_backward,
+            "perturbed_linear_mt_backward": perturbed_linear_backward.perturbed_linear_mt_backward,
             "perturbed_conv2d": perturbed_conv2d.perturbed_conv2d,
             "perturbed_conv2d_mt": perturbed_conv2d.perturbed_conv2d_mt}
 

@@ -30,13 +30,13 @@ FUSED_RANK_MAX = 64
 
 @triton.jit
 def _perturbed_linear_fwd_kernel(
-    x_ptr, rows_ptr, tid_ptr, w_ptr, r_ptr, s_ptr, u_ptr, v_ptr, b_ptr, xv_ptr, y_ptr,
+    x_ptr, rows_ptr, tid_ptr, w_ptr, r_ptr, s_ptr, u_ptr, v_ptr, b_ptr, xv_ptr, y_ptr, c_ptr, xv_out_ptr,
     M, N, K, RANK,
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_rt, stride_st, stride_ut, stride_un, stride_ur, stride_vt, stride_vk, stride_vr, stride_bt,
     stride_xvm, stride_ym,
     HAS_TASKS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RANK: tl.constexpr, FUSE_XV: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    SAVE: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -78,6 +78,12 @@ def _perturbed_linear_fwd_kernel(
                 xv += tl.dot(xt, v, allow_tf32=ALLOW_TF32)
 
     mn = m_mask[:, None] & n_mask[None, :]
+    if SAVE:  # the unscaled base product and x V, for the backward (same layout as y / (M, RANK))
+        tl.store(c_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(c_ptr.dtype.element_ty), mask=mn)
+        if HAS_RANK and FUSE_XV:
+            if pid_n == 0:
+                tl.store(xv_out_ptr + rows[:, None] * RANK + offs_r[None, :], xv.to(xv_out_ptr.dtype.element_ty),
+                         mask=m_mask[:, None] & r_mask[None, :])
     acc *= tl.load(r_ptr + tid[:, None] * stride_rt + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
     if HAS_RANK:
         if FUSE_XV:
@@ -117,13 +123,14 @@ def _blocks(M: int, N: int, K: int, rank: int, fused: bool) -> tuple[int, int, i
 
 def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor, S: torch.Tensor, U: torch.Tensor,
                          V: torch.Tensor, B: torch.Tensor | None, task_ids: torch.Tensor | None = None,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, save: bool = False):
     """Launch the kernel.
 
     Single task (``task_ids=None``): ``x (..., in)``, ``R (out,)``, ``S (in,)``, ``U (out, k)``,
     ``V (in, k)``, ``B (out,)``.  Mixed: ``x (M, ..., in)``, ``task_ids (M,)``, banks ``R (T, out)``,
     ``S (T, in)``, ``U (T, out, k)``, ``V (T, in, k)``, ``B (T, out)``.  ``out`` (optional) receives the
-    result, shape ``(..., out)`` contiguous.
+    result, shape ``(..., out)`` contiguous.  Returns ``y``, or with ``save`` ``(y, c, xV)`` where
+    ``c = (s ⊙ x) Wᵀ`` has the shape of ``y`` and ``xV (..., k)`` uses each row's own task.
     """
     N, K = weight.shape
     lead = x.shape[:-1]
@@ -135,8 +142,10 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
         U, V = U[None], V[None]
     rank = U.shape[-1]
     y = out if out is not None else torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    c = torch.empty_like(y) if save else None
+    xv_saved = torch.empty(*lead, rank, dtype=x.dtype, device=x.device) if save else None
     if M == 0 or N == 0:
-        return y
+        return (y, c, xv_saved) if save else y
     y2 = y.view(-1, N)
     R, S = R.contiguous(), S.contiguous()
     B = None if B is None else B.contiguous()
@@ -158,24 +167,30 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _perturbed_linear_fwd_kernel[grid](
         x2, rows, tids, weight, R, S, U, V, B if B is not None else R, xv, y2,
+        c.view(-1, N) if save else y2, xv_saved.view(-1, rank) if save else y2,
         M, N, K, rank,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
         R.stride(0), S.stride(0), U.stride(0), U.stride(1), U.stride(2), V.stride(0), V.stride(1), V.stride(2),
         B.stride(0) if B is not None else 0,
         xv.stride(0), y2.stride(0),
-        HAS_TASKS=banked, HAS_BIAS=B is not None, HAS_RANK=rank > 0, FUSE_XV=fused,
+        HAS_TASKS=banked, HAS_BIAS=B is not None, HAS_RANK=rank > 0, FUSE_XV=fused, SAVE=save,
         ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
     )
-    return y
+    if save and rank and not fused:
+        xv_saved.view(-1, rank).copy_(xv)
+    return (y, c, xv_saved) if save else y
 
 
 def perturbed_linear(x, weight, r, s, U, V, bias, save=False):
-    """Provider entry for ``halrp::perturbed_linear``: ``(y, ∅, ∅)`` — the kernel keeps nothing for the
-    backward, which then recomputes ``c`` and ``x V``."""
+    """Provider entry for ``halrp::perturbed_linear``: ``(y, c, xV)``, the last two empty unless ``save``."""
+    if save:
+        return perturbed_linear_fwd(x, weight, r, s, U, V, bias, save=True)
     return perturbed_linear_fwd(x, weight, r, s, U, V, bias), x.new_empty(0), x.new_empty(0)
 
 
 def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B, save=False):
     """Provider entry for ``halrp::perturbed_linear_mt`` (see :func:`perturbed_linear`)."""
+    if save:
+        return perturbed_linear_fwd(x, weight, R, S, U, V, B, task_ids=task_ids, save=True)
     return perturbed_linear_fwd(x, weight, R, S, U, V, B, task_ids=task_ids), x.new_empty(0), x.new_empty(0)

@@ -125,3 +125,65 @@ def test_task_model_serves_mixed_batch_with_triton():
         y = model(x, ids)
         for m in range(5):
             torch.testing.assert_close(y[m:m + 1], model(x[m:m + 1], int(ids[m])), rtol=1e-4, atol=1e-4)
+
+
+def _oracle_grads(args, g, fn=linear, **kw):
+    leaves = [None if a is None else a.detach().double().requires_grad_() for a in args]
+    diff = [a for a in leaves if a is not None and a.is_floating_point()]
+    return torch.autograd.grad(fn(*leaves, **kw), diff, g.double())
+
+
+@pytest.mark.parametrize("M", [1, 7, 65])
+@pytest.mark.parametrize("k", [1, 17, 100])
+def test_backward_kernel_matches_oracle(M, k):
+    args = [a.requires_grad_() for a in (rnd(M, 13), rnd(11, 13), 1 + 0.3 * rnd(11), 1 + 0.3 * rnd(13),
+                                         0.3 * rnd(11, k), 0.3 * rnd(13, k), rnd(11))]
+    g = rnd(M, 11)
+    grads = torch.autograd.grad(hf.perturbed_linear(*args), args, g)
+    for a, e in zip(grads, _oracle_grads(args, g)):
+        assert_close(a, e, torch.float32)
+
+
+@pytest.mark.parametrize("save", [True, False])
+@pytest.mark.parametrize("needs", [[True] * 7, [True, False, False, False, False, False, False],
+                                   [False, False, True, True, False, True, False],
+                                   [False, True, False, False, True, False, True]], ids=str)
+def test_backward_op_masks_and_saved_intermediates(save, needs):
+    x, W, r, s, U, V, b = rnd(9, 13), rnd(11, 13), rnd(11), rnd(13), rnd(11, 5), rnd(13, 5), rnd(11)
+    g = rnd(9, 11)
+    _, c, xv = torch.ops.halrp.perturbed_linear(x, W, r, s, U, V, b, save)
+    assert (c.numel() > 0) == save
+    got = torch.ops.halrp.perturbed_linear_backward(g, x, W, r, s, U, V, c, xv, True, needs)
+    from halrp_fast import reference
+
+    expected = reference.perturbed_linear_backward(g, x, W, r, s, U, V, c, xv, True, needs)
+    for a, e, n in zip(got, expected, needs):
+        assert a.shape == e.shape
+        if n:
+            assert_close(a, e.double(), torch.float32)
+
+
+@pytest.mark.parametrize("k", [3, 100])
+def test_mixed_backward_matches_oracle(k):
+    ids = torch.tensor([3, 0, 2, 0, 1, 3, 3], device=DEVICE)
+    x = rnd(7, 2, 13).requires_grad_()  # two rows per sample
+    W = rnd(11, 13)
+    banks = [b.requires_grad_() for b in (1 + 0.3 * rnd(5, 11), 1 + 0.3 * rnd(5, 13), 0.3 * rnd(5, 11, k),
+                                          0.3 * rnd(5, 13, k), rnd(5, 11))]
+    g = rnd(7, 2, 11)
+    grads = torch.autograd.grad(hf.perturbed_linear_mt(x, ids, W, *banks), [x, *banks], g)
+    leaves = [a.detach().double().requires_grad_() for a in (x, *banks)]
+    ref = torch.autograd.grad(linear_mt(leaves[0], ids, W.double(), *leaves[1:]), leaves, g.double())
+    for a, e in zip(grads, ref):
+        assert_close(a, e, torch.float32)
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_opcheck_with_triton_provider(save):
+    from torch.library import opcheck
+
+    args = [a.requires_grad_() for a in (rnd(5, 7), rnd(4, 7), rnd(4), rnd(7), rnd(4, 3), rnd(7, 3), rnd(4))]
+    opcheck(torch.ops.halrp.perturbed_linear.default, (*args, save))
+    ids = torch.tensor([1, 0, 1, 1, 0], device=DEVICE)
+    banks = [b.requires_grad_() for b in (rnd(2, 4), rnd(2, 7), rnd(2, 4, 3), rnd(2, 7, 3), rnd(2, 4))]
+    opcheck(torch.ops.halrp.perturbed_linear_mt.default, (args[0], ids, args[1].detach(), *banks, save))
