@@ -28,25 +28,33 @@ def _needs_grad(*tensors) -> bool:
 def perturbed_linear(x, weight, r, s, U, V, bias=None) -> torch.Tensor:
     """``r ⊙ ((s ⊙ x) weightᵀ) + (x V) Uᵀ + bias``."""
     _checks.check_tensors(("bias",), x=x, weight=weight, r=r, s=s, U=U, V=V, bias=bias)
-    return ops.perturbed_linear(x, weight, r, s, U, V, bias, _needs_grad(x, weight, r, s, U, V, bias))[0]
+    if torch.compiler.is_compiling():
+        return ops.perturbed_linear(x, weight, r, s, U, V, bias, _needs_grad(x, weight, r, s, U, V, bias))[0]
+    return ops.eager_apply("perturbed_linear", (x, weight, r, s, U, V, bias))
 
 
 def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B=None) -> torch.Tensor:
     """Row ``m`` of ``x (M, ..., in)`` equals :func:`perturbed_linear` with task ``task_ids[m]``."""
     _checks.check_tensors(("B",), x=x, task_ids=task_ids, weight=weight, R=R, S=S, U=U, V=V, B=B)
-    return ops.perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B, _needs_grad(x, weight, R, S, U, V, B))[0]
+    if torch.compiler.is_compiling():
+        return ops.perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B, _needs_grad(x, weight, R, S, U, V, B))[0]
+    return ops.eager_apply("perturbed_linear_mt", (x, task_ids, weight, R, S, U, V, B))
 
 
 def perturbed_conv2d(x, weight, r, s, U, V, bias=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """``r ⊙ conv(s ⊙ x, weight) + U · Σ_window(Vᵀ · x) + bias`` (zero padding, groups = 1)."""
     _checks.check_tensors(("bias",), x=x, weight=weight, r=r, s=s, U=U, V=V, bias=bias)
     geo = _checks.conv_geometry(stride, padding, dilation)
-    return ops.perturbed_conv2d(x, weight, r, s, U, V, bias, _needs_grad(x, weight, r, s, U, V, bias), *geo)[0]
+    if torch.compiler.is_compiling():
+        return ops.perturbed_conv2d(x, weight, r, s, U, V, bias, _needs_grad(x, weight, r, s, U, V, bias), *geo)[0]
+    return ops.eager_apply("perturbed_conv2d", (x, weight, r, s, U, V, bias), geo)
 
 
 def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """Image ``n`` of ``x (N, C_in, H, W)`` equals :func:`perturbed_conv2d` with task ``task_ids[n]``."""
     _checks.check_tensors(("B",), x=x, task_ids=task_ids, weight=weight, R=R, S=S, U=U, V=V, B=B)
     geo = _checks.conv_geometry(stride, padding, dilation)
-    save = _needs_grad(x, weight, R, S, U, V, B)
-    return ops.perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, save, *geo)[0]
+    if torch.compiler.is_compiling():
+        save = _needs_grad(x, weight, R, S, U, V, B)
+        return ops.perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, save, *geo)[0]
+    return ops.eager_apply("perturbed_conv2d_mt", (x, task_ids, weight, R, S, U, V, B), geo)

@@ -58,8 +58,7 @@ def perturbed_linear(x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor,
                      bias: Tensor | None, save: bool) -> Outputs:
     """``r ⊙ ((s ⊙ x) weightᵀ) + (x V) Uᵀ + bias`` for ``x (..., in)`` → ``(..., out)``, and with ``save``
     ``c = (s ⊙ x) weightᵀ`` and ``x V``."""
-    _checks.check_linear(x, weight, r, s, U, V, bias)
-    return _backend.call("perturbed_linear", x.device.type, x, weight, r, s, U, V, bias, save)
+    return _forward("perturbed_linear", (x, weight, r, s, U, V, bias), (), save)
 
 
 @perturbed_linear.register_fake
@@ -108,9 +107,7 @@ perturbed_linear.register_autograd(_linear_autograd, setup_context=_setup_single
 def perturbed_linear_mt(x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor, S: Tensor, U: Tensor,
                         V: Tensor, B: Tensor | None, save: bool) -> Outputs:
     """Row ``m`` of ``x (M, ..., in)`` through task ``task_ids[m]`` of the banks → ``(M, ..., out)``."""
-    _checks.check_linear_mt(x, task_ids, weight, R, S, U, V, B)
-    _checks.check_task_id_range(task_ids, R.shape[0])
-    return _backend.call("perturbed_linear_mt", x.device.type, x, task_ids, weight, R, S, U, V, B, save)
+    return _forward("perturbed_linear_mt", (x, task_ids, weight, R, S, U, V, B), (), save)
 
 
 @perturbed_linear_mt.register_fake
@@ -173,9 +170,7 @@ def perturbed_conv2d(x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor,
                      save: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Outputs:
     """``r ⊙ conv(s ⊙ x, weight) + U · Σ_window(Vᵀ · x) + bias`` for ``x (N, C_in, H, W)``, and with
     ``save`` ``c = conv(s ⊙ x, weight)`` and ``Σ_window(Vᵀ · x)``."""
-    geo = _geometry(stride, padding, dilation)
-    _checks.check_conv(x, weight, r, s, U, V, bias, *geo)
-    return _backend.call("perturbed_conv2d", x.device.type, x, weight, r, s, U, V, bias, *geo, save)
+    return _forward("perturbed_conv2d", (x, weight, r, s, U, V, bias), _geometry(stride, padding, dilation), save)
 
 
 def _conv_fake_outputs(x, weight, k, geo, save):
@@ -224,10 +219,8 @@ def perturbed_conv2d_mt(x: Tensor, task_ids: Tensor, weight: Tensor, R: Tensor, 
                         B: Tensor | None, save: bool, stride: Sequence[int], padding: Sequence[int],
                         dilation: Sequence[int]) -> Outputs:
     """Image ``n`` of ``x (N, C_in, H, W)`` through task ``task_ids[n]`` of the banks."""
-    geo = _geometry(stride, padding, dilation)
-    _checks.check_conv_mt(x, task_ids, weight, R, S, U, V, B, *geo)
-    _checks.check_task_id_range(task_ids, R.shape[0])
-    return _backend.call("perturbed_conv2d_mt", x.device.type, x, task_ids, weight, R, S, U, V, B, *geo, save)
+    args = (x, task_ids, weight, R, S, U, V, B)
+    return _forward("perturbed_conv2d_mt", args, _geometry(stride, padding, dilation), save)
 
 
 @perturbed_conv2d_mt.register_fake
@@ -260,3 +253,58 @@ def _conv_mt_autograd(ctx, grad, _grad_base, _grad_lowrank):
 
 
 perturbed_conv2d_mt.register_autograd(_conv_mt_autograd, setup_context=_setup_mixed)
+
+
+# ============================================================================================
+# eager path
+# ============================================================================================
+# The custom ops above are what torch.compile and torch.ops callers see.  In eager mode the public
+# functions go through `eager_apply` instead: the same `_forward` (checks + provider) and the same backward
+# implementations, without the generic custom-op dispatch and autograd wrapper (measured at M = 1 on CPU:
+# 81 → 43 µs per call with autograd, 43 → 29 µs without).
+
+def _forward(name: str, args: tuple, geo: tuple, save: bool):
+    """Validate ``args`` of op ``name`` and run its provider: the body of the custom op and of the eager path."""
+    if name == "perturbed_linear":
+        _checks.check_linear(*args)
+    elif name == "perturbed_linear_mt":
+        _checks.check_linear_mt(*args)
+    elif name == "perturbed_conv2d":
+        _checks.check_conv(*args, *geo)
+    else:
+        _checks.check_conv_mt(*args, *geo)
+    if name.endswith("_mt"):
+        _checks.check_task_id_range(args[1], args[3].shape[0])
+    return _backend.call(name, args[0].device.type, *args, *geo, save)
+
+
+class _EagerOp(torch.autograd.Function):
+    """Autograd for one call of ``name`` on ``args`` (x, [task_ids,] weight, r|R, s|S, U, V, bias|B)."""
+
+    @staticmethod
+    def forward(ctx, name, geo, *args):
+        mixed = name.endswith("_mt")
+        needs = list(ctx.needs_input_grad[2:])
+        if mixed:
+            del needs[1]  # task_ids
+        y, base, lowrank = _forward(name, args, geo, save=True)
+        ctx.save_for_backward(*args[:-1], base, lowrank)
+        ctx.name, ctx.geo, ctx.mixed, ctx.needs, ctx.has_bias = name, geo, mixed, needs, args[-1] is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        grads = _backend.call(f"{ctx.name}_backward", saved[0].device.type, grad, *saved, ctx.has_bias, *ctx.geo,
+                              ctx.needs)
+        out = list(_needed(grads, ctx.needs))
+        if ctx.mixed:
+            out.insert(1, None)
+        return (None, None, *out)
+
+
+def eager_apply(name: str, args: tuple, geo: tuple = ()) -> Tensor:
+    """Run op ``name`` eagerly (``args`` as in its schema, without ``save``); autograd when needed."""
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
+        return _EagerOp.apply(name, geo, *args)
+    return _forward(name, args, geo, save=False)[0]
