@@ -5,15 +5,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import LayerSpectrum
+from ..linalg import LayerSpectrum, layer_spectra
 
 
 @dataclass
 class Allocation:
-    """``ranks[layer]`` and ``explained[layer]`` = share of the layer's ‖D‖² its kept values explain."""
+    """``ranks[layer]``; ``explained[layer]`` = share of the layer's ‖D‖² its kept values explain;
+    ``counts[layer]`` = the layer's values in the kept prefix before clamping."""
 
     ranks: dict[str, int]
     explained: dict[str, float]
+    counts: dict[str, int]
 
 
 def allocate_ranks(spectra: dict[str, LayerSpectrum], importance: dict[str, float], kernel_area: dict[str, int],
@@ -33,7 +35,8 @@ def allocate_ranks(spectra: dict[str, LayerSpectrum], importance: dict[str, floa
     if upper_rank < 1:
         raise ValueError(f"upper_rank must be ≥ 1, got {upper_rank}")
     names = list(spectra)
-    caps = {n: max(1, min(upper_rank, spectra[n].S.numel())) for n in names}
+    caps = {n: max(1, min(upper_rank, spectra[n].U.shape[0], spectra[n].V.shape[0])) for n in names}
+    counts_d = {n: caps[n] for n in names}
     if mode == "flat":
         ranks = dict(caps)
     else:
@@ -49,13 +52,43 @@ def allocate_ranks(spectra: dict[str, LayerSpectrum], importance: dict[str, floa
             above = (share > approx_rate).nonzero()
             keep = int(above[0]) + 1 if above.numel() else len(order)
             counts = torch.bincount(owner[order[:keep]], minlength=len(names))
-        ranks = {n: int(min(max(int(counts[i]), 1), caps[n])) for i, n in enumerate(names)}
+        counts_d = {n: int(counts[i]) for i, n in enumerate(names)}
+        ranks = {n: int(min(max(counts_d[n], 1), caps[n])) for n in names}
     explained = {}
     for n in names:
         e = spectra[n].energy
         kept = float(spectra[n].S[: ranks[n]].double().pow(2).sum())
         explained[n] = min(1.0, kept / e) if e > 0 else 1.0  # σ from float32 may overshoot ‖D‖² by rounding
-    return Allocation(ranks, explained)
+    return Allocation(ranks, explained, counts_d)
+
+
+def allocate_adaptive(mats: dict[str, torch.Tensor], importance: dict[str, float], kernel_area: dict[str, int],
+                      approx_rate: float, upper_rank: int, mode: str = "hessian", method: str = "rsvd", k0: int = 16,
+                      oversample: int = 10, power_iters: int = 2,
+                      generator: torch.Generator | None = None) -> tuple[dict[str, LayerSpectrum], Allocation]:
+    """Global allocation from truncated spectra, growing each layer's sketch until it is large enough.
+
+    Starting from ``k0`` values per layer, a layer whose count in the kept prefix reaches its number of
+    computed values gets twice as many (up to its full spectrum) and the allocation is redone.  Once every
+    count is below its layer's computed values, all values in the prefix are known, and with the exact
+    energies ``‖D‖_F²`` for the tails the ranks equal those of the full exact spectra (up to the accuracy of
+    the randomized values at exact ties).  ``mode="flat"`` computes ``upper_rank`` values per layer at once.
+    """
+    full = {n: min(D.shape) for n, D in mats.items()}
+    if mode == "flat":
+        k = {n: min(upper_rank, full[n]) for n in mats}
+    else:
+        k = {n: min(max(k0, 1), full[n]) for n in mats}
+    while True:
+        spectra = layer_spectra(mats, k, method, oversample, power_iters, generator)
+        alloc = allocate_ranks(spectra, importance, kernel_area, approx_rate, upper_rank, mode)
+        if mode == "flat":
+            return spectra, alloc
+        grow = [n for n in mats if alloc.counts[n] >= k[n] and k[n] < full[n]]
+        if not grow:
+            return spectra, alloc
+        for n in grow:
+            k[n] = min(2 * k[n], full[n])
 
 
 def lowrank_init(spectrum: LayerSpectrum, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,8 @@ class HALRPConfig:
 
     Ranks: ``rank_mode="hessian"`` keeps the shortest prefix of all layers' importance-weighted
     singular values explaining more than ``approx_rate``, clamped to ``[1, upper_rank]``; ``"flat"``
-    gives every layer ``upper_rank``.  Pruning after each task: ``prune`` (one of
+    gives every layer ``upper_rank``; ``svd`` picks randomized (grown until the allocation is exact) or full
+    exact SVDs of the discrepancies.  Pruning after each task: ``prune`` (one of
     :data:`~halrp_fast.continual.pruning.MODES` or None) with ``prune_value`` and the all-task bound.
     """
 
@@ -36,6 +37,7 @@ class HALRPConfig:
     approx_rate: float = 0.9
     upper_rank: int = 100
     rank_mode: str = "hessian"
+    svd: str = "rsvd"
     est_rank_epochs: int = 1
     l1: float = 1e-6
     wd: float = 1e-3
@@ -61,6 +63,8 @@ class HALRPConfig:
             raise ValueError(f"approx_rate must be in (0, 1], got {self.approx_rate}")
         if self.upper_rank < 1:
             raise ValueError(f"upper_rank must be ≥ 1, got {self.upper_rank}")
+        if self.svd not in ("rsvd", "exact"):
+            raise ValueError(f"svd must be 'rsvd' or 'exact', got {self.svd!r}")
         if self.rank_mode not in ("hessian", "flat"):
             raise ValueError(f"rank_mode must be 'hessian' or 'flat', got {self.rank_mode!r}")
         if self.l1 < 0 or self.wd < 0:

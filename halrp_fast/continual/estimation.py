@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..linalg import discrepancy, fit_scalings, layer_spectra
+from ..linalg import discrepancy, fit_scalings
 from ..nn import TaskBatchNorm, TaskModel
-from .allocation import allocate_ranks, lowrank_init
+from .allocation import allocate_adaptive, lowrank_init
 from .importance import empirical_fisher
 
 
@@ -45,13 +45,15 @@ def kernel_areas(model: TaskModel) -> dict[str, int]:
 
 def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importance_loader: Iterable,
                             approx_rate: float, upper_rank: int, rank_mode: str = "hessian",
-                            device: str = "cpu") -> Estimate:
+                            device: str = "cpu", svd: str = "rsvd",
+                            generator: torch.Generator | None = None) -> Estimate:
     """Fit task ``t`` of ``model`` to the trained ``free`` model.
 
-    Per layer: scalings ``r, s`` (least squares), discrepancy ``D``, its SVD; per layer importance
+    Per layer: scalings ``r, s`` (least squares), discrepancy ``D``, its top singular values (``svd="rsvd"``:
+    randomized, sketches grown until the allocation is exact; ``"exact"``: full SVDs); per layer importance
     (empirical Fisher of ``free`` on ``importance_loader``); global allocation; then ``r, s`` and
     ``U = U_k √Σ_k``, ``V = V_k √Σ_k`` go into task ``t``, and its biases, BatchNorm and head are taken
-    from ``free``.
+    from ``free``.  ``generator`` drives the randomized sketches (so they leave the global RNG alone).
     """
     layers = model.perturbed_layers()
     seconds = {}
@@ -67,8 +69,8 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
         r, s = fit_scalings(Wf, W)
         scalings[n] = (r, s)
         mats[n] = discrepancy(Wf, W, r, s)
-    spectra = layer_spectra(mats)
-    alloc = allocate_ranks(spectra, importance, kernel_areas(model), approx_rate, upper_rank, rank_mode)
+    spectra, alloc = allocate_adaptive(mats, importance, kernel_areas(model), approx_rate, upper_rank, rank_mode,
+                                       method=svd, generator=generator)
     seconds["svd_allocation"] = time.perf_counter() - tic
 
     with torch.no_grad():

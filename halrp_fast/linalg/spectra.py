@@ -5,12 +5,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .rsvd import rsvd
+
 
 @dataclass
 class LayerSpectrum:
-    """SVD of one layer's discrepancy ``D (out, in) = U diag(S) Vᵀ`` (descending ``S``).
+    """(Top of the) SVD of one layer's discrepancy ``D (out, in) ≈ U diag(S) Vᵀ`` (descending ``S``).
 
-    ``energy`` is ``‖D‖_F² = Σ σ_i²`` (exact even when only the top values are kept).
+    ``energy`` is ``‖D‖_F² = Σ σ_i²`` over the *whole* spectrum, exact even when ``S`` is truncated.
     """
 
     U: torch.Tensor
@@ -18,19 +20,34 @@ class LayerSpectrum:
     V: torch.Tensor
     energy: float
 
+    @property
+    def complete(self) -> bool:
+        """True when ``S`` holds every singular value."""
+        return self.S.numel() == min(self.U.shape[0], self.V.shape[0])
 
-def layer_spectra(mats: dict[str, torch.Tensor]) -> dict[str, LayerSpectrum]:
-    """Exact SVD of every matrix; matrices of one shape go through one batched ``torch.linalg.svd``."""
-    by_shape: dict[tuple[int, int], list[str]] = {}
+
+def layer_spectra(mats: dict[str, torch.Tensor], k: dict[str, int] | int | None = None, method: str = "exact",
+                  oversample: int = 10, power_iters: int = 2,
+                  generator: torch.Generator | None = None) -> dict[str, LayerSpectrum]:
+    """SVD of every matrix, one batched call per (shape, k).
+
+    ``k=None``: the full spectrum (exact).  Otherwise the top ``k`` (per layer or for all) singular
+    triplets, by randomized SVD (``method="rsvd"``) or truncated exact SVD (``"exact"``).
+    """
+    if method not in ("exact", "rsvd"):
+        raise ValueError(f"method must be 'exact' or 'rsvd', got {method!r}")
+    groups: dict[tuple, list[str]] = {}
     for name, D in mats.items():
         if D.dim() != 2:
             raise ValueError(f"{name}: expected a matrix, got shape {tuple(D.shape)}")
-        by_shape.setdefault(tuple(D.shape), []).append(name)
+        full = min(D.shape)
+        kk = full if k is None else min(full, k if isinstance(k, int) else k[name])
+        groups.setdefault((tuple(D.shape), kk), []).append(name)
     out: dict[str, LayerSpectrum] = {}
-    for names in by_shape.values():
+    for (shape, kk), names in groups.items():
         batch = torch.stack([mats[n].detach() for n in names])
-        U, S, Vh = torch.linalg.svd(batch, full_matrices=False)
+        U, S, V = rsvd(batch, kk, oversample, power_iters, generator, exact=(method == "exact" or kk == min(shape)))
         energy = batch.double().pow(2).sum((1, 2))
         for i, n in enumerate(names):
-            out[n] = LayerSpectrum(U[i], S[i], Vh[i].T, float(energy[i]))
+            out[n] = LayerSpectrum(U[i], S[i], V[i], float(energy[i]))
     return out
