@@ -28,7 +28,10 @@ def median_ms(fn, device: str = "cpu", min_run_time: float = 0.3) -> float:
         import triton.testing
 
         return float(triton.testing.do_bench(fn, return_mode="median"))
-    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    # torch.utils.benchmark.Timer runs single-threaded unless told otherwise: use the process's threads, the
+    # same as every baseline timed outside it.
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -46,9 +46,11 @@ def _rsvd_batch(A: torch.Tensor, k: int, oversample: int, power_iters: int,
     omega = torch.randn(*A.shape[:-2], n, width, generator=generator, dtype=A.dtype, device=gen_device).to(A.device)
     Q = _orth(A @ omega)
     for _ in range(power_iters):
-        Q = _orth(A @ _orth(A.mT @ Q))
-    Ub, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
-    return (Q @ Ub)[..., :k], S[..., :k], Vh[..., :k, :].mT
+        Q = _orth(A @ _orth((Q.mT @ A).mT))  # (Qᵀ A)ᵀ = Aᵀ Q without a strided GEMM over A
+    # SVD of B = Qᵀ A (l, n) through the QR of Bᵀ = Q₂ R₂: B = R₂ᵀ Q₂ᵀ, so only the l × l R₂ᵀ is decomposed.
+    Q2, R2 = torch.linalg.qr((Q.mT @ A).mT, mode="reduced")
+    Ur, S, Vrh = torch.linalg.svd(R2.mT)
+    return (Q @ Ur)[..., :k], S[..., :k], (Q2 @ Vrh.mT)[..., :k]
 
 
 def rsvd(A: torch.Tensor | Sequence[torch.Tensor], k: int, oversample: int = 10, power_iters: int = 2,

@@ -25,17 +25,20 @@ def fit_scalings(W_free: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, t
     """
     _check(W_free, W)
     Wf, Wb = W_free.detach(), W.detach()
-    row_dims = tuple(range(1, Wb.dim()))
-    r = (Wf * Wb).sum(row_dims) / (Wb * Wb).sum(row_dims).clamp_min(_EPS)
-    rW = Wb * r.view(-1, *([1] * (Wb.dim() - 1)))
-    col_dims = (0,) + tuple(range(2, Wb.dim()))
-    s = (rW * Wf).sum(col_dims) / (rW * rW).sum(col_dims).clamp_min(_EPS)
+    # With P = W ⊙ W_free and Q = W ⊙ W summed over kernel positions, both fits are reductions of P and Q:
+    # r = P 1 / Q 1 (row sums) and s = rᵀ P / (r ⊙ r)ᵀ Q (two matrix-vector products), two temporaries in all.
+    P, Q = Wb * Wf, Wb * Wb
+    if P.dim() == 4:
+        P, Q = P.sum((2, 3)), Q.sum((2, 3))
+    r = P.sum(1) / Q.sum(1).clamp_min(_EPS)
+    s = (r @ P) / ((r * r) @ Q).clamp_min(_EPS)
     return r, s
 
 
 def discrepancy(W_free: torch.Tensor, W: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``D = W_free − diag(r) W diag(s)``: ``(out, in)``; conv: averaged over the kernel positions."""
     _check(W_free, W)
-    shape = (-1, 1) + (1,) * (W.dim() - 2)
-    D = W_free.detach() - r.view(shape) * W.detach() * s.view(1, -1, *([1] * (W.dim() - 2)))
-    return D.mean((2, 3)) if D.dim() == 4 else D
+    Wf, Wb = W_free.detach(), W.detach()
+    if Wb.dim() == 4:  # D is linear in W and W_free: average over kernel positions first
+        Wf, Wb = Wf.mean((2, 3)), Wb.mean((2, 3))
+    return torch.addcmul(Wf, r[:, None] * Wb, s[None, :], value=-1)
