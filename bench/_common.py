@@ -24,6 +24,8 @@ def environment_line(device: str) -> str:
 
 def median_ms(fn, device: str = "cpu", min_run_time: float = 0.3) -> float:
     """Median wall time of ``fn()`` in milliseconds (CUDA: triton.testing.do_bench)."""
+    for _ in range(3):  # first calls on a new shape build oneDNN / cuBLAS plans: keep them out of the timing
+        fn()
     if device == "cuda":
         import triton.testing
 
