@@ -34,6 +34,10 @@ def decaying_batch(B, m, n, device, decay=0.9):
     return U @ torch.diag_embed(S.expand(B, -1)) @ V.mT
 
 
+def _max_rel_err(approx, exact):
+    return (approx - exact).abs().div(exact).max()
+
+
 def table_rsvd(device, full):
     rows = []
     batches, sides, ks = ((16, 64), (256, 1024, 4096), (16, 64)) if full else ((16,), (256, 512), (16, 64))
@@ -45,8 +49,8 @@ def table_rsvd(device, full):
                 t_loop = median_ms(lambda: [torch.linalg.svd(a, full_matrices=False) for a in A], device, 0.2)
                 t_low = median_ms(lambda: torch.svd_lowrank(A, q=k + 10, niter=2), device, 0.2)
                 t_ours = median_ms(lambda: rsvd(A, k, power_iters=2), device, 0.2)
-                err_low = ((torch.svd_lowrank(A, q=k + 10, niter=2)[1][:, :k] - exact[:, :k]).abs() / exact[:, :k]).max()
-                err_ours = ((rsvd(A, k)[1] - exact[:, :k]).abs() / exact[:, :k]).max()
+                err_low = _max_rel_err(torch.svd_lowrank(A, q=k + 10, niter=2)[1][:, :k], exact[:, :k])
+                err_ours = _max_rel_err(rsvd(A, k)[1], exact[:, :k])
                 rows.append([B, side, k, t_loop, t_low, t_ours, t_loop / t_ours, t_low / t_ours, float(err_low),
                              float(err_ours)])
     return rows

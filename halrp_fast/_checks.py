@@ -81,14 +81,19 @@ def _check_linear_core(x, weight, rows: str, min_dim: int) -> tuple[int, int]:
 def check_linear(x, weight, r, s, U, V, bias) -> None:
     """Single-task linear: x (..., in), weight (out, in), r (out,), s (in,), U (out, k), V (in, k)."""
     out, inp = _check_linear_core(x, weight, "..., ", 1)
+    _check_task_tensors(x, r, s, U, V, bias, out, inp, "out", "in")
+
+
+def _check_task_tensors(x, r, s, U, V, bias, out: int, inp: int, out_name: str, in_name: str) -> None:
+    """One task's ``r (out,)``, ``s (in,)``, ``U (out, k)``, ``V (in, k)``, ``bias (out,)`` like ``x``."""
     for name, t in (("r", r), ("s", s), ("U", U), ("V", V)):
         check_like(name, t, x)
-    check_shape("r", r, (out,), "(out,)")
-    check_shape("s", s, (inp,), "(in,)")
+    check_shape("r", r, (out,), f"({out_name},)")
+    check_shape("s", s, (inp,), f"({in_name},)")
     check_lowrank_pair(U, V, out, inp, None)
     if bias is not None:
         check_like("bias", bias, x)
-        check_shape("bias", bias, (out,), "(out,)")
+        check_shape("bias", bias, (out,), f"({out_name},)")
 
 
 def check_task_ids(task_ids: torch.Tensor, batch: int, device: torch.device) -> None:
@@ -185,14 +190,7 @@ def _check_conv_core(x, weight, stride, padding, dilation) -> tuple[int, int]:
 def check_conv(x, weight, r, s, U, V, bias, stride, padding, dilation) -> None:
     """Single-task conv: x (N, C_in, H, W), weight (C_out, C_in, kh, kw), r (C_out,), s (C_in,), U, V."""
     out, inp = _check_conv_core(x, weight, stride, padding, dilation)
-    for name, t in (("r", r), ("s", s), ("U", U), ("V", V)):
-        check_like(name, t, x)
-    check_shape("r", r, (out,), "(C_out,)")
-    check_shape("s", s, (inp,), "(C_in,)")
-    check_lowrank_pair(U, V, out, inp, None)
-    if bias is not None:
-        check_like("bias", bias, x)
-        check_shape("bias", bias, (out,), "(C_out,)")
+    _check_task_tensors(x, r, s, U, V, bias, out, inp, "C_out", "C_in")
 
 
 def check_conv_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation) -> None:

@@ -1,7 +1,31 @@
-"""Helpers shared by the Triton launchers."""
+"""Helpers shared by the Triton kernels and launchers."""
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_tile(rows_ptr, tid_ptr, pid, M, HAS_TASKS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows of M tile ``pid``: ``(mask, rows, tasks, first task, last task)``.
+
+    With tasks, positions index the launcher's task-ordered permutation (``rows_ptr``, ``tid_ptr``), so the
+    tile's tasks are the range ``[t_lo, t_hi]``; without, the rows are the positions and every task is 0.
+    """
+    pos = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = pos < M
+    if HAS_TASKS:
+        rows = tl.load(rows_ptr + pos, mask=m_mask, other=0)
+        tid = tl.load(tid_ptr + pos, mask=m_mask, other=0)
+        t_lo = tl.min(tl.where(m_mask, tid, 2147483647))
+        t_hi = tl.max(tl.where(m_mask, tid, -1))
+    else:
+        rows = pos
+        tid = tl.zeros((BLOCK_M,), dtype=tl.int64)
+        t_lo = 0
+        t_hi = 0
+    return m_mask, rows, tid, t_lo, t_hi
 
 
 def next_pow2(n: int) -> int:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, row_tasks
+from ._common import next_pow2, row_tasks, row_tile
 
 # Above this rank, an x V accumulator of BLOCK_M × rank fp32 values would spill registers (64 × 64 = 4096
 # values = 32 per thread with 4 warps), so x V comes from a separate GEMM instead.
@@ -41,18 +41,7 @@ def _perturbed_linear_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = pos < M
-    if HAS_TASKS:
-        rows = tl.load(rows_ptr + pos, mask=m_mask, other=0)
-        tid = tl.load(tid_ptr + pos, mask=m_mask, other=0)
-        t_lo = tl.min(tl.where(m_mask, tid, 2147483647))
-        t_hi = tl.max(tl.where(m_mask, tid, -1))
-    else:
-        rows = pos
-        tid = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        t_lo = 0
-        t_hi = 0
+    m_mask, rows, tid, t_lo, t_hi = row_tile(rows_ptr, tid_ptr, pid_m, M, HAS_TASKS, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, row_tasks
+from ._common import next_pow2, row_tasks, row_tile
 from .perturbed_linear import FUSED_RANK_MAX
 
 
@@ -36,18 +36,7 @@ def _perturbed_linear_dgrad_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = pos < M
-    if HAS_TASKS:
-        rows = tl.load(rows_ptr + pos, mask=m_mask, other=0)
-        tid = tl.load(tid_ptr + pos, mask=m_mask, other=0)
-        t_lo = tl.min(tl.where(m_mask, tid, 2147483647))
-        t_hi = tl.max(tl.where(m_mask, tid, -1))
-    else:
-        rows = pos
-        tid = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        t_lo = 0
-        t_hi = 0
+    m_mask, rows, tid, t_lo, t_hi = row_tile(rows_ptr, tid_ptr, pid_m, M, HAS_TASKS, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     offs_r = tl.arange(0, BLOCK_R)
