@@ -51,8 +51,8 @@ def table_rsvd(device, full):
                 t_ours = median_ms(lambda: rsvd(A, k, power_iters=2), device, 0.2)
                 err_low = _max_rel_err(torch.svd_lowrank(A, q=k + 10, niter=2)[1][:, :k], exact[:, :k])
                 err_ours = _max_rel_err(rsvd(A, k)[1], exact[:, :k])
-                rows.append([B, side, k, t_loop, t_low, t_ours, t_loop / t_ours, t_low / t_ours, float(err_low),
-                             float(err_ours)])
+                rows.append([B, side, k, t_loop, t_low, t_ours, t_loop / t_ours, t_low / t_ours,
+                             f"{float(err_low):.1e}", f"{float(err_ours):.1e}"])
     return rows
 
 
