@@ -59,7 +59,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _config_from_args(bench, args)
     torch.manual_seed(cfg.seed)
     batch = args.batch_size or bench.batch_size
-    tasks = bench.build(batch_size=batch, seed=cfg.seed, max_per_task=args.max_per_task)
+    tasks = bench.build(batch_size=batch, seed=cfg.seed, max_per_task=args.max_per_task, data_dir=args.data_dir)
     if args.tasks is not None:
         tasks = tasks[: args.tasks]
     model_name = args.model or bench.model
@@ -111,6 +111,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "
+                   "the benchmark list); nothing is downloaded")
     p.add_argument("--tasks", type=int, help="use only the first N tasks")
     p.add_argument("--max-per-task", dest="max_per_task", type=int, help="cap the training samples per task")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")

@@ -1,16 +1,23 @@
 """Named benchmarks: a task-stream builder plus the hyper-parameters that are its defaults."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .builders import class_split_stream, permuted_stream
 from .digits import permuted_digits
+from .idx import load_mnist_like
 from .stream import TaskData
+
+#: where Debian's package ``dataset-fashion-mnist`` installs the IDX files
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @dataclass
 class Benchmark:
-    """``build(batch_size, seed, max_per_task)`` → tasks; ``model`` and ``model_kwargs`` name the network;
+    """``build(batch_size, seed, max_per_task, data_dir)`` → tasks; ``model`` and ``model_kwargs`` name the network;
     ``config`` holds the :class:`~halrp_fast.continual.HALRPConfig` defaults of the benchmark."""
 
     name: str
@@ -39,11 +46,44 @@ def get(name: str) -> Benchmark:
 register(Benchmark(
     name="pdigits",
     description="permuted 8×8 digits (scikit-learn, bundled): 10 tasks × 10 classes, LeNet, no download",
-    build=lambda batch_size, seed, max_per_task=None: permuted_digits(10, batch_size, seed,
-                                                                       max_per_task=max_per_task),
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None: permuted_digits(10, batch_size, seed,
+                                                                                      max_per_task=max_per_task),
     model="lenet",
     model_kwargs={"in_channels": 1, "img_size": 8, "num_classes": 10},
     batch_size=32,
     config=dict(epochs=12, lr=1e-3, lr_decay=0.95, approx_rate=0.9, upper_rank=100, est_rank_epochs=1, l1=1e-6,
                 wd=1e-3, prune="mixAR_AllLayer", prune_value=(1e-5, 0.1), prune_bound_all_tasks=False),
+))
+
+
+def _fashion_mnist(data_dir: str | Path | None) -> dict:
+    directory = Path(data_dir or os.environ.get("HALRP_FAST_FASHION_MNIST", FASHION_MNIST_DIR))
+    try:
+        return load_mnist_like(directory, "Fashion-MNIST")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} On Debian/Ubuntu: apt-get install dataset-fashion-mnist, or pass "
+                                f"--data-dir DIR.") from None
+
+
+# The paper's PMNIST hyper-parameters (LeNet, 12 epochs, batch 128, Adam 1e-3, validation 20 %).
+_PAPER_LENET = dict(epochs=12, lr=1e-3, approx_rate=0.9, upper_rank=100, est_rank_epochs=1, l1=1e-6, wd=1e-3,
+                    prune="mixAR_AllLayer", prune_value=(1e-5, 0.40), prune_bound_all_tasks=True)
+
+register(Benchmark(
+    name="pfmnist",
+    description="permuted Fashion-MNIST: 10 tasks × 10 classes, 32×32×3, LeNet (Debian's dataset-fashion-mnist)",
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None: permuted_stream(
+        _fashion_mnist(data_dir), 10, batch_size, seed, name="pfmnist", valid_frac=0.2, max_per_task=max_per_task),
+    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=128,
+    config=dict(_PAPER_LENET),
+))
+
+register(Benchmark(
+    name="split-fmnist",
+    description="split Fashion-MNIST: 5 tasks × 2 classes, 32×32×3, LeNet (Debian's dataset-fashion-mnist)",
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None: class_split_stream(
+        _fashion_mnist(data_dir), [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], batch_size, seed, name="split-fmnist",
+        valid_frac=0.2, max_per_task=max_per_task),
+    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 2}, batch_size=128,
+    config=dict(_PAPER_LENET),
 ))
