@@ -59,13 +59,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _config_from_args(bench, args)
     torch.manual_seed(cfg.seed)
     batch = args.batch_size or bench.batch_size
-    tasks = bench.build(batch_size=batch, seed=cfg.seed, max_per_task=args.max_per_task, data_dir=args.data_dir)
+    extra = {"order": args.order} if args.order else {}
+    tasks = bench.build(batch_size=batch, seed=cfg.seed, max_per_task=args.max_per_task, data_dir=args.data_dir,
+                        **extra)
     if args.tasks is not None:
         tasks = tasks[: args.tasks]
     model_name = args.model or bench.model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"benchmark": bench.name, "model": model_name, "batch_size": batch, "command": sys.argv}
+    meta = {"benchmark": bench.name, "model": model_name, "batch_size": batch, "order": args.order,
+            "task_names": [t.name for t in tasks], "command": sys.argv}
 
     def make_learner():
         torch.manual_seed(cfg.seed)
@@ -113,6 +116,7 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "
                    "the benchmark list); nothing is downloaded")
+    p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")
     p.add_argument("--tasks", type=int, help="use only the first N tasks")
     p.add_argument("--max-per-task", dest="max_per_task", type=int, help="cap the training samples per task")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")

@@ -99,3 +99,70 @@ def test_missing_dataset_is_one_clear_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "Fashion-MNIST files not found" in err and "dataset-fashion-mnist" in err
+
+
+def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> Path:
+    import pickle
+
+    import numpy as np
+
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        fine = np.arange(n) % 100
+        coarse = fine % 20  # a synthetic coarse grouping: fine classes c, c+20, c+40, c+60, c+80
+        blob = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": fine.tolist(),
+                "coarse_labels": coarse.tolist()}
+        with open(d / split, "wb") as f:
+            pickle.dump(blob, f)
+    return root
+
+
+def test_cifar100_splits_and_orders_map_back_to_task_identity(tmp_path):
+    from halrp_fast.data.cifar import SPLIT_ORDERS, cifar100_splits, load_cifar100
+
+    data = load_cifar100(write_cifar100(tmp_path))
+    assert data["train_images"].shape == (200, 3, 32, 32)
+    for order in "AB":
+        tasks = cifar100_splits(data, batch_size=16, order=order, valid_frac=0.0)
+        assert len(tasks) == 10 and all(t.num_classes == 10 for t in tasks)
+        for pos, t in enumerate(tasks):
+            split = SPLIT_ORDERS[order][pos]
+            assert t.name == f"cifar100-split{split}"
+            # the task's test images are exactly those of classes 10·split … 10·split + 9
+            n = sum(len(y) for _, y in t.test)
+            assert n == int(((data["test_labels"] // 10) == split).sum())
+    x, y = next(iter(tasks[0].train))
+    assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and int(y.max()) < 10
+
+
+def test_cifar100_superclass_groups_by_coarse_label(tmp_path):
+    from halrp_fast.data.cifar import SUPERCLASS_ORDERS, cifar100_superclass, load_cifar100
+
+    data = load_cifar100(write_cifar100(tmp_path))
+    tasks = cifar100_superclass(data, batch_size=8, order="C", valid_frac=0.0)
+    assert len(tasks) == 20 and all(t.num_classes == 5 for t in tasks)
+    assert tasks[0].name == f"cifar100-superclass{SUPERCLASS_ORDERS['C'][0]}"
+
+
+def test_cifar100_missing_and_bad_order(tmp_path):
+    from halrp_fast.data.cifar import cifar100_splits, load_cifar100
+
+    with pytest.raises(FileNotFoundError, match="expected the python pickles 'train' and 'test'"):
+        load_cifar100(tmp_path)
+    data = load_cifar100(write_cifar100(tmp_path / "c"))
+    with pytest.raises(ValueError, match="order must be one of"):
+        cifar100_splits(data, 8, order="F")
+
+
+def test_cli_runs_cifar100_order(tmp_path):
+    from halrp_fast.cli import main
+
+    root = write_cifar100(tmp_path / "data", n_train=400, n_test=100)
+    rc = main(["run", "--benchmark", "cifar100-splits", "--data-dir", str(root), "--order", "B", "--tasks", "2",
+               "--epochs", "1", "--out", str(tmp_path / "out"), "--no-progress", "--quiet"])
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["meta"]["order"] == "B" and results["meta"]["task_names"][:2] == ["cifar100-split1",
+                                                                                    "cifar100-split7"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .builders import class_split_stream, permuted_stream
+from .cifar import cifar100_splits, cifar100_superclass, load_cifar100
 from .digits import permuted_digits
 from .idx import load_mnist_like
 from .stream import TaskData
@@ -86,4 +87,33 @@ register(Benchmark(
         valid_frac=0.2, max_per_task=max_per_task),
     model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 2}, batch_size=128,
     config=dict(_PAPER_LENET),
+))
+
+
+def _cifar100(data_dir: str | Path | None) -> dict:
+    if data_dir is None:
+        raise FileNotFoundError("CIFAR-100 needs --data-dir DIR holding the python pickles 'train' and 'test' "
+                                "(cifar-100-python); nothing is downloaded.")
+    return load_cifar100(data_dir)
+
+
+# The paper's CIFAR-100 settings (LeNet, per-iteration schedule, validation 10 %).
+_PAPER_CIFAR = dict(_PAPER_LENET, paper_schedule=True, valid_frac=0.1)
+
+register(Benchmark(
+    name="cifar100-splits",
+    description="CIFAR-100 Splits: 10 tasks × 10 classes, LeNet, task orders A–E (--order), --data-dir required",
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A": cifar100_splits(
+        _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task),
+    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=32,
+    config=dict(_PAPER_CIFAR, n_tasks=10),
+))
+
+register(Benchmark(
+    name="cifar100-superclass",
+    description="CIFAR-100 SuperClass: 20 tasks × 5 classes, LeNet, task orders A–E (--order), --data-dir required",
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A": cifar100_superclass(
+        _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task),
+    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 5}, batch_size=32,
+    config=dict(_PAPER_CIFAR, n_tasks=20),
 ))

@@ -55,16 +55,19 @@ def permuted_stream(data: dict[str, torch.Tensor], num_tasks: int, batch_size: i
 
 def class_split_stream(data: dict[str, torch.Tensor], class_order: Sequence[Sequence[int]], batch_size: int,
                        seed: int = 0, name: str = "split", img_size: int = 32, channels: int = 3,
-                       valid_frac: float = 0.1, max_per_task: int | None = None) -> list[TaskData]:
+                       valid_frac: float = 0.1, max_per_task: int | None = None,
+                       transform=None) -> list[TaskData]:
     """One task per group of ``class_order`` (explicit, e.g. ``[[0, 1], [2, 3], ...]``); labels are remapped to
-    ``0..C−1`` within each task in the order given."""
+    ``0..C−1`` within each task in the order given.  ``transform`` (default: grey images padded to ``img_size``
+    and repeated to ``channels``) turns a uint8 batch into the model's input."""
     xtr, ytr, xte, yte = _arrays(data)
     n_classes = int(max(int(ytr.max()), int(yte.max()))) + 1
     flat = [c for group in class_order for c in group]
     if len(set(flat)) != len(flat) or any(not 0 <= c < n_classes for c in flat):
         raise ValueError(f"class_order must list distinct classes in [0, {n_classes}), got {class_order}")
-    mean, std = _stats(xtr, torch.arange(len(xtr)))
-    tf = image_transform(img_size, channels, mean, std)
+    tf = transform
+    if tf is None:
+        tf = image_transform(img_size, channels, *_stats(xtr, torch.arange(len(xtr))))
     tasks = []
     for t, group in enumerate(class_order):
         label_map = torch.full((n_classes,), -1, dtype=torch.long)

@@ -59,3 +59,14 @@ def image_transform(img_size: int, channels: int, mean: float, std: float,
         return x.expand(-1, channels, -1, -1).contiguous()
 
     return apply
+
+
+def color_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 ``(B, C, H, W)`` → float, scaled to [0, 1] and standardised per channel."""
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+
+    def apply(batch: torch.Tensor) -> torch.Tensor:
+        return (batch.float() / 255.0 - m) / s
+
+    return apply

@@ -1,0 +1,97 @@
+"""CIFAR-100 from the official python pickles, and the paper's task splits and task orders A–E."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from .builders import class_split_stream
+from .stream import TaskData
+from .transforms import color_transform
+
+# Per-channel statistics of the CIFAR-100 training images (as in the paper's loaders).
+CIFAR100_MEAN, CIFAR100_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
+
+# Position p of order X trains split ORDERS[X][p]; the splits are the 10 blocks of 10 consecutive fine classes
+# (cifar100-splits) or the 20 coarse classes (cifar100-superclass).
+SPLIT_ORDERS = {
+    "A": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+    "B": [1, 7, 4, 5, 2, 0, 8, 6, 9, 3],
+    "C": [7, 0, 5, 1, 8, 4, 3, 6, 2, 9],
+    "D": [5, 8, 2, 9, 0, 4, 3, 7, 6, 1],
+    "E": [2, 9, 5, 4, 8, 0, 6, 1, 3, 7],
+}
+SUPERCLASS_ORDERS = {
+    "A": list(range(20)),
+    "B": [15, 12, 5, 9, 7, 16, 18, 17, 1, 0, 3, 8, 11, 14, 10, 6, 2, 4, 13, 19],
+    "C": [17, 1, 19, 18, 12, 7, 6, 0, 11, 15, 10, 5, 13, 3, 9, 16, 4, 14, 2, 8],
+    "D": [11, 9, 6, 5, 12, 4, 0, 10, 13, 7, 14, 3, 15, 16, 8, 1, 2, 19, 18, 17],
+    "E": [6, 14, 0, 11, 12, 17, 13, 4, 9, 1, 7, 19, 8, 10, 3, 15, 18, 5, 2, 16],
+}
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+        raise ValueError(f"cannot read CIFAR-100 pickle {path}: {exc}") from None
+
+
+def load_cifar100(directory: str | Path) -> dict[str, torch.Tensor]:
+    """``train_images (50000, 3, 32, 32) uint8``, ``train_labels``, ``train_coarse``, and the same for ``test``,
+    from the files ``train`` and ``test`` of the official ``cifar-100-python`` archive (in ``directory`` or in
+    ``directory/cifar-100-python``)."""
+    directory = Path(directory)
+    for root in (directory, directory / "cifar-100-python"):
+        if (root / "train").exists() and (root / "test").exists():
+            break
+    else:
+        raise FileNotFoundError(
+            f"CIFAR-100 not found in {directory}: expected the python pickles 'train' and 'test' of "
+            f"cifar-100-python.tar.gz in {directory} or {directory / 'cifar-100-python'}; nothing is downloaded.")
+    out = {}
+    for split in ("train", "test"):
+        d = _unpickle(root / split)
+        for key in ("data", "fine_labels", "coarse_labels"):
+            if key not in d:
+                raise ValueError(f"{root / split} lacks the field {key!r}: not a CIFAR-100 python pickle")
+        images = torch.as_tensor(d["data"], dtype=torch.uint8)
+        if images.dim() != 2 or images.shape[1] != 3072:
+            raise ValueError(f"{root / split}: data must be (N, 3072) uint8, got {tuple(images.shape)}")
+        out[f"{split}_images"] = images.view(-1, 3, 32, 32)
+        out[f"{split}_labels"] = torch.as_tensor(d["fine_labels"], dtype=torch.int64)
+        out[f"{split}_coarse"] = torch.as_tensor(d["coarse_labels"], dtype=torch.int64)
+    return out
+
+
+def _ordered(groups: list[list[int]], orders: dict[str, list[int]], order: str) -> tuple[list[list[int]], list[int]]:
+    if order not in orders:
+        raise ValueError(f"order must be one of {sorted(orders)}, got {order!r}")
+    ids = orders[order]
+    return [groups[i] for i in ids], ids
+
+
+def cifar100_splits(data: dict, batch_size: int, seed: int = 0, order: str = "A", valid_frac: float = 0.1,
+                    max_per_task: int | None = None) -> list[TaskData]:
+    """10 tasks × 10 classes (classes 10i … 10i+9 form split i), trained in task order ``order``."""
+    groups, ids = _ordered([list(range(10 * i, 10 * i + 10)) for i in range(10)], SPLIT_ORDERS, order)
+    tasks = class_split_stream(data, groups, batch_size, seed, name="cifar100", valid_frac=valid_frac,
+                               max_per_task=max_per_task, transform=color_transform(CIFAR100_MEAN, CIFAR100_STD))
+    for t, i in zip(tasks, ids, strict=True):
+        t.name = f"cifar100-split{i}"
+    return tasks
+
+
+def cifar100_superclass(data: dict, batch_size: int, seed: int = 0, order: str = "A", valid_frac: float = 0.1,
+                        max_per_task: int | None = None) -> list[TaskData]:
+    """20 tasks × 5 classes: one task per coarse class (its fine classes ascending), in task order ``order``."""
+    coarse, fine = data["train_coarse"], data["train_labels"]
+    groups = [sorted(set(fine[coarse == c].tolist())) for c in range(20)]
+    groups, ids = _ordered(groups, SUPERCLASS_ORDERS, order)
+    tasks = class_split_stream(data, groups, batch_size, seed, name="superclass", valid_frac=valid_frac,
+                               max_per_task=max_per_task, transform=color_transform(CIFAR100_MEAN, CIFAR100_STD))
+    for t, i in zip(tasks, ids, strict=True):
+        t.name = f"cifar100-superclass{i}"
+    return tasks
