@@ -47,6 +47,43 @@ def format_table(results: dict) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """One run, or one per seed (``--repeats``) and task order (``--orders``), each in its own directory."""
+    seeds = [args.seed or 0] if not args.repeats else [(args.seed or 0) + i for i in range(args.repeats)]
+    orders = list(args.orders) if args.orders else [args.order]
+    if len(seeds) == 1 and len(orders) == 1:
+        return _run_one(args)
+    base = Path(args.out)
+    for order in orders:
+        for seed in seeds:
+            sub = argparse.Namespace(**vars(args))
+            sub.order, sub.seed = order, seed
+            sub.out = str(base / "_".join(p for p in (f"order_{order}" if order else "", f"seed_{seed}") if p))
+            print(f"== {sub.out}")
+            _run_one(sub)
+    from .continual.checkpoint import atomic_write_json
+    from .report import build_report
+
+    markdown, table_csv, summary = build_report([base])
+    (base / "report.md").write_text(markdown + "\n")
+    (base / "report.csv").write_text(table_csv)
+    atomic_write_json(base / "report.json", summary)
+    print(markdown)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    markdown, table_csv, _ = build_report(args.dirs)
+    print(markdown)
+    if args.csv:
+        Path(args.csv).write_text(table_csv)
+    if args.md:
+        Path(args.md).write_text(markdown + "\n")
+    return 0
+
+
+def _run_one(args: argparse.Namespace) -> int:
     import torch
 
     from . import models
@@ -117,6 +154,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "
                    "the benchmark list); nothing is downloaded")
     p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")
+    p.add_argument("--orders", help="run several task orders, e.g. ABCDE, and report OPD / AOPD / MOPD")
+    p.add_argument("--repeats", type=int, help="run R seeds (seed, seed+1, ...) and report mean ± std")
     p.add_argument("--tasks", type=int, help="use only the first N tasks")
     p.add_argument("--max-per-task", dest="max_per_task", type=int, help="cap the training samples per task")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")
@@ -135,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run on the embedded permuted-digits stream (no download)")
     _add_run_options(demo, demo=True)
     demo.set_defaults(func=_cmd_run, benchmark="pdigits")
+    report = sub.add_parser("report", help="merge runs into one table (markdown, CSV) with mean ± std and OPD")
+    report.add_argument("dirs", nargs="+", help="run directories (searched for results.json) or results.json files")
+    report.add_argument("--csv", help="also write the table as CSV here")
+    report.add_argument("--md", help="also write the markdown here")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -166,3 +166,23 @@ def test_cli_runs_cifar100_order(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["meta"]["order"] == "B" and results["meta"]["task_names"][:2] == ["cifar100-split1",
                                                                                     "cifar100-split7"]
+
+
+def test_orders_and_repeats_give_opd_and_a_merged_report(tmp_path):
+    from halrp_fast.cli import main
+
+    root = write_cifar100(tmp_path / "data", n_train=300, n_test=100)
+    out = tmp_path / "runs"
+    rc = main(["run", "--benchmark", "cifar100-splits", "--data-dir", str(root), "--orders", "AB", "--repeats", "2",
+               "--tasks", "2", "--epochs", "1", "--max-per-task", "20", "--out", str(out), "--no-progress", "--quiet"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["order_A_seed_0", "order_A_seed_1",
+                                                                    "order_B_seed_0", "order_B_seed_1"]
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["runs"] == 4 and summary["groups"]["cifar100-splits/lenet/A"]["runs"] == 2
+    rob = summary["order_robustness"]["cifar100-splits"]
+    # orders A and B share no task among their first two (A: splits 0, 1; B: splits 1, 7) except split 1
+    assert set(rob["OPD"]) == {"cifar100-split1"}
+    assert (out / "report.csv").read_text().startswith("run,benchmark")
+    rc = main(["report", str(out / "order_A_seed_0"), str(out / "order_B_seed_0"), "--csv", str(tmp_path / "r.csv")])
+    assert rc == 0 and (tmp_path / "r.csv").exists()
