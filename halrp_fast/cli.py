@@ -97,6 +97,8 @@ def _run_one(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     batch = args.batch_size or bench.batch_size
     extra = {"order": args.order} if args.order else {}
+    if args.subset is not None:
+        extra["subset"] = args.subset
     tasks = bench.build(batch_size=batch, seed=cfg.seed, max_per_task=args.max_per_task, data_dir=args.data_dir,
                         **extra)
     if args.tasks is not None:
@@ -158,6 +160,7 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--repeats", type=int, help="run R seeds (seed, seed+1, ...) and report mean ± std")
     p.add_argument("--tasks", type=int, help="use only the first N tasks")
     p.add_argument("--max-per-task", dest="max_per_task", type=int, help="cap the training samples per task")
+    p.add_argument("--subset", type=float, help="use this fraction (0, 1] of each task's training data")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.add_argument("--quiet", action="store_true")

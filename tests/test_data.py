@@ -186,3 +186,23 @@ def test_orders_and_repeats_give_opd_and_a_merged_report(tmp_path):
     assert (out / "report.csv").read_text().startswith("run,benchmark")
     rc = main(["report", str(out / "order_A_seed_0"), str(out / "order_B_seed_0"), "--csv", str(tmp_path / "r.csv")])
     assert rc == 0 and (tmp_path / "r.csv").exists()
+
+
+def test_subset_fraction(mnist_dir):
+    data = load_mnist_like(mnist_dir)
+    full = permuted_stream(data, 1, batch_size=8, valid_frac=0.25)
+    half = permuted_stream(data, 1, batch_size=8, valid_frac=0.25, subset=0.5)
+    assert full[0].train.dataset_size == 45 and half[0].train.dataset_size == 22
+    assert set(half[0].train.indices.tolist()) <= set(range(60))
+    with pytest.raises(ValueError, match=r"subset must be in \(0, 1\]"):
+        permuted_stream(data, 1, batch_size=8, subset=0.0)
+
+
+def test_pmnist_needs_a_data_dir(tmp_path, mnist_dir, capsys):
+    from halrp_fast.cli import main
+
+    assert main(["run", "--benchmark", "pmnist", "--out", str(tmp_path / "o")]) == 2
+    assert "PMNIST needs --data-dir" in capsys.readouterr().err
+    rc = main(["run", "--benchmark", "pmnist", "--data-dir", str(mnist_dir), "--tasks", "2", "--epochs", "1",
+               "--subset", "0.5", "--out", str(tmp_path / "p"), "--no-progress", "--quiet"])
+    assert rc == 0

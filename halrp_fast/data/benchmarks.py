@@ -47,8 +47,8 @@ def get(name: str) -> Benchmark:
 register(Benchmark(
     name="pdigits",
     description="permuted 8×8 digits (scikit-learn, bundled): 10 tasks × 10 classes, LeNet, no download",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None: permuted_digits(10, batch_size, seed,
-                                                                                      max_per_task=max_per_task),
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None, subset=1.0: permuted_digits(
+        10, batch_size, seed, max_per_task=max_per_task, subset=subset),
     model="lenet",
     model_kwargs={"in_channels": 1, "img_size": 8, "num_classes": 10},
     batch_size=32,
@@ -73,8 +73,27 @@ _PAPER_LENET = dict(epochs=12, lr=1e-3, approx_rate=0.9, upper_rank=100, est_ran
 register(Benchmark(
     name="pfmnist",
     description="permuted Fashion-MNIST: 10 tasks × 10 classes, 32×32×3, LeNet (Debian's dataset-fashion-mnist)",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None: permuted_stream(
-        _fashion_mnist(data_dir), 10, batch_size, seed, name="pfmnist", valid_frac=0.2, max_per_task=max_per_task),
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None, subset=1.0: permuted_stream(
+        _fashion_mnist(data_dir), 10, batch_size, seed, name="pfmnist", valid_frac=0.2, max_per_task=max_per_task,
+        subset=subset),
+    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=128,
+    config=dict(_PAPER_LENET),
+))
+
+def _mnist(data_dir: str | Path | None) -> dict:
+    if data_dir is None:
+        raise FileNotFoundError("PMNIST needs --data-dir DIR holding the four MNIST IDX files (train-images-idx3-ubyte"
+                                ", train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally "
+                                ".gz); nothing is downloaded.")
+    return load_mnist_like(data_dir, "MNIST")
+
+
+register(Benchmark(
+    name="pmnist",
+    description="permuted MNIST: 10 tasks × 10 classes, 32×32×3, LeNet (MNIST IDX files in --data-dir)",
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None, subset=1.0: permuted_stream(
+        _mnist(data_dir), 10, batch_size, seed, name="pmnist", valid_frac=0.2, max_per_task=max_per_task,
+        subset=subset),
     model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=128,
     config=dict(_PAPER_LENET),
 ))
@@ -82,9 +101,9 @@ register(Benchmark(
 register(Benchmark(
     name="split-fmnist",
     description="split Fashion-MNIST: 5 tasks × 2 classes, 32×32×3, LeNet (Debian's dataset-fashion-mnist)",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None: class_split_stream(
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None, subset=1.0: class_split_stream(
         _fashion_mnist(data_dir), [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]], batch_size, seed, name="split-fmnist",
-        valid_frac=0.2, max_per_task=max_per_task),
+        valid_frac=0.2, max_per_task=max_per_task, subset=subset),
     model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 2}, batch_size=128,
     config=dict(_PAPER_LENET),
 ))
@@ -103,8 +122,8 @@ _PAPER_CIFAR = dict(_PAPER_LENET, paper_schedule=True, valid_frac=0.1)
 register(Benchmark(
     name="cifar100-splits",
     description="CIFAR-100 Splits: 10 tasks × 10 classes, LeNet, task orders A–E (--order), --data-dir required",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A": cifar100_splits(
-        _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task),
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A", subset=1.0: cifar100_splits(
+        _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task, subset=subset),
     model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=32,
     config=dict(_PAPER_CIFAR, n_tasks=10),
 ))
@@ -112,8 +131,8 @@ register(Benchmark(
 register(Benchmark(
     name="cifar100-superclass",
     description="CIFAR-100 SuperClass: 20 tasks × 5 classes, LeNet, task orders A–E (--order), --data-dir required",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A": cifar100_superclass(
-        _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task),
+    build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A", subset=1.0: cifar100_superclass(
+        _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task, subset=subset),
     model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 5}, batch_size=32,
     config=dict(_PAPER_CIFAR, n_tasks=20),
 ))

@@ -22,16 +22,20 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 
 def permuted_digits(num_tasks: int = 10, batch_size: int = 32, seed: int = 0,
                     fractions: tuple[float, float, float] = (0.6, 0.1, 0.3), max_per_task: int | None = None,
-                    normalize: bool = True) -> list[TaskData]:
+                    normalize: bool = True, subset: float = 1.0) -> list[TaskData]:
     """``num_tasks`` tasks of 10 classes; task ``t`` applies permutation ``t`` to the 64 pixels (task 0 too).
 
     The train / val / test split (``fractions``) is fixed by ``seed`` and shared by all tasks;
-    ``max_per_task`` caps the training samples.  Inputs are standardised with the training mean/std.
+    ``subset`` keeps that fraction of the training samples and ``max_per_task`` caps them.  Inputs are
+    standardised with the training mean/std.
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
     x, y = load_digits_tensors()
     train_idx, val_idx, test_idx = split_indices(len(x), fractions, seed)
+    if not 0 < subset <= 1:
+        raise ValueError(f"subset must be in (0, 1], got {subset}")
+    train_idx = train_idx[: max(1, int(-(-subset * len(train_idx) // 1)))]
     if max_per_task is not None:
         train_idx = train_idx[:max_per_task]
     if normalize:
