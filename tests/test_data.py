@@ -206,3 +206,73 @@ def test_pmnist_needs_a_data_dir(tmp_path, mnist_dir, capsys):
     rc = main(["run", "--benchmark", "pmnist", "--data-dir", str(mnist_dir), "--tasks", "2", "--epochs", "1",
                "--subset", "0.5", "--out", str(tmp_path / "p"), "--no-progress", "--quiet"])
     assert rc == 0
+
+
+def _png_folder(root: Path, classes: list[str], n: int, size: tuple[int, int], mode: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            shape = (*size[::-1], 3) if mode == "RGB" else size[::-1]
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
+
+
+def test_five_datasets_from_every_file_format(tmp_path, mnist_dir):
+    import pickle
+    import shutil
+
+    import numpy as np
+    from scipy.io import savemat
+
+    from halrp_fast.data.multi import five_datasets
+
+    root = tmp_path / "five"
+    rng = np.random.default_rng(0)
+    c10 = root / "cifar10" / "cifar-10-batches-py"
+    c10.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(c10 / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(range(10))}, f)
+    for sub in ("mnist", "fashion_mnist"):
+        (root / sub).mkdir()
+        for f in mnist_dir.glob("*-ubyte*"):
+            shutil.copy(f, root / sub / f.name)
+    (root / "svhn").mkdir()
+    for split in ("train", "test"):
+        savemat(root / "svhn" / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, 20), dtype=np.uint8),
+                                                       "y": (np.arange(20) % 10 + 1).reshape(-1, 1)})
+        _png_folder(root / "notmnist" / split, list("ABCDEFGHIJ"), 2, (28, 28), "L")
+    tasks = five_datasets(root, batch_size=8, max_per_task=16)
+    assert [t.name for t in tasks] == ["cifar10", "mnist", "svhn", "fashion_mnist", "notmnist"]
+    for t in tasks:
+        x, y = next(iter(t.train))
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and 0 <= int(y.min()) and int(y.max()) < 10
+    assert set(torch.cat([y for _, y in tasks[2].test]).tolist()) == set(range(10))  # SVHN's label 10 is digit 0
+
+
+def test_tinyimagenet_folder_layout(tmp_path):
+    from halrp_fast.data.multi import load_tinyimagenet, tinyimagenet_stream
+
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = [f"n{i:08d}" for i in range(4)]
+    root.mkdir()
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for w in wnids:
+        _png_folder(root / "train" / w, ["images"], 3, (64, 64), "RGB")
+        for p in (root / "train" / w / "images").iterdir():
+            p.rename(p.with_suffix(".JPEG"))
+    _png_folder(root / "val", ["images"], 8, (64, 64), "RGB")
+    lines = [f"{i}.png\t{wnids[i % 4]}\t0\t0\t1\t1" for i in range(8)]
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    data = load_tinyimagenet(tmp_path)
+    assert data["train_images"].shape == (12, 3, 64, 64) and data["test_labels"].tolist() == [0, 1, 2, 3] * 2
+    tasks = tinyimagenet_stream(data, 2, batch_size=4, valid_frac=0.0)
+    assert [t.num_classes for t in tasks] == [2, 2]
+    assert set(torch.cat([y for _, y in tasks[1].test]).tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="do not split into 3 equal tasks"):
+        tinyimagenet_stream(data, 3, batch_size=4)
+    with pytest.raises(FileNotFoundError, match="TinyImageNet not found"):
+        load_tinyimagenet(tmp_path / "nothing")

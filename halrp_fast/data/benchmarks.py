@@ -10,6 +10,7 @@ from .builders import class_split_stream, permuted_stream
 from .cifar import cifar100_splits, cifar100_superclass, load_cifar100
 from .digits import permuted_digits
 from .idx import load_mnist_like
+from .multi import five_datasets, load_tinyimagenet, tinyimagenet_stream
 from .stream import TaskData
 
 #: where Debian's package ``dataset-fashion-mnist`` installs the IDX files
@@ -57,8 +58,12 @@ register(Benchmark(
 ))
 
 
+def _fashion_dir(data_dir: str | Path | None = None) -> Path:
+    return Path(data_dir or os.environ.get("HALRP_FAST_FASHION_MNIST", FASHION_MNIST_DIR))
+
+
 def _fashion_mnist(data_dir: str | Path | None) -> dict:
-    directory = Path(data_dir or os.environ.get("HALRP_FAST_FASHION_MNIST", FASHION_MNIST_DIR))
+    directory = _fashion_dir(data_dir)
     try:
         return load_mnist_like(directory, "Fashion-MNIST")
     except FileNotFoundError as exc:
@@ -136,3 +141,38 @@ register(Benchmark(
     model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 5}, batch_size=32,
     config=dict(_PAPER_CIFAR, n_tasks=20),
 ))
+
+
+def _need(data_dir, what: str):
+    if data_dir is None:
+        raise FileNotFoundError(f"this benchmark needs --data-dir DIR holding {what}; nothing is downloaded.")
+    return data_dir
+
+
+def _five(batch_size, seed, max_per_task=None, data_dir=None, subset=1.0):
+    root = Path(_need(data_dir, "cifar10/, mnist/, svhn/, fashion_mnist/ and notmnist/"))
+    fashion = None if (root / "fashion_mnist").exists() else _fashion_dir()
+    return five_datasets(root, batch_size, seed, max_per_task, subset, fashion_dir=fashion)
+
+
+# The paper's 5-Datasets (AlexNet) and TinyImageNet settings, from the authors' scripts.
+_PAPER_FIVE = dict(_PAPER_LENET, wd=1e-4)
+_PAPER_TINY = dict(_PAPER_LENET, epochs=50, wd=5e-4, l1=1e-5, est_rank_epochs=25)
+
+register(Benchmark(
+    name="five-datasets",
+    description="5-Datasets: CIFAR-10, MNIST, SVHN, Fashion-MNIST, notMNIST as 5 tasks, 32×32×3, AlexNet",
+    build=_five, model="alexnet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10},
+    batch_size=128, config=dict(_PAPER_FIVE),
+))
+
+for _n in (20, 40):
+    register(Benchmark(
+        name=f"tinyimagenet-{_n}",
+        description=f"TinyImageNet-200 split into {_n} tasks, 64×64, AlexNet (tiny-imagenet-200 in --data-dir)",
+        build=lambda batch_size, seed, max_per_task=None, data_dir=None, subset=1.0, _n=_n: tinyimagenet_stream(
+            load_tinyimagenet(_need(data_dir, "tiny-imagenet-200/")), _n, batch_size, seed,
+            max_per_task=max_per_task, subset=subset),
+        model="alexnet", model_kwargs={"in_channels": 3, "img_size": 64, "num_classes": 200 // _n}, batch_size=32,
+        config=dict(_PAPER_TINY),
+    ))
