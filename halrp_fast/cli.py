@@ -1,4 +1,4 @@
-"""``halrp-fast`` command line: ``env``, ``run``, ``demo``."""
+"""``halrp-fast`` command line: ``env``, ``run``, ``demo``, ``report``."""
 from __future__ import annotations
 
 import argparse
@@ -60,26 +60,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
             sub.out = str(base / "_".join(p for p in (f"order_{order}" if order else "", f"seed_{seed}") if p))
             print(f"== {sub.out}")
             _run_one(sub)
-    from .continual.checkpoint import atomic_write_json
+    from .continual.checkpoint import atomic_write_bytes, atomic_write_json
     from .report import build_report
 
     markdown, table_csv, summary = build_report([base])
-    (base / "report.md").write_text(markdown + "\n")
-    (base / "report.csv").write_text(table_csv)
+    atomic_write_bytes(base / "report.md", (markdown + "\n").encode())
+    atomic_write_bytes(base / "report.csv", table_csv.encode())
     atomic_write_json(base / "report.json", summary)
     print(markdown)
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .continual.checkpoint import atomic_write_bytes
     from .report import build_report
 
     markdown, table_csv, _ = build_report(args.dirs)
     print(markdown)
     if args.csv:
-        Path(args.csv).write_text(table_csv)
+        atomic_write_bytes(Path(args.csv), table_csv.encode())
     if args.md:
-        Path(args.md).write_text(markdown + "\n")
+        atomic_write_bytes(Path(args.md), (markdown + "\n").encode())
     return 0
 
 
