@@ -1,23 +1,12 @@
 """Triton conv epilogue (HALRP_FAST_BACKEND=triton) against the float64 oracle, in the interpreter or on a GPU."""
-import os
-
 import pytest
 import torch
 from oracle import assert_close, conv, conv_mt
+from triton_env import DEVICE, INTERPRETED, use_triton  # noqa: F401  (autouse fixture)
 
 import halrp_fast as hf
 
-triton = pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(autouse=True)
-def _use_triton(monkeypatch):
-    monkeypatch.setenv("HALRP_FAST_BACKEND", "triton")
-    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def rnd(*shape):

@@ -3,25 +3,14 @@
 Runs on the CPU in the Triton interpreter (TRITON_INTERPRET=1, set by the README's test command) or on a
 GPU; skipped when neither is possible.
 """
-import os
-
 import pytest
 import torch
 from oracle import assert_close, assert_low_precision, linear, linear_mt
+from triton_env import DEVICE, INTERPRETED, use_triton  # noqa: F401  (autouse fixture)
 
 import halrp_fast as hf
 
-triton = pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 pytestmark = pytest.mark.triton
-
-
-@pytest.fixture(autouse=True)
-def _use_triton(monkeypatch):
-    monkeypatch.setenv("HALRP_FAST_BACKEND", "triton")
-    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def rnd(*shape, dtype=torch.float32):
@@ -65,7 +54,6 @@ def test_strided_inputs():
     assert_close(hf.perturbed_linear(*args), linear(*args), torch.float32)
 
 
-INTERPRETED = DEVICE == "cpu"
 BF16_IN_INTERPRETER = pytest.mark.skipif(
     INTERPRETED, reason="the Triton interpreter computes bfloat16 on raw uint16 bits (triton-lang/triton#11584); "
                         "the same kernel code is checked in float16 here and in bfloat16 on a GPU")

@@ -66,23 +66,28 @@ def load_cifar100(directory: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _ordered(groups: list[list[int]], orders: dict[str, list[int]], order: str) -> tuple[list[list[int]], list[int]]:
+def _ordered_stream(data: dict, groups: list[list[int]], orders: dict[str, list[int]], order: str, prefix: str,
+                    batch_size: int, seed: int, valid_frac: float, max_per_task: int | None,
+                    subset: float) -> list[TaskData]:
+    """Tasks for ``groups`` trained in ``orders[order]`` (position p trains group ``orders[order][p]``), each
+    named ``prefix`` + its group id so that results map back to task identity."""
     if order not in orders:
         raise ValueError(f"order must be one of {sorted(orders)}, got {order!r}")
     ids = orders[order]
-    return [groups[i] for i in ids], ids
+    tasks = class_split_stream(data, [groups[i] for i in ids], batch_size, seed, name=prefix, valid_frac=valid_frac,
+                               max_per_task=max_per_task, transform=color_transform(CIFAR100_MEAN, CIFAR100_STD),
+                               subset=subset)
+    for t, i in zip(tasks, ids, strict=True):
+        t.name = f"{prefix}{i}"
+    return tasks
 
 
 def cifar100_splits(data: dict, batch_size: int, seed: int = 0, order: str = "A", valid_frac: float = 0.1,
                     max_per_task: int | None = None, subset: float = 1.0) -> list[TaskData]:
     """10 tasks × 10 classes (classes 10i … 10i+9 form split i), trained in task order ``order``."""
-    groups, ids = _ordered([list(range(10 * i, 10 * i + 10)) for i in range(10)], SPLIT_ORDERS, order)
-    tasks = class_split_stream(data, groups, batch_size, seed, name="cifar100", valid_frac=valid_frac,
-                               max_per_task=max_per_task, transform=color_transform(CIFAR100_MEAN, CIFAR100_STD),
-                               subset=subset)
-    for t, i in zip(tasks, ids, strict=True):
-        t.name = f"cifar100-split{i}"
-    return tasks
+    groups = [list(range(10 * i, 10 * i + 10)) for i in range(10)]
+    return _ordered_stream(data, groups, SPLIT_ORDERS, order, "cifar100-split", batch_size, seed, valid_frac,
+                           max_per_task, subset)
 
 
 def cifar100_superclass(data: dict, batch_size: int, seed: int = 0, order: str = "A", valid_frac: float = 0.1,
@@ -90,10 +95,5 @@ def cifar100_superclass(data: dict, batch_size: int, seed: int = 0, order: str =
     """20 tasks × 5 classes: one task per coarse class (its fine classes ascending), in task order ``order``."""
     coarse, fine = data["train_coarse"], data["train_labels"]
     groups = [sorted(set(fine[coarse == c].tolist())) for c in range(20)]
-    groups, ids = _ordered(groups, SUPERCLASS_ORDERS, order)
-    tasks = class_split_stream(data, groups, batch_size, seed, name="superclass", valid_frac=valid_frac,
-                               max_per_task=max_per_task, transform=color_transform(CIFAR100_MEAN, CIFAR100_STD),
-                               subset=subset)
-    for t, i in zip(tasks, ids, strict=True):
-        t.name = f"cifar100-superclass{i}"
-    return tasks
+    return _ordered_stream(data, groups, SUPERCLASS_ORDERS, order, "cifar100-superclass", batch_size, seed,
+                           valid_frac, max_per_task, subset)
