@@ -1,14 +1,7 @@
 """Parameter accounting: the paper's count and the bytes really stored per task."""
 from __future__ import annotations
 
-import torch
-
 from ..nn import TaskModel
-
-
-def _task_tensors(model: TaskModel, t: int) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer stored for task ``t`` (task 0: everything else), by state-dict key."""
-    return model.task_state_dict(t)
 
 
 def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, int]:
@@ -38,8 +31,7 @@ def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, in
 def stored_bytes(model: TaskModel) -> dict[str, int]:
     """Bytes of every tensor stored per task (parameters and buffers, as held in memory)."""
     out = {}
-    for t in range(model.num_tasks):
-        out["base" if t == 0 else f"task_{t}"] = sum(v.numel() * v.element_size()
-                                                      for v in _task_tensors(model, t).values())
+    for t, tensors in model.split_state_dict().items():  # one split for all tasks
+        out["base" if t == 0 else f"task_{t}"] = sum(v.numel() * v.element_size() for v in tensors.values())
     out["total"] = sum(out.values())
     return out

@@ -110,23 +110,28 @@ class TaskModel(nn.Module):
         self._check_task(task)
         return {name: m.rank(task) for name, m in self.perturbed_layers().items()}
 
-    def task_of_state_key(self, key: str) -> int:
-        """The task owning ``key`` of ``self.state_dict()`` (0: the base and everything shared)."""
+    def task_of_state_key(self, key: str, modules: dict[str, TaskModule] | None = None) -> int:
+        """The task owning ``key`` of ``self.state_dict()`` (0: the base and everything shared).
+
+        ``modules``: :meth:`task_modules`, when the caller already has it (one traversal for many keys).
+        """
         if not key.startswith("model."):
             return 0
-        rest = key[len("model."):]
-        best = None
-        for name, m in self.task_modules().items():
-            if rest.startswith(name + ".") and (best is None or len(name) > len(best[0])):
-                best = (name, m)
-        return 0 if best is None else best[1].task_of_key(rest[len(best[0]) + 1:])
+        modules = self.task_modules() if modules is None else modules
+        parts = key[len("model."):].split(".")
+        for i in range(len(parts) - 1, 0, -1):  # the longest module-name prefix of the key owns it
+            owner = modules.get(".".join(parts[:i]))
+            if owner is not None:
+                return owner.task_of_key(".".join(parts[i:]))
+        return 0
 
     def split_state_dict(self) -> dict[int, dict[str, torch.Tensor]]:
         """``self.state_dict()`` split by owning task (the extra state is left out)."""
+        modules = self.task_modules()
         parts: dict[int, dict[str, torch.Tensor]] = {t: {} for t in range(self.num_tasks)}
         for key, value in self.state_dict().items():
             if isinstance(value, torch.Tensor):
-                parts[self.task_of_state_key(key)][key] = value
+                parts[self.task_of_state_key(key, modules)][key] = value
         return parts
 
     def task_state_dict(self, t: int) -> dict[str, torch.Tensor]:
