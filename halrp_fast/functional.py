@@ -20,16 +20,16 @@ import torch
 from . import _checks, ops
 
 
-def _needs_grad(*tensors) -> bool:
-    """Save the backward's intermediates only when autograd will run a backward."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _traced(op, args: tuple, geo: tuple = ()) -> torch.Tensor:
+    """Under torch.compile: the registered op (no graph break), saving intermediates when a backward follows."""
+    return op(*args, ops.needs_grad(args), *geo)[0]
 
 
 def perturbed_linear(x, weight, r, s, U, V, bias=None) -> torch.Tensor:
     """``r ⊙ ((s ⊙ x) weightᵀ) + (x V) Uᵀ + bias``."""
     _checks.check_tensors(("bias",), x=x, weight=weight, r=r, s=s, U=U, V=V, bias=bias)
     if torch.compiler.is_compiling():
-        return ops.perturbed_linear(x, weight, r, s, U, V, bias, _needs_grad(x, weight, r, s, U, V, bias))[0]
+        return _traced(ops.perturbed_linear, (x, weight, r, s, U, V, bias))
     return ops.eager_apply("perturbed_linear", (x, weight, r, s, U, V, bias))
 
 
@@ -37,7 +37,7 @@ def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B=None) -> torch.Tensor
     """Row ``m`` of ``x (M, ..., in)`` equals :func:`perturbed_linear` with task ``task_ids[m]``."""
     _checks.check_tensors(("B",), x=x, task_ids=task_ids, weight=weight, R=R, S=S, U=U, V=V, B=B)
     if torch.compiler.is_compiling():
-        return ops.perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B, _needs_grad(x, weight, R, S, U, V, B))[0]
+        return _traced(ops.perturbed_linear_mt, (x, task_ids, weight, R, S, U, V, B))
     return ops.eager_apply("perturbed_linear_mt", (x, task_ids, weight, R, S, U, V, B))
 
 
@@ -46,7 +46,7 @@ def perturbed_conv2d(x, weight, r, s, U, V, bias=None, stride=1, padding=0, dila
     _checks.check_tensors(("bias",), x=x, weight=weight, r=r, s=s, U=U, V=V, bias=bias)
     geo = _checks.conv_geometry(stride, padding, dilation)
     if torch.compiler.is_compiling():
-        return ops.perturbed_conv2d(x, weight, r, s, U, V, bias, _needs_grad(x, weight, r, s, U, V, bias), *geo)[0]
+        return _traced(ops.perturbed_conv2d, (x, weight, r, s, U, V, bias), geo)
     return ops.eager_apply("perturbed_conv2d", (x, weight, r, s, U, V, bias), geo)
 
 
@@ -55,6 +55,5 @@ def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B=None, stride=1, paddi
     _checks.check_tensors(("B",), x=x, task_ids=task_ids, weight=weight, R=R, S=S, U=U, V=V, B=B)
     geo = _checks.conv_geometry(stride, padding, dilation)
     if torch.compiler.is_compiling():
-        save = _needs_grad(x, weight, R, S, U, V, B)
-        return ops.perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, save, *geo)[0]
+        return _traced(ops.perturbed_conv2d_mt, (x, task_ids, weight, R, S, U, V, B), geo)
     return ops.eager_apply("perturbed_conv2d_mt", (x, task_ids, weight, R, S, U, V, B), geo)

@@ -303,8 +303,13 @@ class _EagerOp(torch.autograd.Function):
         return (None, None, *out)
 
 
+def needs_grad(tensors) -> bool:
+    """True when autograd will run a backward through a call on ``tensors`` (``None`` entries allowed)."""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
 def eager_apply(name: str, args: tuple, geo: tuple = ()) -> Tensor:
     """Run op ``name`` eagerly (``args`` as in its schema, without ``save``); autograd when needed."""
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args):
+    if needs_grad(args):
         return _EagerOp.apply(name, geo, *args)
     return _forward(name, args, geo, save=False)[0]
