@@ -1,8 +1,10 @@
 """halrp_fast: Hessian-Aware Low-Rank Perturbation continual learning with fused kernels.
 
-Importing the package registers the ``halrp::`` ops; it never imports Triton.
+Importing the package registers the ``halrp::`` ops and loads the compiled extension ``halrp_fast._C`` when it
+is built (see :mod:`halrp_fast._ext`); it never imports Triton.
 """
 from . import (
+    _ext,
     data,
     metrics,
     models,
@@ -14,6 +16,8 @@ from ._version import __version__
 from .continual import HALRPConfig, HALRPLearner
 from .functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
 from .nn import TaskModel, convert
+
+_ext.load()  # the compiled kernels register with the halrp ops when the extension is built
 
 
 def env_report() -> str:

@@ -30,6 +30,7 @@ OPS = (
     "perturbed_conv2d_backward",
     "perturbed_conv2d_mt",
     "perturbed_conv2d_mt_backward",
+    "fit_scalings",
 )
 
 
@@ -114,6 +115,17 @@ register_provider(
     )
 )
 
+# The compiled extension (halrp_fast._C): its C++ CPU kernels serve CPU tensors in auto mode; its CUDA kernels
+# serve only when HALRP_FAST_BACKEND=cuda_ext names them (Triton is the measured default on CUDA).
+def _load_compiled(device_type: str) -> dict[str, Callable]:
+    from . import _ext
+
+    return _ext.provider_impls(device_type, OPS)
+
+
+register_provider(Provider(name="cpp", devices=("cpu",), load=lambda: _load_compiled("cpu"), priority=5))
+register_provider(Provider(name="cuda_ext", devices=("cuda",), load=lambda: _load_compiled("cuda"), priority=5,
+                           auto=False))
 
 
 def requested() -> str:

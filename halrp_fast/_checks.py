@@ -111,7 +111,7 @@ def check_task_id_range(task_ids: torch.Tensor, num_tasks: int) -> None:
     """Value check (real kernels only): every id in ``[0, num_tasks)``."""
     if task_ids.numel() == 0:
         return
-    lo, hi = int(task_ids.min()), int(task_ids.max())
+    lo, hi = torch.stack(torch.aminmax(task_ids)).tolist()  # one reduction, one device sync
     if lo < 0 or hi >= num_tasks:
         bad = lo if lo < 0 else hi
         raise ValueError(f"task_ids must lie in [0, {num_tasks}) (the size of the task banks), found {bad}")
@@ -197,6 +197,16 @@ def check_conv_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation)
     out, inp = _check_conv_core(x, weight, stride, padding, dilation)
     check_task_ids(task_ids, x.shape[0], x.device)
     _check_banks(x, R, S, U, V, B, out, inp)
+
+
+def check_scalings(W_free, W) -> None:
+    """``W`` a linear ``(out, in)`` or conv ``(out, in, kh, kw)`` weight; ``W_free`` like it."""
+    check_floating("W", W)
+    check_like("W_free", W_free, W, "W")
+    if W.dim() not in (2, 4):
+        raise ValueError(f"W must be a linear (out, in) or conv (out, in, kh, kw) weight, got {_desc(W)}")
+    if W_free.shape != W.shape:
+        raise ValueError(f"W_free must have the shape of W {tuple(W.shape)}, got {_desc(W_free)}")
 
 
 def check_grad_mask(needs: Sequence[bool], n: int) -> None:

@@ -256,6 +256,22 @@ perturbed_conv2d_mt.register_autograd(_conv_mt_autograd, setup_context=_setup_mi
 
 
 # ============================================================================================
+# least-squares scalings (rank estimation)
+# ============================================================================================
+@torch.library.custom_op(f"{_LIB}::fit_scalings", mutates_args=())
+def fit_scalings(W_free: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """``r (out,)``, ``s (in,)`` of the least-squares fit ``W_free ≈ diag(r) W diag(s)`` (no autograd)."""
+    _checks.check_scalings(W_free, W)
+    return _backend.call("fit_scalings", W.device.type, W_free, W)
+
+
+@fit_scalings.register_fake
+def _(W_free, W):
+    _checks.check_scalings(W_free, W)
+    return W.new_empty(W.shape[0]), W.new_empty(W.shape[1])
+
+
+# ============================================================================================
 # eager path
 # ============================================================================================
 # The custom ops above are what torch.compile and torch.ops callers see.  In eager mode the public

@@ -96,6 +96,25 @@ def merge_conv_weight(weight, r, s, U, V) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# least-squares scalings
+# --------------------------------------------------------------------------------------------
+_SCALE_EPS = 1e-20
+
+
+def fit_scalings(W_free: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r (out,)``, ``s (in,)`` of the fit ``W_free ≈ diag(r) W diag(s)``
+    (see :func:`halrp_fast.linalg.fit_scalings`)."""
+    # With P = W ⊙ W_free and Q = W ⊙ W summed over kernel positions, both fits are reductions of P and Q:
+    # r = P 1 / Q 1 (row sums) and s = rᵀ P / (r ⊙ r)ᵀ Q (two matrix-vector products), two temporaries in all.
+    P, Q = W * W_free, W * W
+    if P.dim() == 4:
+        P, Q = P.sum((2, 3)), Q.sum((2, 3))
+    r = P.sum(1) / Q.sum(1).clamp_min(_SCALE_EPS)
+    s = (r @ P) / ((r * r) @ Q).clamp_min(_SCALE_EPS)
+    return r, s
+
+
+# --------------------------------------------------------------------------------------------
 # linear, one task
 # --------------------------------------------------------------------------------------------
 def perturbed_linear(x, weight, r, s, U, V, bias, save: bool = False):

@@ -36,6 +36,8 @@ def linear_mt(x, ids, W, R, S, U, V, B=None):
 def conv_mt(x, ids, W, R, S, U, V, B=None, stride=1, padding=0, dilation=1):
     outs = [conv(x[n:n + 1], W, R[t], S[t], U[t], V[t], None if B is None else B[t], stride, padding, dilation)
             for n, t in enumerate(ids.tolist())]
+    if not outs:  # an empty batch: any task's weight gives the (0, C_out, H_out, W_out) shape
+        return conv(x, W, R[0], S[0], U[0], V[0], None, stride, padding, dilation)
     return torch.cat(outs)
 
 

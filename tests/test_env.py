@@ -1,4 +1,5 @@
 """Provider selection, env_report and the CLI's env command."""
+import os
 import subprocess
 import sys
 
@@ -71,3 +72,12 @@ def test_unavailable_provider_reports_why(monkeypatch):
 def test_cli_env():
     out = subprocess.run([sys.executable, "-m", "halrp_fast.cli", "env"], capture_output=True, text=True, check=True)
     assert "perturbed_conv2d_mt" in out.stdout
+
+
+def test_without_the_extension_the_package_imports_and_says_why():
+    code = ("import halrp_fast, torch; print(halrp_fast.env_report()); "
+            "print(torch.ops.halrp.fit_scalings(torch.ones(2, 3), torch.ones(2, 3)))")
+    env = {**os.environ, "HALRP_FAST_NO_EXT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "unavailable (ImportError: halrp_fast._C disabled by HALRP_FAST_NO_EXT=1)" in out
+    assert "fit_scalings                   cpu   -> reference" in out

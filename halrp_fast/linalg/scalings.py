@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-_EPS = 1e-20
+from ..ops import fit_scalings as fit_scalings_op
 
 
 def _check(W_free: torch.Tensor, W: torch.Tensor) -> None:
@@ -22,17 +22,12 @@ def fit_scalings(W_free: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, t
 
     ``r_j = ⟨W_free[j], W[j]⟩ / max(‖W[j]‖², 1e-20)`` (row fit with s = 1), then
     ``s_i = Σ_j r_j W[j,i] W_free[j,i] / max(Σ_j (r_j W[j,i])², 1e-20)`` (column fit given r).
+
+    Runs the op ``halrp::fit_scalings`` (the compiled one-pass kernel on CPU when the extension is built,
+    else the vectorised PyTorch math of :func:`halrp_fast.reference.fit_scalings`).
     """
     _check(W_free, W)
-    Wf, Wb = W_free.detach(), W.detach()
-    # With P = W ⊙ W_free and Q = W ⊙ W summed over kernel positions, both fits are reductions of P and Q:
-    # r = P 1 / Q 1 (row sums) and s = rᵀ P / (r ⊙ r)ᵀ Q (two matrix-vector products), two temporaries in all.
-    P, Q = Wb * Wf, Wb * Wb
-    if P.dim() == 4:
-        P, Q = P.sum((2, 3)), Q.sum((2, 3))
-    r = P.sum(1) / Q.sum(1).clamp_min(_EPS)
-    s = (r @ P) / ((r * r) @ Q).clamp_min(_EPS)
-    return r, s
+    return tuple(fit_scalings_op(W_free.detach(), W.detach()))
 
 
 def discrepancy(W_free: torch.Tensor, W: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,163 @@
+// halrp::perturbed_conv2d_mt on CPU: images of a batch through the conv layer of their own task.
+//
+//   y[n] = R[t] ⊙ conv(S[t] ⊙ x[n], W) + U[t] · Σ_window(V[t]ᵀ · x[n]) + B[t],   t = task_ids[n]
+//
+// The base conv runs once for the whole batch (oneDNN through at::conv2d) on the input scaled in one pass.
+// The extras are fused per image, in parallel over images: the channel mix by V[t]ᵀ and the window sum (on
+// whichever side has fewer channels, as they commute), the 1×1 expand by U[t] accumulated in place into the
+// output already holding R[t] ⊙ c + B[t].  No bank is gathered and no per-task Python loop runs.  When every
+// image has the same task, the extras run batched instead (1×1 convs and a sum-pool over the whole batch), which
+// measures faster than per-image products there.
+#include "../halrp.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/avg_pool2d.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
+
+#include <algorithm>
+#include <tuple>
+
+namespace halrp {
+namespace {
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+struct Geometry {
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+// out (C, Ho, Wo) = sum of in (C, H, W) over every conv window of `g`.
+template <typename T>
+void window_sum(const T* in, T* out, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const Geometry& g) {
+  using acc_t = at::opmath_type<T>;
+  for (int64_t ch = 0; ch < C; ++ch) {
+    const T* plane = in + ch * H * W;
+    T* o = out + ch * Ho * Wo;
+    for (int64_t oh = 0; oh < Ho; ++oh) {
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        acc_t sum = 0;
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t h = oh * g.sh - g.ph + i * g.dh;
+          if (h < 0 || h >= H) continue;
+          const T* line = plane + h * W;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t w = ow * g.sw - g.pw + j * g.dw;
+            if (w >= 0 && w < W) sum += static_cast<acc_t>(line[w]);
+          }
+        }
+        o[oh * Wo + ow] = static_cast<T>(sum);
+      }
+    }
+  }
+}
+
+Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
+                                const at::Tensor& R, const at::Tensor& S, const at::Tensor& U, const at::Tensor& V,
+                                const std::optional<at::Tensor>& B, bool save, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  HALRP_CHECK_TYPE(x.is_floating_point(), "x must be a floating-point tensor, got ", describe(x));
+  HALRP_CHECK_VALUE(x.dim() == 4, "x must have shape (N, C_in, H, W), got ", describe(x));
+  check_like("weight", weight, x);
+  HALRP_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == x.size(1), "weight must have shape (C_out, C_in=",
+                    x.size(1), ", kh, kw), got ", describe(weight));
+  HALRP_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "stride, padding and dilation must have two entries each");
+  const Geometry g{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
+  HALRP_CHECK_VALUE(g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 && g.ph >= 0 && g.pw >= 0,
+                    "stride and dilation must be positive and padding non-negative, got stride ", stride, ", padding ",
+                    padding, ", dilation ", dilation);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Co = weight.size(0);
+  const int64_t Ho = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  const int64_t Wo = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  HALRP_CHECK_VALUE(Ho > 0 && Wo > 0, "x of spatial size (", H, ", ", W, ") is smaller than the dilated kernel");
+  const int64_t T = check_banks(x, R, S, U, V, B, Co, C);
+  check_task_ids(task_ids, N, T, x);
+  const int64_t k = U.size(2);
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor ids = task_ids.contiguous();
+  const at::Tensor Rc = R.contiguous(), Sc = S.contiguous();
+  const std::optional<at::Tensor> Bc = B.has_value() ? std::optional<at::Tensor>(B->contiguous()) : std::nullopt;
+  at::Tensor y, base, pooled;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "perturbed_conv2d_mt_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* tid = ids.const_data_ptr<int64_t>();
+    const int64_t HW = H * W, HWo = Ho * Wo;
+    // xs = S[t] ⊙ x, one pass over the (image, channel) planes.
+    at::Tensor xs = at::empty_like(xc);
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* sp = Sc.const_data_ptr<scalar_t>();
+    scalar_t* xsp = xs.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(HW, 1)), [&](int64_t lo, int64_t hi) {
+      for (int64_t plane = lo; plane < hi; ++plane) {
+        const acc_t scale = static_cast<acc_t>(sp[tid[plane / C] * C + plane % C]);
+        for (int64_t i = 0; i < HW; ++i)
+          xsp[plane * HW + i] = static_cast<scalar_t>(scale * static_cast<acc_t>(xp[plane * HW + i]));
+      }
+    });
+    base = at::conv2d(xs, weight, {}, stride, padding, dilation).contiguous();
+    y = save ? at::empty_like(base) : base;
+    pooled = at::empty({N, k, Ho, Wo}, x.options());
+    const scalar_t* rp = Rc.const_data_ptr<scalar_t>();
+    const scalar_t* bp = Bc ? Bc->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cp = base.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const bool mix_first = k <= C;  // channel mix before the window sum when it leaves fewer channels to sum
+    const bool one_task = N > 0 && std::all_of(tid, tid + N, [&](int64_t t) { return t == tid[0]; });
+    const bool sum_pool = g.dh == 1 && g.dw == 1 && 2 * g.ph <= g.kh && 2 * g.pw <= g.kw;
+    if (one_task && sum_pool && mix_first && k > 0) {
+      // y = R ⊙ c + B over the batch, then += U · sum_pool(Vᵀ · x) with batched 1×1 convs.
+      const int64_t t = tid[0];
+      y.copy_(base.mul(Rc.select(0, t).view({1, Co, 1, 1})));
+      if (bp) y.add_(Bc->select(0, t).view({1, Co, 1, 1}));
+      const at::Tensor mixed = at::conv2d(xc, V.select(0, t).t().reshape({k, C, 1, 1}));
+      pooled.copy_(at::avg_pool2d(mixed, {g.kh, g.kw}, {g.sh, g.sw}, {g.ph, g.pw}, false, true, 1));
+      y.add_(at::conv2d(pooled, U.select(0, t).reshape({Co, k, 1, 1})));
+      return;
+    }
+    at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t n = lo; n < hi; ++n) {
+        const int64_t t = tid[n];
+        // y[n] = R[t] ⊙ c[n] + B[t]
+        for (int64_t o = 0; o < Co; ++o) {
+          const acc_t r = static_cast<acc_t>(rp[t * Co + o]);
+          const acc_t b = bp ? static_cast<acc_t>(bp[t * Co + o]) : acc_t(0);
+          const scalar_t* cr = cp + (n * Co + o) * HWo;
+          scalar_t* yr = yp + (n * Co + o) * HWo;
+          for (int64_t i = 0; i < HWo; ++i) yr[i] = static_cast<scalar_t>(r * static_cast<acc_t>(cr[i]) + b);
+        }
+        if (k == 0) continue;
+        const at::Tensor xn = xc.select(0, n).view({C, HW});
+        const at::Tensor Vt = V.select(0, t);  // (C, k)
+        at::Tensor pn = pooled.select(0, n).view({k, HWo});
+        if (mix_first) {
+          const at::Tensor mixed = at::cpu::mm(Vt.t(), xn);  // (k, H·W)
+          window_sum(mixed.const_data_ptr<scalar_t>(), pn.mutable_data_ptr<scalar_t>(), k, H, W, Ho, Wo, g);
+        } else {
+          at::Tensor summed = at::empty({C, HWo}, x.options());
+          window_sum(xn.const_data_ptr<scalar_t>(), summed.mutable_data_ptr<scalar_t>(), C, H, W, Ho, Wo, g);
+          at::cpu::mm_out(pn, Vt.t(), summed);
+        }
+        at::Tensor yn = y.select(0, n).view({Co, HWo});
+        at::cpu::addmm_out(yn, yn, U.select(0, t), pn);  // += U[t] · pooled
+      }
+    });
+  });
+  if (!save) return {y, x.new_empty({0}), x.new_empty({0})};
+  return {y, base, pooled};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(halrp, CPU, m) {
+  register_routed(m, "perturbed_conv2d_mt",
+                  c10::KernelFunction::makeFromUnboxedFunction(TORCH_FN(perturbed_conv2d_mt_cpu)), c10::DeviceType::CPU);
+}
+
+}  // namespace halrp
