@@ -2,6 +2,7 @@
 #include "halrp.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/stack.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
@@ -39,13 +40,19 @@ void check_task_ids(const at::Tensor& task_ids, int64_t rows, int64_t num_tasks,
                     ",) (one task per row of x), got ", describe(task_ids));
   HALRP_CHECK_VALUE(task_ids.device() == x.device(), "task_ids must be on the device of x (", x.device(), "), got ",
                     describe(task_ids));
-  if (rows == 0 || !task_ids.is_cpu()) return;  // device ids are range-checked by the kernels' callers
-  const at::Tensor ids = task_ids.contiguous();
-  const int64_t* p = ids.data_ptr<int64_t>();
-  const auto [lo, hi] = std::minmax_element(p, p + rows);
-  const int64_t bad = *lo < 0 ? *lo : *hi;
-  HALRP_CHECK_VALUE(*lo >= 0 && *hi < num_tasks, "task_ids must lie in [0, ", num_tasks,
-                    ") (the size of the task banks), found ", bad);
+  if (rows == 0) return;
+  int64_t lo, hi;
+  if (task_ids.is_cpu()) {
+    const at::Tensor ids = task_ids.contiguous();
+    const int64_t* p = ids.const_data_ptr<int64_t>();
+    const auto [mn, mx] = std::minmax_element(p, p + rows);
+    lo = *mn, hi = *mx;
+  } else {  // one reduction and one device sync
+    const at::Tensor bounds = at::stack({task_ids.min(), task_ids.max()}).cpu();
+    lo = bounds[0].item<int64_t>(), hi = bounds[1].item<int64_t>();
+  }
+  HALRP_CHECK_VALUE(lo >= 0 && hi < num_tasks, "task_ids must lie in [0, ", num_tasks,
+                    ") (the size of the task banks), found ", lo < 0 ? lo : hi);
 }
 
 int64_t check_banks(const at::Tensor& x, const at::Tensor& R, const at::Tensor& S, const at::Tensor& U,
@@ -73,8 +80,8 @@ bool native_enabled(c10::DeviceType device) {
   std::string want = raw ? raw : "";
   want.erase(std::remove_if(want.begin(), want.end(), [](unsigned char c) { return std::isspace(c); }), want.end());
   std::transform(want.begin(), want.end(), want.begin(), [](unsigned char c) { return std::tolower(c); });
-  if (want == "cpp") return true;
-  return device == c10::DeviceType::CPU && (want.empty() || want == "auto");
+  if (device == c10::DeviceType::CPU) return want.empty() || want == "auto" || want == "cpp";
+  return device == c10::DeviceType::CUDA && want == "cuda_ext";
 }
 
 namespace {

@@ -34,7 +34,7 @@ int64_t check_banks(const at::Tensor& x, const at::Tensor& R, const at::Tensor& 
                     const at::Tensor& V, const std::optional<at::Tensor>& B, int64_t out, int64_t in);
 
 // True when HALRP_FAST_BACKEND (read on every call) lets the compiled kernels serve `device`:
-// CPU: unset, "auto" or "cpp"; CUDA: only "cpp" (the Triton kernels serve CUDA in auto mode).
+// CPU: unset, "auto" or "cpp"; CUDA: only "cuda_ext" (the Triton kernels serve CUDA in auto mode).
 bool native_enabled(c10::DeviceType device);
 
 // Registers `native` for op `name` of `m`'s dispatch key behind the router described above.
