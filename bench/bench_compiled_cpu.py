@@ -64,7 +64,8 @@ def bench_linear(NKs, Ms, Ts, k, rows):
                 x, ids = torch.randn(M, NK, **g), _mixed_ids(M, T)
                 R, S, U, V, B = _banks(T, NK, NK, k, g)
                 groups = [(t, (ids == t).nonzero().flatten()) for t in range(T)]
-                op = lambda: hf.perturbed_linear_mt(x, ids, W, R, S, U, V, B)
+                def op():
+                    return hf.perturbed_linear_mt(x, ids, W, R, S, U, V, B)
                 with torch.no_grad():
                     t_dense = median_ms(lambda: F.linear(x, W))
                     t_loop = median_ms(lambda: eager_loop_mt(x, ids, W, R, S, U, V, B, groups))
@@ -96,7 +97,8 @@ def bench_conv(Ms, Ts, k, rows, C=32, Co=32, H=16):
             x, ids = torch.randn(M, C, H, H, **g), _mixed_ids(M, T)
             R, S, U, V, B = _banks(T, C, Co, k, g)
             groups = [(t, (ids == t).nonzero().flatten()) for t in range(T)]
-            op = lambda: hf.perturbed_conv2d_mt(x, ids, W, R, S, U, V, B, padding=1)
+            def op():
+                return hf.perturbed_conv2d_mt(x, ids, W, R, S, U, V, B, padding=1)
             with torch.no_grad():
                 t_dense = median_ms(lambda: F.conv2d(x, W, None, 1, 1))
                 t_loop = median_ms(lambda: eager_conv_loop(x, ids, W, R, S, U, V, B, groups, 1))

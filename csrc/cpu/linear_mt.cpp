@@ -76,6 +76,45 @@ void permute_rows(const T* src, T* dst, const std::vector<int64_t>& perm, int64_
   });
 }
 
+constexpr int64_t kSmallBlock = 8;  // rows of one task below which the row-wise low-rank products are faster
+
+// For each task-ordered row p in `selected`: z[p] = x[p] V[t], y[p] += U[t] z[p] (t = tid[p]); fp32+ accumulation.
+template <typename T>
+void lowrank_rows(const T* x, const int64_t* tid, const std::vector<int64_t>& selected, const at::Tensor& V,
+                  const at::Tensor& U, int64_t in, int64_t out, int64_t k, T* z, T* y) {
+  using acc_t = at::opmath_type<T>;
+  if (selected.empty()) return;
+  const at::Tensor Vc = V.contiguous(), Uc = U.contiguous();
+  const T* vp = Vc.const_data_ptr<T>();
+  const T* up = Uc.const_data_ptr<T>();
+  const int64_t n = static_cast<int64_t>(selected.size());
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> zr(k);
+    for (int64_t q = lo; q < hi; ++q) {
+      const int64_t p = selected[q], t = tid[p];
+      const T* xr = x + p * in;
+      const T* Vt = vp + t * in * k;
+      std::fill(zr.begin(), zr.end(), acc_t(0));
+      for (int64_t i = 0; i < in; ++i) {
+        const acc_t xi = static_cast<acc_t>(xr[i]);
+        const T* vrow = Vt + i * k;
+#pragma omp simd
+        for (int64_t j = 0; j < k; ++j) zr[j] += xi * static_cast<acc_t>(vrow[j]);
+      }
+      for (int64_t j = 0; j < k; ++j) z[p * k + j] = static_cast<T>(zr[j]);
+      const T* Ut = up + t * out * k;
+      T* yr = y + p * out;
+      for (int64_t o = 0; o < out; ++o) {
+        const T* urow = Ut + o * k;
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < k; ++j) sum += static_cast<acc_t>(urow[j]) * zr[j];
+        yr[o] = static_cast<T>(static_cast<acc_t>(yr[o]) + sum);
+      }
+    }
+  });
+}
+
 template <typename T>
 void linear_mt_kernel(const at::Tensor& xo, const RowOrder& order, const at::Tensor& weight, const at::Tensor& R,
                       const at::Tensor& S, const at::Tensor& U, const at::Tensor& V, const T* bias, bool save,
@@ -118,10 +157,17 @@ void linear_mt_kernel(const at::Tensor& xo, const RowOrder& order, const at::Ten
       }
     }
   });
-  // Low-rank term, one block of rows per distinct task: z = x V[t], y += z U[t]ᵀ.
+  // Low-rank term, one block of rows per distinct task: z = x V[t], y += z U[t]ᵀ.  Blocks of a few rows run as
+  // row-wise products (in parallel over those rows): two BLAS calls per block cost more than the arithmetic there.
   at::Tensor z = at::empty({rows, k}, xo.options());
   if (k > 0) {
+    std::vector<int64_t> small_rows;
+    for (const TaskBlock& b : order.blocks)
+      if (b.size <= kSmallBlock)
+        for (int64_t p = b.begin; p < b.begin + b.size; ++p) small_rows.push_back(p);
+    lowrank_rows<T>(xp, tid, small_rows, V, U, in, out, k, z.mutable_data_ptr<T>(), yp);
     for (const TaskBlock& b : order.blocks) {
+      if (b.size <= kSmallBlock) continue;
       at::Tensor zb = z.narrow(0, b.begin, b.size);
       at::cpu::mm_out(zb, xo.narrow(0, b.begin, b.size), V.select(0, b.task));
       at::Tensor yb = yo.narrow(0, b.begin, b.size);
