@@ -76,7 +76,9 @@ void permute_rows(const T* src, T* dst, const std::vector<int64_t>& perm, int64_
   });
 }
 
-constexpr int64_t kSmallBlock = 8;  // rows of one task below which the row-wise low-rank products are faster
+// Row-wise low-rank products beat two BLAS calls on a task block up to about this many multiply-adds
+// (size · k · (in + out)); measured with bench/bench_compiled_cpu.py.
+constexpr int64_t kRowWiseWork = 32768;
 
 // For each task-ordered row p in `selected`: z[p] = x[p] V[t], y[p] += U[t] z[p] (t = tid[p]); fp32+ accumulation.
 template <typename T>
@@ -157,17 +159,18 @@ void linear_mt_kernel(const at::Tensor& xo, const RowOrder& order, const at::Ten
       }
     }
   });
-  // Low-rank term, one block of rows per distinct task: z = x V[t], y += z U[t]ᵀ.  Blocks of a few rows run as
+  // Low-rank term, one block of rows per distinct task: z = x V[t], y += z U[t]ᵀ.  Blocks with little work run as
   // row-wise products (in parallel over those rows): two BLAS calls per block cost more than the arithmetic there.
   at::Tensor z = at::empty({rows, k}, xo.options());
   if (k > 0) {
+    auto small = [&](const TaskBlock& b) { return b.size * k * (in + out) <= kRowWiseWork; };
     std::vector<int64_t> small_rows;
     for (const TaskBlock& b : order.blocks)
-      if (b.size <= kSmallBlock)
+      if (small(b))
         for (int64_t p = b.begin; p < b.begin + b.size; ++p) small_rows.push_back(p);
     lowrank_rows<T>(xp, tid, small_rows, V, U, in, out, k, z.mutable_data_ptr<T>(), yp);
     for (const TaskBlock& b : order.blocks) {
-      if (b.size <= kSmallBlock) continue;
+      if (small(b)) continue;
       at::Tensor zb = z.narrow(0, b.begin, b.size);
       at::cpu::mm_out(zb, xo.narrow(0, b.begin, b.size), V.select(0, b.task));
       at::Tensor yb = yo.narrow(0, b.begin, b.size);
