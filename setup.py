@@ -62,13 +62,20 @@ def _extensions():
     return [ext], {"build_ext": _optional_build(cpp_extension.BuildExtension, required=force_cuda)}
 
 
+def cpp_extension_ninja() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return is_ninja_available()
+
+
 def _optional_build(base, required: bool):
-    """``base`` (torch's BuildExtension, with ninja) that warns instead of failing when the extension does
+    """``base`` (torch's BuildExtension, with ninja when installed) that warns instead of failing when the extension does
     not compile, unless ``required``: the package then installs without it."""
 
     class BuildExt(base):
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, use_ninja=True, **kwargs)
+            # ninja compiles the sources in parallel; without it the build is serial but still works
+            super().__init__(*args, use_ninja=cpp_extension_ninja(), **kwargs)
 
         def build_extension(self, ext):
             try:
