@@ -69,8 +69,8 @@ def cpp_extension_ninja() -> bool:
 
 
 def _optional_build(base, required: bool):
-    """``base`` (torch's BuildExtension, with ninja when installed) that warns instead of failing when the extension does
-    not compile, unless ``required``: the package then installs without it."""
+    """``base`` (torch's BuildExtension, with ninja when installed) that warns instead of failing when the
+    extension does not compile, unless ``required``: the package then installs without it."""
 
     class BuildExt(base):
         def __init__(self, *args, **kwargs):

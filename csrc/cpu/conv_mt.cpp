@@ -108,6 +108,21 @@ Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* tid = ids.const_data_ptr<int64_t>();
     const int64_t HW = H * W, HWo = Ho * Wo;
+    const bool mix_first = k <= C;  // channel mix before the window sum when it leaves fewer channels to sum
+    const bool one_task = N > 0 && std::all_of(tid, tid + N, [&](int64_t t) { return t == tid[0]; });
+    const bool sum_pool = g.dh == 1 && g.dw == 1 && 2 * g.ph <= g.kh && 2 * g.pw <= g.kw;
+    if (one_task && sum_pool && mix_first && k > 0) {
+      // One task: broadcast scales and batched 1×1 convs with a sum-pool over the whole batch.
+      const int64_t t = tid[0];
+      base = at::conv2d(xc.mul(Sc.select(0, t).view({1, C, 1, 1})), weight, {}, stride, padding, dilation);
+      const at::Tensor r = Rc.select(0, t).view({1, Co, 1, 1});
+      y = save ? base.mul(r) : base.mul_(r);
+      if (Bc) y.add_(Bc->select(0, t).view({1, Co, 1, 1}));
+      const at::Tensor mixed = at::conv2d(xc, V.select(0, t).t().reshape({k, C, 1, 1}));
+      pooled = at::avg_pool2d(mixed, {g.kh, g.kw}, {g.sh, g.sw}, {g.ph, g.pw}, false, true, 1);
+      y.add_(at::conv2d(pooled, U.select(0, t).reshape({Co, k, 1, 1})));
+      return;
+    }
     // xs = S[t] ⊙ x, one pass over the (image, channel) planes.
     at::Tensor xs = at::empty_like(xc);
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
@@ -127,19 +142,6 @@ Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
     const scalar_t* bp = Bc ? Bc->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* cp = base.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const bool mix_first = k <= C;  // channel mix before the window sum when it leaves fewer channels to sum
-    const bool one_task = N > 0 && std::all_of(tid, tid + N, [&](int64_t t) { return t == tid[0]; });
-    const bool sum_pool = g.dh == 1 && g.dw == 1 && 2 * g.ph <= g.kh && 2 * g.pw <= g.kw;
-    if (one_task && sum_pool && mix_first && k > 0) {
-      // y = R ⊙ c + B over the batch, then += U · sum_pool(Vᵀ · x) with batched 1×1 convs.
-      const int64_t t = tid[0];
-      y.copy_(base.mul(Rc.select(0, t).view({1, Co, 1, 1})));
-      if (bp) y.add_(Bc->select(0, t).view({1, Co, 1, 1}));
-      const at::Tensor mixed = at::conv2d(xc, V.select(0, t).t().reshape({k, C, 1, 1}));
-      pooled.copy_(at::avg_pool2d(mixed, {g.kh, g.kw}, {g.sh, g.sw}, {g.ph, g.pw}, false, true, 1));
-      y.add_(at::conv2d(pooled, U.select(0, t).reshape({Co, k, 1, 1})));
-      return;
-    }
     at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n) {
         const int64_t t = tid[n];
