@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, row_tasks, row_tile
+from ._common import add_task_products, next_pow2, row_tasks, row_tile
 
 # Above this rank, an x V accumulator of BLOCK_M × rank fp32 values would spill registers (64 × 64 = 4096
 # values = 32 per thread with 4 warps), so x V comes from a separate GEMM instead.
@@ -76,22 +76,16 @@ def _perturbed_linear_fwd_kernel(
     acc *= tl.load(r_ptr + tid[:, None] * stride_rt + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
     if HAS_RANK:
         if FUSE_XV:
-            for t in range(t_lo, t_hi + 1):
-                u = tl.load(u_ptr + t * stride_ut + offs_n[None, :] * stride_un + offs_r[:, None] * stride_ur,
-                            mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                xt = tl.where((tid == t)[:, None], xv, 0.0)
-                acc += tl.dot(xt, u.to(tl.float32), allow_tf32=ALLOW_TF32)
+            acc = add_task_products(acc, xv, tid, t_lo, t_hi, u_ptr, stride_ut, offs_n, stride_un, offs_r, stride_ur,
+                                    n_mask, r_mask, ALLOW_TF32)
         else:
             for r0 in range(0, RANK, BLOCK_R):
                 offs_rr = r0 + offs_r
                 rr_mask = offs_rr < RANK
                 xvc = tl.load(xv_ptr + rows[:, None] * stride_xvm + offs_rr[None, :],
                               mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
-                for t in range(t_lo, t_hi + 1):
-                    u = tl.load(u_ptr + t * stride_ut + offs_n[None, :] * stride_un + offs_rr[:, None] * stride_ur,
-                                mask=rr_mask[:, None] & n_mask[None, :], other=0.0)
-                    xt = tl.where((tid == t)[:, None], xvc, 0.0)
-                    acc += tl.dot(xt, u.to(tl.float32), allow_tf32=ALLOW_TF32)
+                acc = add_task_products(acc, xvc, tid, t_lo, t_hi, u_ptr, stride_ut, offs_n, stride_un, offs_rr,
+                                        stride_ur, n_mask, rr_mask, ALLOW_TF32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + tid[:, None] * stride_bt + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mn)

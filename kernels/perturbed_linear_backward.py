@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import next_pow2, row_tasks, row_tile
+from ._common import add_task_products, next_pow2, row_tasks, row_tile
 from .perturbed_linear import FUSED_RANK_MAX
 
 
@@ -70,22 +70,16 @@ def _perturbed_linear_dgrad_kernel(
         dx = gx * tl.load(s_ptr + tid[:, None] * stride_st + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
         if HAS_RANK:
             if FUSE_GU:
-                for t in range(t_lo, t_hi + 1):
-                    v = tl.load(v_ptr + t * stride_vt + offs_k[None, :] * stride_vk + offs_r[:, None] * stride_vr,
-                                mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-                    gt = tl.where((tid == t)[:, None], gu, 0.0)
-                    dx += tl.dot(gt, v.to(tl.float32), allow_tf32=ALLOW_TF32)
+                dx = add_task_products(dx, gu, tid, t_lo, t_hi, v_ptr, stride_vt, offs_k, stride_vk, offs_r,
+                                       stride_vr, k_mask, r_mask, ALLOW_TF32)
             else:
                 for r0 in range(0, RANK, BLOCK_R):
                     rr = r0 + offs_r
                     rr_mask = rr < RANK
                     guc = tl.load(gu_in_ptr + rows[:, None] * RANK + rr[None, :],
                                   mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
-                    for t in range(t_lo, t_hi + 1):
-                        v = tl.load(v_ptr + t * stride_vt + offs_k[None, :] * stride_vk + rr[:, None] * stride_vr,
-                                    mask=rr_mask[:, None] & k_mask[None, :], other=0.0)
-                        gt = tl.where((tid == t)[:, None], guc, 0.0)
-                        dx += tl.dot(gt, v.to(tl.float32), allow_tf32=ALLOW_TF32)
+                    dx = add_task_products(dx, guc, tid, t_lo, t_hi, v_ptr, stride_vt, offs_k, stride_vk, rr,
+                                           stride_vr, k_mask, rr_mask, ALLOW_TF32)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mk)
 
 
