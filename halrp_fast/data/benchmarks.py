@@ -75,15 +75,24 @@ def _fashion_mnist(data_dir: str | Path | None) -> dict:
 _PAPER_LENET = dict(epochs=12, lr=1e-3, approx_rate=0.9, upper_rank=100, est_rank_epochs=1, l1=1e-6, wd=1e-3,
                     prune="mixAR_AllLayer", prune_value=(1e-5, 0.40), prune_bound_all_tasks=True)
 
-register(Benchmark(
-    name="pfmnist",
-    description="permuted Fashion-MNIST: 10 tasks × 10 classes, 32×32×3, LeNet (Debian's dataset-fashion-mnist)",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None, subset=1.0: permuted_stream(
-        _fashion_mnist(data_dir), 10, batch_size, seed, name="pfmnist", valid_frac=0.2, max_per_task=max_per_task,
-        subset=subset),
-    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=128,
-    config=dict(_PAPER_LENET),
-))
+
+def _register_permuted_lenet(name: str, description: str, load) -> None:
+    """A 10-task permuted stream of a 28×28 ten-class dataset (``load(data_dir)``) at 32×32×3 for the paper's
+    LeNet with its PMNIST hyper-parameters."""
+    register(Benchmark(
+        name=name, description=description,
+        build=lambda batch_size, seed, max_per_task=None, data_dir=None, subset=1.0: permuted_stream(
+            load(data_dir), 10, batch_size, seed, name=name, valid_frac=0.2, max_per_task=max_per_task,
+            subset=subset),
+        model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=128,
+        config=dict(_PAPER_LENET),
+    ))
+
+
+_register_permuted_lenet(
+    "pfmnist", "permuted Fashion-MNIST: 10 tasks × 10 classes, 32×32×3, LeNet (Debian's dataset-fashion-mnist)",
+    _fashion_mnist)
+
 
 def _mnist(data_dir: str | Path | None) -> dict:
     if data_dir is None:
@@ -93,15 +102,9 @@ def _mnist(data_dir: str | Path | None) -> dict:
     return load_mnist_like(data_dir, "MNIST")
 
 
-register(Benchmark(
-    name="pmnist",
-    description="permuted MNIST: 10 tasks × 10 classes, 32×32×3, LeNet (MNIST IDX files in --data-dir)",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None, subset=1.0: permuted_stream(
-        _mnist(data_dir), 10, batch_size, seed, name="pmnist", valid_frac=0.2, max_per_task=max_per_task,
-        subset=subset),
-    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=128,
-    config=dict(_PAPER_LENET),
-))
+_register_permuted_lenet(
+    "pmnist", "permuted MNIST: 10 tasks × 10 classes, 32×32×3, LeNet (MNIST IDX files in --data-dir)", _mnist)
+
 
 register(Benchmark(
     name="split-fmnist",
