@@ -14,6 +14,7 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace halrp {
@@ -42,22 +43,15 @@ void lowrank_epilogue(const at::Tensor& x2, const at::Tensor& ids, const at::Ten
   HALRP_CHECK_LAUNCH(cuda::bgmv_shrink<device_t>(dev(x2), in, ids.const_data_ptr<int64_t>(), dev(V), nullptr, M, in,
                                                   k, z.mutable_data_ptr<float>(), stream));
   device_t* yp = reinterpret_cast<device_t*>(y.mutable_data_ptr<scalar_t>());
-  const float* zp = z.const_data_ptr<float>();
-  const int64_t* tp = ids.const_data_ptr<int64_t>();
-  cudaError_t err;
-  if (k <= 32) {
-    err = cuda::bgmv_expand<device_t, 32>(zp, dev(base), out, tp, dev(U), dev(R), bias, nullptr, M, out, k, yp, out,
-                                          stream);
-  } else if (k <= 64) {
-    err = cuda::bgmv_expand<device_t, 64>(zp, dev(base), out, tp, dev(U), dev(R), bias, nullptr, M, out, k, yp, out,
-                                          stream);
-  } else if (k <= 128) {
-    err = cuda::bgmv_expand<device_t, 128>(zp, dev(base), out, tp, dev(U), dev(R), bias, nullptr, M, out, k, yp, out,
-                                           stream);
-  } else {
-    err = cuda::bgmv_expand<device_t, 256>(zp, dev(base), out, tp, dev(U), dev(R), bias, nullptr, M, out, k, yp, out,
-                                           stream);
-  }
+  auto expand = [&](auto rank_tile) {  // rank_tile: std::integral_constant, the rank bucket ≥ k
+    return cuda::bgmv_expand<device_t, decltype(rank_tile)::value>(z.const_data_ptr<float>(), dev(base), out,
+                                                                    ids.const_data_ptr<int64_t>(), dev(U), dev(R),
+                                                                    bias, nullptr, M, out, k, yp, out, stream);
+  };
+  const cudaError_t err = k <= 32    ? expand(std::integral_constant<int, 32>{})
+                          : k <= 64  ? expand(std::integral_constant<int, 64>{})
+                          : k <= 128 ? expand(std::integral_constant<int, 128>{})
+                                     : expand(std::integral_constant<int, 256>{});
   HALRP_CHECK_LAUNCH(err);
 }
 
