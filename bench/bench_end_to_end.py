@@ -1,0 +1,112 @@
+"""Wall time per task of the whole method: halrp_fast against a straightforward eager implementation.
+
+For each network (LeNet, AlexNet, ResNet-18 of the paper) on one fixed task stream, the base (task 0) is
+trained once by halrp_fast; then tasks 1..T are learned twice from that same base:
+
+* ``fast``: :class:`halrp_fast.continual.HALRPLearner` (fused ops, vectorised scalings, randomized SVD grown
+  until the allocation is exact, on-device quantiles, merged-weight evaluation);
+* ``eager``: ``bench/_naive_halrp.py`` (three separate convs/matmuls per layer, Python loops for the
+  scalings, a full SVD per layer, numpy percentiles, evaluation through the three ops).
+
+Each phase (free training, importance, scalings + SVD + allocation, training, pruning, evaluation on the
+task's test split) is timed per task; the table gives the mean seconds per task of each phase, the ratio
+eager / fast, and both implementations' mean test accuracy over the learned tasks (equal accuracy is
+part of the comparison: a gap of more than 2 points is flagged).
+
+    python bench/bench_end_to_end.py                          # permuted Fashion-MNIST, 3 networks
+    python bench/bench_end_to_end.py --models lenet --tasks 4 --max-per-task 4000 --epochs 5
+
+The stream is permuted Fashion-MNIST at 32×32×3 (Debian's ``dataset-fashion-mnist``, or ``--data-dir``); the
+hyper-parameters are the paper's PMNIST ones except ``--epochs`` (fewer, so the run stays short on a CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _common import environment_line, markdown_table
+from _naive_halrp import NaiveHALRP
+
+from halrp_fast import models
+from halrp_fast.continual import HALRPConfig, HALRPLearner
+from halrp_fast.data import benchmarks
+
+PHASES = ("free_training", "importance", "svd_allocation", "training", "pruning", "evaluation")
+
+
+def run_network(name: str, tasks, args) -> list[list]:
+    bench = benchmarks.get("pfmnist")
+    cfg = HALRPConfig(**{**bench.config, "epochs": args.epochs, "est_rank_epochs": 1, "seed": args.seed})
+    torch.manual_seed(args.seed)
+    learner = HALRPLearner(getattr(models, name)(3, 32, 10), cfg)
+    tic = time.perf_counter()
+    learner.learn_task(tasks[0].train, tasks[0].val, tasks[0].num_classes)
+    print(f"{name}: base trained in {time.perf_counter() - tic:.1f} s", flush=True)
+    naive = NaiveHALRP(learner.model.export_task(0), learner.model.head_name, cfg)
+
+    fast_s = {p: [] for p in PHASES}
+    eager_s = {p: [] for p in PHASES}
+    for t in range(1, len(tasks)):
+        d = tasks[t]
+        report = learner.learn_task(d.train, d.val, d.num_classes)
+        tic = time.perf_counter()
+        learner.evaluate(d.test, t)
+        report.seconds["evaluation"] = time.perf_counter() - tic
+        seconds = naive.learn_task(d.train, d.val, d.num_classes)
+        tic = time.perf_counter()
+        naive.evaluate(d.test, t)
+        seconds["evaluation"] = time.perf_counter() - tic
+        for p in PHASES:
+            fast_s[p].append(report.seconds.get(p, 0.0))
+            eager_s[p].append(seconds[p])
+        print(f"  task {t}: fast {sum(report.seconds.get(p, 0.0) for p in PHASES):.2f} s "
+              f"(ranks {report.ranks}), eager {sum(seconds.values()):.2f} s (ranks {naive.ranks(t)})", flush=True)
+
+    learned = range(1, len(tasks))
+    acc_fast = sum(learner.evaluate(tasks[t].test, t) for t in learned) / len(learned)
+    acc_eager = sum(naive.evaluate(tasks[t].test, t) for t in learned) / len(learned)
+    rows = []
+    for p in (*PHASES, "total"):
+        f = sum(map(sum, fast_s.values())) if p == "total" else sum(fast_s[p])
+        e = sum(map(sum, eager_s.values())) if p == "total" else sum(eager_s[p])
+        f, e = f / len(learned), e / len(learned)
+        rows.append([name, p, f, e, e / f if f > 0 else float("nan"), acc_fast if p == "total" else "",
+                     acc_eager if p == "total" else ""])
+    if abs(acc_fast - acc_eager) > 2:
+        print(f"  warning: {name}: mean accuracies differ by {abs(acc_fast - acc_eager):.1f} points", flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["lenet", "alexnet", "resnet18"],
+                    choices=["lenet", "alexnet", "resnet18"])
+    ap.add_argument("--tasks", type=int, default=3, help="tasks of the stream, the base included (≥ 2)")
+    ap.add_argument("--max-per-task", type=int, default=2000, help="training samples per task")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per task (1 of them for the free model)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.tasks < 2:
+        ap.error("--tasks must be ≥ 2 (the base and at least one timed task)")
+    if args.epochs < 2:
+        ap.error("--epochs must be ≥ 2 (one for the free model, at least one for the perturbation)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = benchmarks.get("pfmnist").build(args.batch_size, args.seed, max_per_task=args.max_per_task,
+                                            data_dir=args.data_dir)[: args.tasks]
+    print(environment_line("cpu"))
+    print(f"stream: permuted Fashion-MNIST, {args.tasks} tasks, {args.max_per_task} training samples per task, "
+          f"{args.epochs} epochs, batch {args.batch_size}; seconds per task (mean over tasks 1..{args.tasks - 1})")
+    rows = []
+    for name in args.models:
+        rows += run_network(name, tasks, args)
+    print(markdown_table(["network", "phase", "fast s", "eager s", "eager / fast", "fast acc %", "eager acc %"],
+                         rows))
+
+
+if __name__ == "__main__":
+    main()
