@@ -9,8 +9,10 @@ def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, in
     its ``U, V`` (with ``dense``: all entries at the allocated rank, before pruning), biases, BatchNorm
     affine parameters and head.
 
-    Returns ``{"base": n0, "task_1": n1, ..., "total": n0 + Σ n_t}``.
+    Returns ``{"base": n0, "task_1": n1, ..., "total": n0 + Σ n_t}``.  Lazily added tasks are read first
+    (the nonzeros need the values).
     """
+    model.ensure_loaded()
     counts = {"base": sum(p.numel() for p in model.task_parameters(0))}
     layers = model.perturbed_layers()
     for t in range(1, model.num_tasks):
@@ -29,9 +31,11 @@ def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, in
 
 
 def stored_bytes(model: TaskModel) -> dict[str, int]:
-    """Bytes of every tensor stored per task (parameters and buffers, as held in memory)."""
+    """Bytes of every tensor held in memory per task (parameters and buffers; a lazily added task that has
+    not been read yet holds none)."""
     out = {}
     for t, tensors in model.split_state_dict().items():  # one split for all tasks
-        out["base" if t == 0 else f"task_{t}"] = sum(v.numel() * v.element_size() for v in tensors.values())
+        out["base" if t == 0 else f"task_{t}"] = sum(v.numel() * v.element_size() for v in tensors.values()
+                                                     if not v.is_meta)
     out["total"] = sum(out.values())
     return out

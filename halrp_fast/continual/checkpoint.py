@@ -13,6 +13,7 @@ tensor's shape against the manifest before anything is copied into a model.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -58,8 +59,10 @@ def task_file(t: int) -> str:
 
 
 def save_checkpoint(directory: str | os.PathLike, model: TaskModel, extra: dict | None = None) -> dict:
-    """Write ``model`` (all tasks) to ``directory``; returns the manifest."""
+    """Write ``model`` (all tasks; lazily added ones are read first) to ``directory``; returns the manifest."""
     from safetensors.torch import save as st_save
+
+    model.ensure_loaded()
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -115,44 +118,76 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_state(directory: str | os.PathLike, manifest: dict) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint (verified against the manifest), plus the model's extra state."""
+def read_task_file(directory: str | os.PathLike, entry: dict) -> dict[str, torch.Tensor]:
+    """The tensors of one task file, verified against its manifest ``entry`` (sha256, names, shapes)."""
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
-    directory = Path(directory)
+    path = Path(directory) / entry["file"]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(f"checkpoint file {path} is corrupted (sha256 differs from the manifest)")
+    try:
+        tensors = st_load(data)
+    except SafetensorError as exc:
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {exc}") from None
+    expected = entry["tensors"]
+    if set(tensors) != set(expected):
+        raise CheckpointError(f"{path} holds tensors {sorted(set(tensors) ^ set(expected))[:5]} "
+                              f"that differ from the manifest")
+    for k, v in tensors.items():
+        if list(v.shape) != expected[k][0]:
+            raise CheckpointError(f"{path}: tensor {k} has shape {list(v.shape)}, manifest says {expected[k][0]}")
+    return tensors
+
+
+def load_state(directory: str | os.PathLike, manifest: dict) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint (verified against the manifest), plus the model's extra state."""
     state: dict[str, torch.Tensor] = {}
     for entry in manifest["tasks"]:
-        path = directory / entry["file"]
-        if not path.exists():
-            raise CheckpointError(f"checkpoint file {path} is missing")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} is corrupted (sha256 differs from the manifest)")
-        try:
-            tensors = st_load(data)
-        except SafetensorError as exc:
-            raise CheckpointError(f"checkpoint file {path} cannot be read: {exc}") from None
-        expected = entry["tensors"]
-        if set(tensors) != set(expected):
-            raise CheckpointError(f"{path} holds tensors {sorted(set(tensors) ^ set(expected))[:5]} "
-                                  f"that differ from the manifest")
-        for k, v in tensors.items():
-            if list(v.shape) != expected[k][0]:
-                raise CheckpointError(f"{path}: tensor {k} has shape {list(v.shape)}, manifest says {expected[k][0]}")
-        state.update(tensors)
+        state.update(read_task_file(directory, entry))
     state["_extra_state"] = {"num_classes": list(manifest["num_classes"])}
     return state
 
 
-def load_into(model: TaskModel, directory: str | os.PathLike, manifest: dict | None = None) -> dict:
-    """Load a checkpoint into a freshly converted ``model`` (one task); returns the manifest."""
+def load_into(model: TaskModel, directory: str | os.PathLike, manifest: dict | None = None,
+              lazy: bool = False) -> dict:
+    """Load a checkpoint into a freshly converted ``model`` (one task); returns the manifest.
+
+    ``lazy=True`` reads only the base file now; every other task is added with
+    :meth:`~halrp_fast.nn.TaskModel.add_lazy_task` and its file is read (and verified) when the task is first
+    used, so opening a checkpoint of hundreds of tasks costs the base plus the manifest.
+    """
     manifest = manifest or read_manifest(directory)
     if model.head_name != manifest["head_name"]:
         raise CheckpointError(f"checkpoint head {manifest['head_name']!r} != model head {model.head_name!r}")
-    state = load_state(directory, manifest)
+    if not lazy:
+        state = load_state(directory, manifest)
+        try:
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {directory} does not match the model: {exc}") from None
+        return manifest
+    if model.num_tasks != 1:
+        raise CheckpointError("load into a freshly converted model (with task 0 only)")
+    entries = sorted(manifest["tasks"], key=lambda e: e["task"])
+    if [e["task"] for e in entries] != list(range(len(entries))):
+        raise CheckpointError(f"{directory}: the manifest's task files are not numbered 0..{len(entries) - 1}")
+    base = read_task_file(directory, entries[0])
+    wanted = model.task_state_dict(0)
+    if set(base) != set(wanted):
+        raise CheckpointError(f"checkpoint {directory} does not match the model: base tensors "
+                              f"{sorted(set(base) ^ set(wanted))[:5]} differ")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(base, strict=False)
     except (RuntimeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {directory} does not match the model: {exc}") from None
+    for entry, num_classes in zip(entries[1:], manifest["num_classes"][1:], strict=True):
+        shapes = {k: (shape, getattr(torch, dtype)) for k, (shape, dtype) in entry["tensors"].items()}
+        try:
+            model.add_lazy_task(num_classes, functools.partial(read_task_file, directory, entry), shapes)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {directory} does not match the model: {exc}") from None
     return manifest

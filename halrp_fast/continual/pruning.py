@@ -99,6 +99,7 @@ def _dropped_entries(layer, t: int) -> int:
 
 def prune(model: TaskModel, mode: str, value, bound_all_tasks: bool = False) -> PruneReport:
     """Prune the ``U, V`` of tasks ``1 .. num_tasks−1`` in place (see the module docstring)."""
+    model.ensure_loaded()
     a, p = parse_value(mode, value)
     tasks = list(range(1, model.num_tasks))
     layers = model.perturbed_layers()

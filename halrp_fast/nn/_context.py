@@ -113,6 +113,24 @@ class TaskModule(torch.nn.Module):
             return int(rest.split(".", 1)[0])
         return 0
 
+    def task_tensors_by_key(self, t: int) -> dict[str, torch.Tensor]:
+        """Task ``t``'s (``t ≥ 1``) parameters and buffers, keyed as in this module's state dict.
+
+        Reads only task ``t``'s entry of each per-task container, so the cost does not grow with the
+        number of tasks.
+        """
+        out: dict[str, torch.Tensor] = {}
+        key = str(t)
+        for name in self._task_containers:
+            container = getattr(self, name)
+            tensor = container._parameters.get(key, container._buffers.get(key))
+            if tensor is not None:
+                out[f"{name}.{key}"] = tensor
+            elif key in container._modules:
+                for k, v in container._modules[key].state_dict(keep_vars=True).items():
+                    out[f"{name}.{key}.{k}"] = v
+        return out
+
     def _check_task(self, t: int, allow_base: bool = True) -> int:
         if isinstance(t, bool) or not isinstance(t, int):
             raise TypeError(f"task must be an int, got {type(t).__name__}")

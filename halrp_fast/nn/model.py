@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -27,6 +27,8 @@ class TaskModel(nn.Module):
         self.model = model
         self._ctx = ctx
         self.head_name = head_name
+        self._lazy: dict[int, Callable[[], Mapping[str, torch.Tensor]]] = {}
+        self._lazy_device = torch.device("cpu")
 
     # ---------------------------------------------------------------- structure
     @property
@@ -135,14 +137,128 @@ class TaskModel(nn.Module):
         return parts
 
     def task_state_dict(self, t: int) -> dict[str, torch.Tensor]:
-        """Parameters and buffers stored for task ``t`` (task 0: the base and all shared state)."""
-        return self.split_state_dict()[self._check_task(t)]
+        """Parameters and buffers stored for task ``t`` (task 0: the base and all shared state).
+
+        For ``t ≥ 1`` only task ``t``'s entries are visited (the cost does not grow with the number of tasks).
+        """
+        if self._check_task(t) == 0:
+            return self.split_state_dict()[0]
+        return {f"model.{name}.{k}": v.detach() for name, m in self.task_modules().items()
+                for k, v in m.task_tensors_by_key(t).items()}
+
+    # ---------------------------------------------------------------- lazy tasks
+    def add_lazy_task(self, num_classes: int, load: Callable[[], Mapping[str, torch.Tensor]],
+                      shapes: Mapping[str, tuple[Iterable[int], torch.dtype]] | None = None) -> int:
+        """Add a frozen task whose tensors are read only when the task is first used; returns its id.
+
+        Until then the task holds shape-only placeholders (``meta`` tensors: no memory).  ``load()`` must
+        return the tensors of :meth:`task_state_dict` ``(t)``; ``shapes`` (key → ``(shape, dtype)``, e.g.
+        from a checkpoint manifest) gives the placeholders the stored shapes, so :meth:`ranks` is right
+        before loading.  A forward pass over the task, :meth:`export_task` or :meth:`ensure_loaded` loads it.
+        """
+        if not callable(load):
+            raise TypeError(f"load must be callable, got {type(load).__name__}")
+        t = self.add_task(num_classes)
+        current = self.task_state_dict(t)
+        if shapes is not None and set(shapes) != set(current):
+            self._remove_last_task()
+            raise ValueError(f"shapes names tensors {sorted(set(shapes) ^ set(current))[:5]} that task {t} of this "
+                             f"model does not have (or lacks)")
+        self._lazy_device = next(iter(self.task_state_dict(0).values())).device
+        for key, value in current.items():
+            shape, dtype = (value.shape, value.dtype) if shapes is None else shapes[key]
+            self._assign(key, torch.empty(tuple(shape), dtype=dtype, device="meta"))
+        self.freeze_task(t)
+        self._lazy[t] = load
+        return t
+
+    def _remove_last_task(self) -> None:
+        """Undo the last :meth:`add_task` (used when a lazy task's description is refused)."""
+        t = self.num_tasks - 1
+        for m in self.task_modules().values():
+            for name in m._task_containers:
+                container = getattr(m, name)
+                if isinstance(container, nn.ModuleList):
+                    del container[t]
+                elif isinstance(container, nn.ParameterDict):
+                    if str(t) in container:
+                        del container[str(t)]
+                elif hasattr(container, str(t)):
+                    delattr(container, str(t))
+            m.num_tasks -= 1
+        self.heads.num_classes.pop()
+
+    @property
+    def unloaded_tasks(self) -> list[int]:
+        """Lazily added tasks whose tensors have not been read yet."""
+        return sorted(self._lazy)
+
+    def ensure_loaded(self, tasks: Iterable[int] | None = None) -> None:
+        """Read the tensors of the lazily added ``tasks`` (default: all of them) not read yet."""
+        if not self._lazy:
+            return
+        pending = sorted(self._lazy) if tasks is None else sorted({int(t) for t in tasks} & set(self._lazy))
+        for t in pending:
+            self.load_task_state(t, self._lazy[t](), exact_shapes=True)
+
+    def load_task_state(self, t: int, state: Mapping[str, torch.Tensor], exact_shapes: bool = False) -> None:
+        """Replace task ``t``'s (``t ≥ 1``) tensors by ``state`` (the keys of :meth:`task_state_dict` ``(t)``).
+
+        ``U``/``V`` may come with another rank unless ``exact_shapes``; values are cast to the model's dtype and
+        device; ``requires_grad`` stays as it was.  A lazily added task counts as loaded afterwards.
+        """
+        if self._check_task(t) == 0:
+            raise ValueError("load_task_state is for tasks ≥ 1; load the base with load_state_dict")
+        current = self.task_state_dict(t)
+        if set(state) != set(current):
+            raise ValueError(f"the state for task {t} has tensors {sorted(set(state) ^ set(current))[:5]} that "
+                             f"differ from the task's")
+        for key, now in current.items():
+            value = state[key]
+            rank_free = not exact_shapes and key.rsplit(".", 2)[-2] in ("U", "V")
+            if (tuple(value.shape) != tuple(now.shape)) and not (rank_free and value.shape[:-1] == now.shape[:-1]):
+                raise ValueError(f"the state for task {t} has {key} of shape {tuple(value.shape)}, expected "
+                                 f"{tuple(now.shape)}")
+        device = self._lazy_device if t in self._lazy else next(iter(self.task_state_dict(0).values())).device
+        for key, now in current.items():
+            self._assign(key, state[key].detach().to(device=device, dtype=now.dtype).clone())
+        self._lazy.pop(t, None)
+        for layer in self.perturbed_layers().values():
+            layer.clear_caches()
+
+    def _assign(self, key: str, value: torch.Tensor) -> None:
+        """Replace the parameter or buffer ``key`` (a state-dict key) by ``value``, keeping ``requires_grad``."""
+        owner_name, _, leaf = key.rpartition(".")
+        owner = self.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            old = owner._parameters[leaf]
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = value
+        else:
+            raise KeyError(f"{key} is neither a parameter nor a buffer of the model")
+
+    def _apply(self, fn, recurse=True):
+        if not self._lazy:
+            return super()._apply(fn, recurse)
+        # Placeholders cannot be moved: they take the dtype the loaded tasks get, and loading uses the new device.
+        probe = fn(torch.zeros((), device=self._lazy_device))
+
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            if t.is_meta:
+                return t.to(dtype=probe.dtype) if t.is_floating_point() and probe.is_floating_point() else t
+            return fn(t)
+
+        self._lazy_device = probe.device
+        return super()._apply(apply, recurse)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         sel = select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
+        if self._lazy:
+            self.ensure_loaded([sel.single] if sel.single is not None else sel.tasks)
         with self._ctx.use(sel):
             return self.model(x)
 
@@ -154,6 +270,7 @@ class TaskModel(nn.Module):
         ``halrp_fast`` at run time and is called as ``plain(x)``.
         """
         self._check_task(t)
+        self.ensure_loaded([t])
         plain = copy.deepcopy(self.model)
         replacements = {name: m.to_plain(t) for name, m in self.task_modules().items()}
         for name, module in replacements.items():
