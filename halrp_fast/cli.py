@@ -115,9 +115,30 @@ def _run_one(args: argparse.Namespace) -> int:
         net = getattr(models, model_name)(**bench.model_kwargs)
         return HALRPLearner(net, cfg, head="last")
 
+    log = (lambda s: None) if args.quiet else print
     tic = time.perf_counter()
-    _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
-                            log=(lambda s: None) if args.quiet else print, meta=meta)
+    if args.task_parallel or args.distributed:
+        from .continual.distributed import init_from_env, launched_by_torchrun
+
+        if not launched_by_torchrun():
+            raise ValueError("--task-parallel / --distributed run under torchrun, e.g. torchrun --nproc-per-node 2 "
+                             "-m halrp_fast.cli run ...")
+        ctx = init_from_env(cfg.device)
+        cfg.device = ctx.device
+        if not ctx.is_main:
+            log = lambda s: None  # noqa: E731
+        if args.task_parallel:
+            from .continual.task_parallel import run_stream_task_parallel
+
+            _, results = run_stream_task_parallel(make_learner, tasks, ctx, out, log=log, meta=meta)
+        else:
+            _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
+                                    log=log, meta=meta, dist=ctx)
+        if not ctx.is_main:
+            return 0
+    else:
+        _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
+                                log=log, meta=meta)
     results["meta"]["wall_seconds"] = time.perf_counter() - tic
     from .continual.checkpoint import atomic_write_json
 
@@ -165,6 +186,13 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    par = p.add_mutually_exclusive_group()
+    par.add_argument("--distributed", action="store_true",
+                     help="data parallel under torchrun: every phase on DistributedDataParallel, each global batch "
+                     "split over the processes (same result as one process)")
+    par.add_argument("--task-parallel", dest="task_parallel", action="store_true",
+                     help="under torchrun: the base on rank 0, then tasks 1.. spread over the processes, gathered, "
+                     "pruned and evaluated as in a sequential run")
 
 
 def build_parser() -> argparse.ArgumentParser:

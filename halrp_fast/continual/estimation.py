@@ -12,6 +12,7 @@ from torch import nn
 from ..linalg import discrepancy, fit_scalings
 from ..nn import TaskBatchNorm, TaskModel
 from .allocation import allocate_adaptive, lowrank_init
+from .distributed import DistContext
 from .importance import empirical_fisher
 
 
@@ -46,20 +47,21 @@ def kernel_areas(model: TaskModel) -> dict[str, int]:
 def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importance_loader: Iterable,
                             approx_rate: float, upper_rank: int, rank_mode: str = "hessian",
                             device: str = "cpu", svd: str = "rsvd",
-                            generator: torch.Generator | None = None) -> Estimate:
+                            generator: torch.Generator | None = None, dist: DistContext | None = None) -> Estimate:
     """Fit task ``t`` of ``model`` to the trained ``free`` model.
 
     Per layer: scalings ``r, s`` (least squares), discrepancy ``D``, its top singular values (``svd="rsvd"``:
     randomized, sketches grown until the allocation is exact; ``"exact"``: full SVDs); per layer importance
     (empirical Fisher of ``free`` on ``importance_loader``); global allocation; then ``r, s`` and
     ``U = U_k √Σ_k``, ``V = V_k √Σ_k`` go into task ``t``, and its biases, BatchNorm and head are taken
-    from ``free``.  ``generator`` drives the randomized sketches (so they leave the global RNG alone).
+    from ``free``.  ``generator`` drives the randomized sketches (so they leave the global RNG alone); with an active
+    ``dist`` the importance is reduced over the processes, and every process then takes the same decisions.
     """
     layers = model.perturbed_layers()
     seconds = {}
     tic = time.perf_counter()
     weights = {n: free.get_submodule(n).weight for n in layers}
-    importance = empirical_fisher(free, weights, importance_loader, device)
+    importance = empirical_fisher(free, weights, importance_loader, device, dist)
     seconds["importance"] = time.perf_counter() - tic
 
     tic = time.perf_counter()

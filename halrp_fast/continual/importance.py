@@ -7,14 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import DistContext, all_reduce_sum_
+from .training import shard
+
 
 def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader: Iterable,
-                     device: torch.device | str = "cpu") -> dict[str, float]:
+                     device: torch.device | str = "cpu", dist: DistContext | None = None) -> dict[str, float]:
     """``importance[name] = Σ_batches mean(∂L_b/∂W_name)² · n_b / n_batches``.
 
     ``L_b`` is the mean cross-entropy of batch ``b`` (true labels, model in eval mode), ``n_b`` its size;
     ``weights`` maps names to parameters of ``model`` (the conv/linear weights).  The model's train/eval
-    mode and its parameters' gradients are left as they were.
+    mode and its parameters' gradients are left as they were.  With an active ``dist`` every process
+    takes its part of each batch and the gradients are summed over the processes before squaring, so
+    the result is the one-process value on every process.
     """
     sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in weights}
     batches = 0
@@ -23,11 +28,11 @@ def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader:
     model.eval()
     try:
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y)
+            x, y, n = shard(x.to(device), y.to(device), dist)
+            loss = F.cross_entropy(model(x), y, reduction="sum") / n
             grads = torch.autograd.grad(loss, list(weights.values()))
             for (name, _), g in zip(weights.items(), grads, strict=True):
-                sums[name] += g.double().pow(2).mean() * len(x)
+                sums[name] += all_reduce_sum_(g.double(), dist).pow(2).mean() * n
             batches += 1
     finally:
         model.train(was_training)

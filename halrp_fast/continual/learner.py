@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from ..nn import TaskModel, convert
+from ..nn.sync_batchnorm import synced_batchnorm
 from . import checkpoint
 from .accounting import paper_parameter_count, stored_bytes
 from .config import HALRPConfig
+from .distributed import DistContext
 from .estimation import estimate_and_initialise, free_model
 from .pruning import growth, prune
 from .training import accuracy, train
@@ -47,12 +49,31 @@ class HALRPLearner:
     ``save(dir)`` / ``HALRPLearner.load(dir)`` checkpoint; ``export_task(t)`` gives a plain model.
     """
 
-    def __init__(self, model: nn.Module, config: HALRPConfig | None = None, head: str = "last") -> None:
+    def __init__(self, model: nn.Module, config: HALRPConfig | None = None, head: str = "last",
+                 dist: DistContext | None = None) -> None:
         self.config = config or HALRPConfig()
         if not isinstance(model, TaskModel):
             model = convert(model, head=head)
         self.model = model.to(self.config.device)
         self.reports: list[TaskReport] = []
+        #: with an active context, every phase runs data parallel: DistributedDataParallel on each process's part
+        #: of every global batch, BatchNorm statistics and importance over all processes
+        self.dist = dist
+
+    @property
+    def _parallel(self) -> bool:
+        return self.dist is not None and self.dist.active
+
+    def _ddp(self, module: nn.Module) -> nn.Module:
+        """``module`` wrapped in DistributedDataParallel when running data parallel (its trainable parameters
+        at this moment are the ones it synchronises)."""
+        if not self._parallel:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = torch.device(self.dist.device)
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
     @property
     def num_learned(self) -> int:
@@ -65,9 +86,22 @@ class HALRPLearner:
         """Learn the next task from ``train_loader`` (``(x, y)`` with labels ``0..num_classes−1``).
 
         ``val_loader`` (optional) drives the importance estimate and the reported validation accuracy.
+        The two phases :meth:`train_task` and :meth:`finish_task` in one call.
+        """
+        report = self.train_task(self.num_learned, train_loader, val_loader, num_classes)
+        return self.finish_task(report, val_loader)
+
+    def train_task(self, t: int, train_loader: Iterable, val_loader: Iterable | None = None,
+                   num_classes: int | None = None) -> TaskReport:
+        """First phase of learning task ``t``: the base (``t = 0``), or estimation and perturbation training;
+        the task ends frozen, nothing is pruned and the report is not recorded yet.
+
+        The model must hold tasks ``0..t−1`` (for task-parallel runs they may be lazy placeholders): task
+        ``t``'s result depends only on the base, its data and ``(seed, t)``.
         """
         cfg, model = self.config, self.model
-        t = self.num_learned
+        if t >= 1 and model.num_tasks != t:
+            raise ValueError(f"the model holds {model.num_tasks} tasks; task {t} needs exactly tasks 0..{t - 1}")
         torch.manual_seed(cfg.seed + 10007 * t)
         tic_all = time.perf_counter()
         if t == 0:
@@ -78,16 +112,25 @@ class HALRPLearner:
         else:
             if num_classes is None:
                 raise ValueError(f"num_classes is required for task {t}")
-            if model.num_tasks != t:
-                raise ValueError(f"the model holds {model.num_tasks} tasks but the learner has learned {t}")
             report = self._learn_perturbation(t, train_loader, val_loader, num_classes)
         model.freeze_task(t)
+        report.seconds["total"] = time.perf_counter() - tic_all
+        return report
+
+    def finish_task(self, report: TaskReport, val_loader: Iterable | None = None) -> TaskReport:
+        """Second phase: prune the perturbations of all tasks so far (tasks ≥ 1), measure the validation
+        accuracy and the parameter growth, and record ``report`` (task ``report.task`` must be the next one)."""
+        cfg, model, t = self.config, self.model, report.task
+        if t != self.num_learned:
+            raise ValueError(f"the learner has learned {self.num_learned} tasks; cannot finish task {t}")
+        tic_all = time.perf_counter()
         if t >= 1 and cfg.prune is not None:
             tic = time.perf_counter()
             pr = prune(model, cfg.prune, cfg.prune_value, cfg.prune_bound_all_tasks)
             report.seconds["pruning"] = time.perf_counter() - tic
             report.prune_rate = pr.rate
             report.prune_thresholds = {n: thr for (task, n), thr in pr.thresholds.items() if task == t}
+        if t >= 1:
             report.ranks = model.ranks(t)
         if val_loader is not None:
             report.val_accuracy = self._accuracy(val_loader, t)
@@ -97,7 +140,7 @@ class HALRPLearner:
         report.params_added, report.params_added_dense = counts[key], dense[key]
         report.bytes_added = nbytes[key]
         report.growth = counts["total"] / counts["base"] - 1
-        report.seconds["total"] = time.perf_counter() - tic_all
+        report.seconds["total"] = report.seconds.get("total", 0.0) + time.perf_counter() - tic_all
         self.reports.append(report)
         return report
 
@@ -110,8 +153,10 @@ class HALRPLearner:
             return cfg.wd / 2 * sum(L.weight.pow(2).sum() for L in layers)
 
         tic = time.perf_counter()
-        losses = train(lambda x: model(x, 0), params, loader, cfg.epochs, cfg, penalty if cfg.wd else None,
-                       modules=[model], desc="task 0")
+        net = self._ddp(model)
+        with synced_batchnorm(model, self._parallel):
+            losses = train(lambda x: net(x, 0), params, loader, cfg.epochs, cfg, penalty if cfg.wd else None,
+                           modules=[model], desc="task 0", dist=self.dist)
         return TaskReport(task=0, num_classes=model.num_classes[0], train_loss=losses,
                           seconds={"training": time.perf_counter() - tic})
 
@@ -119,16 +164,18 @@ class HALRPLearner:
                             num_classes: int) -> TaskReport:
         cfg, model = self.config, self.model
         t = model.add_task(num_classes)
-        assert t == t_expected
+        assert t == t_expected, (t, t_expected)
         seconds = {}
         tic = time.perf_counter()
         free = free_model(model, t).to(cfg.device)
-        train(free, list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
-              desc=f"task {t} estimate")
-        seconds["free_training"] = time.perf_counter() - tic
-        est = estimate_and_initialise(model, t, free, val_loader if val_loader is not None else loader,
-                                      cfg.approx_rate, cfg.upper_rank, cfg.rank_mode, cfg.device, cfg.svd,
-                                      generator=torch.Generator().manual_seed(cfg.seed + 7919 * t))
+        with synced_batchnorm(free, self._parallel):
+            train(self._ddp(free), list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
+                  desc=f"task {t} estimate", dist=self.dist)
+            seconds["free_training"] = time.perf_counter() - tic
+            est = estimate_and_initialise(model, t, free, val_loader if val_loader is not None else loader,
+                                          cfg.approx_rate, cfg.upper_rank, cfg.rank_mode, cfg.device, cfg.svd,
+                                          generator=torch.Generator().manual_seed(cfg.seed + 7919 * t),
+                                          dist=self.dist)
         seconds.update(est.seconds)
         del free
         layers = list(model.perturbed_layers().values())
@@ -141,8 +188,11 @@ class HALRPLearner:
             return cfg.l1 * reg_l1 + cfg.wd / 2 * reg_l2
 
         tic = time.perf_counter()
-        losses = train(lambda x: model(x, t), model.task_parameters(t), loader, cfg.epochs - cfg.est_rank_epochs,
-                       cfg, penalty if (cfg.l1 or cfg.wd) else None, modules=[model], desc=f"task {t}")
+        net = self._ddp(model)
+        with synced_batchnorm(model, self._parallel):
+            losses = train(lambda x: net(x, t), model.task_parameters(t), loader, cfg.epochs - cfg.est_rank_epochs,
+                           cfg, penalty if (cfg.l1 or cfg.wd) else None, modules=[model], desc=f"task {t}",
+                           dist=self.dist)
         seconds["training"] = time.perf_counter() - tic
         return TaskReport(task=t, num_classes=num_classes, ranks=model.ranks(t), explained=est.explained,
                           importance=est.importance, train_loss=losses, seconds=seconds)
@@ -158,7 +208,8 @@ class HALRPLearner:
         was_training = self.model.training
         self.model.eval()
         try:
-            return accuracy(lambda x: self.model(x, task_id), loader, self.config.device)
+            with synced_batchnorm(self.model, self._parallel):
+                return accuracy(lambda x: self.model(x, task_id), loader, self.config.device, self.dist)
         finally:
             self.model.train(was_training)
 
@@ -186,11 +237,13 @@ class HALRPLearner:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module | None = None,
-             device: str | None = None) -> HALRPLearner:
+             device: str | None = None, lazy: bool = False) -> HALRPLearner:
         """Restore a learner saved by :meth:`save`.
 
         ``model``: the architecture to load into (an unconverted model, or a freshly converted
         :class:`TaskModel`); not needed when the model came from :mod:`halrp_fast.models`.
+        ``lazy=True`` reads a task's file only when the task is first used (see
+        :func:`~halrp_fast.continual.checkpoint.load_into`).
         """
         manifest = checkpoint.read_manifest(directory)
         config = HALRPConfig.from_dict(manifest["config"])
@@ -208,7 +261,7 @@ class HALRPLearner:
             model = convert(model, head=manifest["head_name"])
         if model.num_tasks != 1:
             raise checkpoint.CheckpointError("load into a freshly converted model (with task 0 only)")
-        checkpoint.load_into(model, directory, manifest)
+        checkpoint.load_into(model, directory, manifest, lazy=lazy)
         learner = cls(model, config)
         learner.reports = [TaskReport(**r) for r in manifest.get("reports", [])]
         for t in range(learner.num_learned):

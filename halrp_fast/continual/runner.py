@@ -14,6 +14,7 @@ from .. import metrics
 from .._version import __version__
 from ..data import TaskData
 from . import checkpoint
+from .distributed import DistContext, barrier
 from .learner import HALRPLearner
 
 CHECKPOINT_DIR = "checkpoint"
@@ -34,14 +35,19 @@ def _acc_from_json(rows, T: int) -> np.ndarray:
 
 def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskData], out_dir: str | Path | None = None,
                resume: bool = True, progress: bool = False, log: Callable[[str], None] = print,
-               meta: dict | None = None) -> tuple[HALRPLearner, dict]:
+               meta: dict | None = None, dist: DistContext | None = None) -> tuple[HALRPLearner, dict | None]:
     """Learn ``tasks`` in order; after task ``i`` evaluate tasks ``0..i`` (``A[i, j]``).
 
     With ``out_dir``, the learner is checkpointed to ``out_dir/checkpoint`` after every task and, with
     ``resume``, a run that stopped continues from its last completed task (same result as an uninterrupted
     run on CPU: every task's randomness is seeded from the config seed and the task index).
     Returns the learner and the results dictionary (also written to ``out_dir/results.json``).
+
+    ``dist`` (an active :class:`~halrp_fast.continual.distributed.DistContext`): every process of a ``torchrun``
+    launch calls this; each phase runs data parallel, rank 0 writes the checkpoints and results and the
+    other ranks return ``(learner, None)``.
     """
+    main = dist is None or dist.is_main
     T = len(tasks)
     if T == 0:
         raise ValueError("the task stream is empty")
@@ -49,16 +55,17 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
     ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
     learner = None
     if ckpt is not None and resume and (ckpt / checkpoint.MANIFEST).exists():
-        learner = HALRPLearner.load(ckpt)
+        learner = HALRPLearner.load(ckpt, device=dist.device if dist is not None else None)
         A = _acc_from_json(learner.manifest.get("acc_matrix", []), T)
         if learner.num_learned > T:
             raise checkpoint.CheckpointError(f"{ckpt} holds {learner.num_learned} tasks, the stream has {T}")
         log(f"resuming from {ckpt}: {learner.num_learned} task(s) done")
     if learner is None:
         learner = make_learner()
+    learner.dist = dist
     start = learner.num_learned
     iterator = range(start, T)
-    if progress:
+    if progress and main:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="tasks", initial=start, total=T, dynamic_ncols=True)
@@ -71,8 +78,11 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
         report.seconds["evaluation"] = time.perf_counter() - tic
         log(f"task {t} ({task.name}): test acc {A[t, t]:.2f}%, ranks {sum(report.ranks.values())} total, "
             f"growth {100 * report.growth:.1f}%, {report.seconds['total']:.1f}s")
-        if ckpt is not None:
+        if ckpt is not None and main:
             learner.save(ckpt, extra={"acc_matrix": _acc_to_json(A[: t + 1, : t + 1]), "meta": meta or {}})
+        barrier(dist)
+    if not main:
+        return learner, None
     results = build_results(learner, A, tasks, meta)
     if out_dir is not None:
         checkpoint.atomic_write_json(Path(out_dir) / "results.json", results)

@@ -7,6 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from .config import HALRPConfig
+from .distributed import DistContext, all_reduce_sum_
+
+
+def shard(x: torch.Tensor, y: torch.Tensor, dist: DistContext | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """This process's contiguous part of the global batch ``(x, y)`` and the global batch size."""
+    n = len(x)
+    if dist is None or not dist.active:
+        return x, y, n
+    if n < dist.world_size:
+        raise ValueError(f"a batch of {n} samples cannot be split over {dist.world_size} processes: use batches of "
+                         f"at least {dist.world_size}")
+    return x.tensor_split(dist.world_size)[dist.rank], y.tensor_split(dist.world_size)[dist.rank], n
 
 
 def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
@@ -25,11 +37,13 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: HALRPConfig) -> torch.
 
 def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn.Parameter], loader: Iterable,
           epochs: int, cfg: HALRPConfig, penalty: Callable[[], torch.Tensor] | None = None,
-          modules: Iterable[torch.nn.Module] = (), desc: str = "train") -> list[float]:
+          modules: Iterable[torch.nn.Module] = (), desc: str = "train", dist: DistContext | None = None) -> list[float]:
     """Train ``params`` for ``epochs`` on ``CE(forward(x), y) + penalty()``; returns the mean loss per epoch.
 
     ``modules`` are put in train mode.  The learning rate decays by ``cfg.lr_decay`` per epoch, or per
-    iteration with the paper's schedule.
+    iteration with the paper's schedule.  With an active ``dist``, every process takes its part of each
+    global batch and ``forward`` is a DistributedDataParallel module: the local loss is scaled so that the
+    averaged gradient is the global batch's.
     """
     if epochs == 0:
         return []
@@ -43,34 +57,47 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
         gamma = cfg.lr_decay
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
     losses = []
-    for _ in _progress(range(epochs), cfg.progress, desc):
+    world = dist.world_size if dist is not None else 1
+    for _ in _progress(range(epochs), cfg.progress and (dist is None or dist.is_main), desc):
         total, count = 0.0, 0
         for x, y in loader:
-            x, y = x.to(cfg.device), y.to(cfg.device)
-            loss = F.cross_entropy(forward(x), y)
-            if penalty is not None:
-                loss = loss + penalty()
+            x, y, n = shard(x.to(cfg.device), y.to(cfg.device), dist)
+            ce = F.cross_entropy(forward(x), y, reduction="sum") * (world / n)
+            loss = ce + penalty() if penalty is not None else ce
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if per_iter:
                 sched.step()
-            total += float(loss.detach()) * len(x)
-            count += len(x)
+            total += float(loss.detach()) * n / world
+            count += n
         if not per_iter:
             sched.step()
-        losses.append(total / max(count, 1))
+        losses.append(_global_mean(total, count, world, dist))
     return losses
 
 
+def _global_mean(total: float, count: int, world: int, dist: DistContext | None) -> float:
+    """``total / count`` where every process holds ``total`` for its part and ``count`` for the whole."""
+    if dist is None or not dist.active:
+        return total / max(count, 1)
+    t = torch.tensor([total], dtype=torch.float64, device=dist.device)
+    all_reduce_sum_(t, dist)
+    return float(t) / max(count, 1)
+
+
 @torch.no_grad()
-def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: str = "cpu") -> float:
-    """Top-1 accuracy in percent."""
+def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: str = "cpu",
+             dist: DistContext | None = None) -> float:
+    """Top-1 accuracy in percent (with an active ``dist``: each process scores its part of every batch)."""
     correct = total = 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y, n = shard(x.to(device), y.to(device), dist)
         correct += int((forward(x).argmax(-1) == y).sum())
-        total += len(y)
+        total += n
+    if dist is not None and dist.active:
+        c = torch.tensor([correct], dtype=torch.int64, device=dist.device)
+        correct = int(all_reduce_sum_(c, dist))
     if total == 0:
         raise ValueError("the evaluation loader yielded no sample")
     return 100.0 * correct / total
