@@ -151,3 +151,51 @@ def test_two_hundred_lazy_tasks_cost_only_what_is_read(tmp_path):
                        if "running" in k or "num_batches" in k)
         rank_books = sum(8 for k in model.task_state_dict(t) if ".allocated." in k)
         assert held[f"task_{t}"] == 4 * counts[f"task_{t}"] + bn_stats + rank_books
+
+
+@pytest.mark.parametrize("path", ["merged groups", "mixed op"])
+def test_mixed_inference_paths_agree_with_per_task_forwards(path, monkeypatch):
+    """Inference on a mixed batch picks, per layer, merged weights per task group or the mixed op; both must
+    give every row its own task's output, for unsorted, sorted and repeated task ids."""
+    from halrp_fast.nn.perturbed import PerturbedLayer
+
+    model = random_tasks(lenet(), 4, seed=5)
+    costs = (0.0, 1.0) if path == "merged groups" else (1.0, 0.0)
+    monkeypatch.setattr(PerturbedLayer, "_mixed_costs", lambda self, x, tasks, k: costs)
+    x = torch.randn(9, 1, 8, 8)
+    for ids in ([3, 0, 3, 1, 4, 4, 2, 0, 1], [0, 0, 1, 2, 2, 2, 3, 4, 4], [4, 4, 4, 4, 4, 2, 2, 2, 2]):
+        ids = torch.tensor(ids)
+        with torch.no_grad():
+            got = model(x, ids)
+            want = torch.stack([model(x[i:i + 1], int(t))[0] for i, t in enumerate(ids)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_forward_restores_the_batch_order_of_every_output():
+    """TaskModel groups the rows by task once; tensors of batch size in a tuple output come back in order."""
+    from torch import nn
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 6)
+            self.last = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.last(h), h.sum(), h
+
+    model = convert(TwoOutputs())
+    model.add_task(3)
+    with torch.no_grad():
+        model.model.body.r["1"].uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.randn(5, 4)
+    ids = torch.tensor([1, 0, 1, 0, 0])
+    with torch.no_grad():
+        logits, total, h = model(x, ids)
+        for i, t in enumerate(ids.tolist()):
+            one_logits, _, one_h = model(x[i:i + 1], t)
+            torch.testing.assert_close(logits[i], one_logits[0])
+            torch.testing.assert_close(h[i], one_h[0])
+    assert total.dim() == 0

@@ -21,7 +21,9 @@ class TaskSelection:
     ``single`` is set when every row belongs to one task.  Otherwise ``tasks`` lists the distinct
     tasks in ascending order, ``local_ids (M,)`` maps each row to its position in ``tasks``,
     ``groups`` holds ``(task, row indices)`` per distinct task and ``restore (M,)`` puts rows that
-    were concatenated group by group back in batch order.
+    were concatenated group by group back in batch order; ``order (M,)`` sorts the rows by task (stable).
+    ``spans`` holds ``(start, length)`` per group when the rows are already grouped by ascending task
+    (then no row needs to move: :meth:`rows` is a view and :meth:`regroup` a concatenation).
     """
 
     single: int | None = None
@@ -29,10 +31,33 @@ class TaskSelection:
     local_ids: torch.Tensor | None = None
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     restore: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    spans: list[tuple[int, int]] | None = None
+
+    def rows(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The rows of ``x`` that belong to group ``i``."""
+        if self.spans is not None:
+            return x.narrow(0, *self.spans[i])
+        return x.index_select(0, self.groups[i][1])
 
     def regroup(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Concatenate per-group results (in ``groups`` order) and restore the batch order."""
+        if self.spans is not None:
+            return torch.cat(parts)
         return torch.cat(parts).index_select(0, self.restore)
+
+    def sorted(self) -> TaskSelection:
+        """The selection of the same batch with its rows reordered by ``order``."""
+        if self.single is not None or self.spans is not None:
+            return self
+        counts = [len(idx) for _, idx in self.groups]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        ids = self.local_ids.index_select(0, self.order)
+        groups = [(t, torch.arange(a, a + n, device=ids.device)) for (t, _), a, n in
+                  zip(self.groups, starts, counts, strict=True)]
+        return TaskSelection(tasks=self.tasks, local_ids=ids, groups=groups, order=None,
+                             restore=torch.arange(len(ids), device=ids.device), spans=list(zip(starts, counts,
+                                                                                                   strict=True)))
 
 
 def select_tasks(task_ids, batch: int, num_tasks: int, device: torch.device | None = None) -> TaskSelection:
@@ -66,8 +91,13 @@ def select_tasks(task_ids, batch: int, num_tasks: int, device: torch.device | No
     if len(tasks) == 1:
         return TaskSelection(single=tasks[0])
     order = torch.argsort(task_ids, stable=True)
-    groups = list(zip(tasks, torch.split(order, counts.tolist()), strict=True))
-    return TaskSelection(tasks=tasks, local_ids=local_ids, groups=groups, restore=torch.argsort(order))
+    sizes = counts.tolist()
+    groups = list(zip(tasks, torch.split(order, sizes), strict=True))
+    spans = None
+    if bool((task_ids[1:] >= task_ids[:-1]).all()):
+        spans = list(zip([sum(sizes[:i]) for i in range(len(sizes))], sizes, strict=True))
+    return TaskSelection(tasks=tasks, local_ids=local_ids, groups=groups, restore=torch.argsort(order), order=order,
+                         spans=spans)
 
 
 class TaskContext:

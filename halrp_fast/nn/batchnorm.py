@@ -51,17 +51,17 @@ class TaskBatchNorm(TaskModule):
     def _forward_mixed(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor:
         bns = [self.bns[t] for t in sel.tasks]
         if self.training or not bns[0].track_running_stats:
-            return sel.regroup([bn(x.index_select(0, idx)) for bn, (_, idx) in zip(bns, sel.groups, strict=True)])
-        # Eval with running statistics: gather each sample's task statistics and normalise in one pass.
+            return sel.regroup([bn(sel.rows(x, i)) for i, bn in enumerate(bns)])
+        # Eval with running statistics: y = x · scale + shift with each task's (C,) scale and shift folded
+        # from its statistics and affine parameters, gathered per sample: one pass over x.
         shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
         ids = sel.local_ids
-        mean = torch.stack([bn.running_mean for bn in bns])[ids].view(shape)
-        var = torch.stack([bn.running_var for bn in bns])[ids].view(shape)
-        y = (x - mean) * torch.rsqrt(var + bns[0].eps)
+        scale = torch.rsqrt(torch.stack([bn.running_var for bn in bns]) + bns[0].eps)
+        shift = -torch.stack([bn.running_mean for bn in bns]) * scale
         if bns[0].affine:
-            y = y * torch.stack([bn.weight for bn in bns])[ids].view(shape) \
-                + torch.stack([bn.bias for bn in bns])[ids].view(shape)
-        return y
+            weight = torch.stack([bn.weight for bn in bns])
+            scale, shift = scale * weight, shift * weight + torch.stack([bn.bias for bn in bns])
+        return torch.addcmul(shift[ids].view(shape), x, scale[ids].view(shape))
 
     def extra_repr(self) -> str:
         return f"tasks={self.num_tasks}"

@@ -65,8 +65,8 @@ class TaskHeads(TaskModule):
             return self.heads[sel.single](x)
         width = max(self.num_classes[t] for t in sel.tasks)
         parts = []
-        for t, idx in sel.groups:
-            logits = self.heads[t](x.index_select(0, idx))
+        for i, t in enumerate(sel.tasks):
+            logits = self.heads[t](sel.rows(x, i))
             if logits.shape[-1] < width:
                 pad = logits.new_full((*logits.shape[:-1], width - logits.shape[-1]), float("-inf"))
                 logits = torch.cat([logits, pad], dim=-1)

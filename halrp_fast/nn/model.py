@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from ._context import TaskContext, TaskModule, select_tasks
 from .batchnorm import TaskBatchNorm
@@ -96,12 +97,19 @@ class TaskModel(nn.Module):
 
     def freeze_task(self, t: int) -> None:
         """Stop gradients for task ``t``'s parameters (``requires_grad = False``)."""
-        for p in self.task_parameters(t):
-            p.requires_grad_(False)
+        self._set_requires_grad(t, False)
 
     def unfreeze_task(self, t: int) -> None:
-        for p in self.task_parameters(t):
-            p.requires_grad_(True)
+        self._set_requires_grad(t, True)
+
+    def _set_requires_grad(self, t: int, flag: bool) -> None:
+        if self._check_task(t) == 0:
+            params = self.task_parameters(0)
+        else:  # only task t's entries: the cost does not grow with the number of tasks
+            params = [v for m in self.task_modules().values() for v in m.task_tensors_by_key(t).values()
+                      if isinstance(v, nn.Parameter)]
+        for p in params:
+            p.requires_grad_(flag)
 
     def set_rank(self, task: int, layer: str | PerturbedLayer, U: torch.Tensor, V: torch.Tensor) -> None:
         """Give ``layer`` (name or module) for ``task`` the perturbation ``U (out, k)``, ``V (in, k)``."""
@@ -164,7 +172,7 @@ class TaskModel(nn.Module):
             self._remove_last_task()
             raise ValueError(f"shapes names tensors {sorted(set(shapes) ^ set(current))[:5]} that task {t} of this "
                              f"model does not have (or lacks)")
-        self._lazy_device = next(iter(self.task_state_dict(0).values())).device
+        self._lazy_device = self._base_device()
         for key, value in current.items():
             shape, dtype = (value.shape, value.dtype) if shapes is None else shapes[key]
             self._assign(key, torch.empty(tuple(shape), dtype=dtype, device="meta"))
@@ -219,12 +227,19 @@ class TaskModel(nn.Module):
             if (tuple(value.shape) != tuple(now.shape)) and not (rank_free and value.shape[:-1] == now.shape[:-1]):
                 raise ValueError(f"the state for task {t} has {key} of shape {tuple(value.shape)}, expected "
                                  f"{tuple(now.shape)}")
-        device = self._lazy_device if t in self._lazy else next(iter(self.task_state_dict(0).values())).device
+        device = self._lazy_device if t in self._lazy else self._base_device()
         for key, now in current.items():
             self._assign(key, state[key].detach().to(device=device, dtype=now.dtype).clone())
         self._lazy.pop(t, None)
         for layer in self.perturbed_layers().values():
             layer.clear_caches()
+
+    def _base_device(self) -> torch.device:
+        """Where the model's (non-placeholder) tensors live."""
+        for p in self.model.parameters():
+            if not p.is_meta:
+                return p.device
+        return torch.device("cpu")
 
     def _assign(self, key: str, value: torch.Tensor) -> None:
         """Replace the parameter or buffer ``key`` (a state-dict key) by ``value``, keeping ``requires_grad``."""
@@ -259,8 +274,15 @@ class TaskModel(nn.Module):
         sel = select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
         if self._lazy:
             self.ensure_loaded([sel.single] if sel.single is not None else sel.tasks)
-        with self._ctx.use(sel):
-            return self.model(x)
+        if sel.single is not None or sel.spans is not None:
+            with self._ctx.use(sel):
+                return self.model(x)
+        # Rows of a task next to each other once, so every layer takes its task groups as views.
+        with self._ctx.use(sel.sorted()):
+            out = self.model(x.index_select(0, sel.order))
+        m = x.shape[0]
+        return tree_map(lambda o: o.index_select(0, sel.restore)
+                        if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == m else o, out)
 
     # ---------------------------------------------------------------- export
     def export_task(self, t: int) -> nn.Module:

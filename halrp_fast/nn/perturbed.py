@@ -191,11 +191,23 @@ class PerturbedLayer(TaskModule):
     def _forward_mixed(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor:
         per_task = [self.task_tensors(t) for t in sel.tasks]
         sources = [self.weight] + [p for tensors in per_task for p in tensors]
-        if self._can_merge(sources):
-            banks = self._banks.get(tuple(sel.tasks), sources, lambda: self._stack(per_task))
-        else:
-            banks = self._stack(per_task)
+        if not self._can_merge(sources):
+            return self._op_mt(x, sel.local_ids, *self._stack(per_task))
+        kmax = max(t[2].shape[1] for t in per_task)
+        merge_cost, lowrank_cost = self._mixed_costs(x, len(per_task), kmax)
+        if merge_cost < lowrank_cost:
+            # Inference: each task group through its merged weight (the dense cost), when merging the groups'
+            # weights and moving their rows costs less than the per-sample low-rank work of the mixed op.
+            parts = [self._plain(sel.rows(x, i), self.merged_weight(t), tensors[4])
+                     for i, (t, tensors) in enumerate(zip(sel.tasks, per_task, strict=True))]
+            return sel.regroup(parts)
+        banks = self._banks.get(tuple(sel.tasks), sources, lambda: self._stack(per_task))
         return self._op_mt(x, sel.local_ids, *banks)
+
+    def _mixed_costs(self, x: torch.Tensor, tasks: int, k: int) -> tuple[float, float]:
+        """Multiply-adds beyond the dense product of a mixed inference batch ``x``: ``(merged weights per
+        task group, incl. moving the rows; the mixed op's low-rank and scaling work)``."""
+        raise NotImplementedError
 
     @staticmethod
     def _stack(per_task):
@@ -250,6 +262,11 @@ class TaskLinear(PerturbedLayer):
 
     def _merge(self, weight, r, s, U, V):
         return reference.merge_linear_weight(weight, r, s, U, V)
+
+    def _mixed_costs(self, x, tasks, k):
+        rows, n_in, n_out = x.numel() // self.in_features, self.in_features, self.out_features
+        merged = tasks * n_out * n_in * (1 + k) + rows * (n_in + n_out)
+        return merged, rows * (k + 1) * (n_in + n_out)
 
     def to_plain(self, t: int) -> nn.Linear:
         b = self.task_tensors(t)[4]
@@ -313,6 +330,18 @@ class TaskConv2d(PerturbedLayer):
 
     def _merge(self, weight, r, s, U, V):
         return reference.merge_conv_weight(weight, r, s, U, V)
+
+    def _mixed_costs(self, x, tasks, k):
+        n, n_in, n_out = x.shape[0], self.in_features, self.out_features
+        (kh, kw), hw_in = self.kernel_size, x.shape[-2] * x.shape[-1]
+        h_out, w_out = (
+            (size + 2 * p - d * (kk - 1) - 1) // st + 1
+            for size, p, d, kk, st in zip(x.shape[-2:], self.padding, self.dilation, (kh, kw), self.stride,
+                                          strict=True))
+        hw_out = max(h_out, 0) * max(w_out, 0)
+        merged = tasks * n_out * n_in * (kh * kw + k) + n * (hw_in * n_in + hw_out * n_out)
+        lowrank = n * (hw_in * n_in * (k + 1) + hw_out * (k * kh * kw + k * n_out + n_out))
+        return merged, lowrank
 
     def to_plain(self, t: int) -> nn.Conv2d:
         b = self.task_tensors(t)[4]
