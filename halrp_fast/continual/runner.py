@@ -15,7 +15,7 @@ from .._version import __version__
 from ..data import TaskData
 from . import checkpoint
 from .distributed import DistContext, barrier
-from .learner import HALRPLearner
+from .learner import HALRPLearner, TaskReport
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -72,12 +72,7 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
     for t in iterator:
         task = tasks[t]
         report = learner.learn_task(task.train, task.val, task.num_classes)
-        tic = time.perf_counter()
-        for j in range(t + 1):
-            A[t, j] = learner.evaluate(tasks[j].test, j)
-        report.seconds["evaluation"] = time.perf_counter() - tic
-        log(f"task {t} ({task.name}): test acc {A[t, t]:.2f}%, ranks {sum(report.ranks.values())} total, "
-            f"growth {100 * report.growth:.1f}%, {report.seconds['total']:.1f}s")
+        evaluate_row(learner, tasks, A, report, log)
         if ckpt is not None and main:
             learner.save(ckpt, extra={"acc_matrix": _acc_to_json(A[: t + 1, : t + 1]), "meta": meta or {}})
         barrier(dist)
@@ -87,6 +82,18 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
     if out_dir is not None:
         checkpoint.atomic_write_json(Path(out_dir) / "results.json", results)
     return learner, results
+
+
+def evaluate_row(learner: HALRPLearner, tasks: Sequence[TaskData], A: np.ndarray, report: TaskReport,
+                 log: Callable[[str], None]) -> None:
+    """Fill row ``t = report.task`` of the accuracy matrix (tasks ``0..t`` on their test data) and log it."""
+    t = report.task
+    tic = time.perf_counter()
+    for j in range(t + 1):
+        A[t, j] = learner.evaluate(tasks[j].test, j)
+    report.seconds["evaluation"] = time.perf_counter() - tic
+    log(f"task {t} ({tasks[t].name}): test acc {A[t, t]:.2f}%, ranks {sum(report.ranks.values())} total, "
+        f"growth {100 * report.growth:.1f}%, {report.seconds['total']:.1f}s")
 
 
 def build_results(learner: HALRPLearner, A: np.ndarray, tasks: Sequence[TaskData], meta: dict | None) -> dict:

@@ -19,6 +19,7 @@ from ..data import TaskData
 from . import checkpoint
 from .distributed import DistContext, barrier, broadcast_object, gather_objects
 from .learner import HALRPLearner, TaskReport
+from .runner import CHECKPOINT_DIR, _acc_to_json, build_results, evaluate_row
 
 
 def _placeholder(t: int) -> Callable[[], dict]:
@@ -46,8 +47,6 @@ def run_stream_task_parallel(make_learner: Callable[[], HALRPLearner], tasks: Se
     the results (also written to ``out_dir/results.json`` with the checkpoint in ``out_dir/checkpoint``);
     the other ranks return ``(None, None)``.
     """
-    from .runner import CHECKPOINT_DIR, _acc_to_json, build_results
-
     T = len(tasks)
     if T == 0:
         raise ValueError("the task stream is empty")
@@ -83,19 +82,14 @@ def run_stream_task_parallel(make_learner: Callable[[], HALRPLearner], tasks: Se
     final.finish_task(base_report, tasks[0].val)
     parts = {t: v for part in gathered for t, v in part.items()}
     A = np.full((T, T), np.nan)
-    A[0, 0] = final.evaluate(tasks[0].test, 0)
+    evaluate_row(final, tasks, A, base_report, log)
     for t in range(1, T):
         state, report = parts[t]
         final.model.add_task(tasks[t].num_classes)
         final.model.load_task_state(t, state)
         final.model.freeze_task(t)
         final.finish_task(report, tasks[t].val)
-        tic = time.perf_counter()
-        for j in range(t + 1):
-            A[t, j] = final.evaluate(tasks[j].test, j)
-        report.seconds["evaluation"] = time.perf_counter() - tic
-        log(f"task {t} ({tasks[t].name}): test acc {A[t, t]:.2f}%, ranks {sum(report.ranks.values())} total, "
-            f"growth {100 * report.growth:.1f}%")
+        evaluate_row(final, tasks, A, report, log)
     meta = {**(meta or {}), "task_parallel": {"world_size": ctx.world_size,
                                               "wall_seconds": time.perf_counter() - tic_wall}}
     results = build_results(final, A, tasks, meta)
