@@ -37,13 +37,16 @@ PHASES = ("free_training", "importance", "svd_allocation", "training", "pruning"
 
 def run_network(name: str, tasks, args) -> list[list]:
     bench = benchmarks.get("pfmnist")
-    cfg = HALRPConfig(**{**bench.config, "epochs": args.epochs, "est_rank_epochs": 1, "seed": args.seed})
+    cfg = HALRPConfig(**{**bench.config, "epochs": args.epochs, "est_rank_epochs": 1, "seed": args.seed,
+                         "channels_last": {"auto": None, "on": True, "off": False}[args.channels_last]})
     torch.manual_seed(args.seed)
     learner = HALRPLearner(getattr(models, name)(3, 32, 10), cfg)
     tic = time.perf_counter()
     learner.learn_task(tasks[0].train, tasks[0].val, tasks[0].num_classes)
     print(f"{name}: base trained in {time.perf_counter() - tic:.1f} s", flush=True)
-    naive = NaiveHALRP(learner.model.export_task(0), learner.model.head_name, cfg)
+    # the straightforward implementation keeps PyTorch's default (NCHW) layout
+    naive = NaiveHALRP(learner.model.export_task(0).to(memory_format=torch.contiguous_format),
+                       learner.model.head_name, cfg)
 
     fast_s = {p: [] for p in PHASES}
     eager_s = {p: [] for p in PHASES}
@@ -89,6 +92,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                    help="layout of halrp_fast's run (auto: channels-last on CPU); the eager baseline stays NCHW")
     args = ap.parse_args(argv)
     if args.tasks < 2:
         ap.error("--tasks must be ≥ 2 (the base and at least one timed task)")
@@ -100,7 +105,8 @@ def main(argv=None) -> None:
                                             data_dir=args.data_dir)[: args.tasks]
     print(environment_line("cpu"))
     print(f"stream: permuted Fashion-MNIST, {args.tasks} tasks, {args.max_per_task} training samples per task, "
-          f"{args.epochs} epochs, batch {args.batch_size}; seconds per task (mean over tasks 1..{args.tasks - 1})")
+          f"{args.epochs} epochs, batch {args.batch_size}, halrp_fast layout: channels-last {args.channels_last}; "
+          f"seconds per task (mean over tasks 1..{args.tasks - 1})")
     rows = []
     for name in args.models:
         rows += run_network(name, tasks, args)

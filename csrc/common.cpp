@@ -107,6 +107,13 @@ class Router final : public c10::OperatorKernel {
 
 }  // namespace
 
+at::MemoryFormat conv_layout(const at::Tensor& x, const at::Tensor& weight) {
+  const auto channels_last = [](const at::Tensor& t) {
+    return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  };
+  return channels_last(x) || channels_last(weight) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 void register_routed(torch::Library& m, const char* name, c10::KernelFunction native, c10::DeviceType device) {
   m.impl(name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<Router>(std::move(native), device)));
 }

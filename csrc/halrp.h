@@ -35,6 +35,10 @@ int64_t check_banks(const at::Tensor& x, const at::Tensor& R, const at::Tensor& 
 
 // True when HALRP_FAST_BACKEND (read on every call) lets the compiled kernels serve `device`:
 // CPU: unset, "auto" or "cpp"; CUDA: only "cuda_ext" (the Triton kernels serve CUDA in auto mode).
+// The layout of a conv op's outputs (as F.conv2d): channels-last when x or the weight is stored channels-last
+// (and not also plainly contiguous), else contiguous; halrp_fast.ops states the same in its fake kernels.
+at::MemoryFormat conv_layout(const at::Tensor& x, const at::Tensor& weight);
+
 bool native_enabled(c10::DeviceType device);
 
 // Registers `native` for op `name` of `m`'s dispatch key behind the router described above.

@@ -31,6 +31,7 @@ def _config_from_args(bench, args: argparse.Namespace):
         values["prune_bound_all_tasks"] = False
     if args.prune_bound:
         values["prune_bound_all_tasks"] = True
+    values["channels_last"] = {"auto": None, "on": True, "off": False}[getattr(args, "channels_last", "auto")]
     values["progress"] = not args.no_progress
     return HALRPConfig(**values)
 
@@ -175,6 +176,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--channels-last", dest="channels_last", choices=["auto", "on", "off"], default="auto",
+                   help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
+                   "conv networks)")
     p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "
                    "the benchmark list); nothing is downloaded")
     p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _backend, _checks
+from . import _backend, _checks, reference
 
 _LIB = "halrp"
 _N_GRADS = 7
@@ -34,14 +34,36 @@ def _needed(grads: Sequence[Tensor], needs: Sequence[bool]) -> tuple[Tensor | No
     return tuple(g if n else None for g, n in zip(grads, needs, strict=True))
 
 
+def layout_of(t: Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4-D tensor stored that way (and not also plainly contiguous), else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The layout of a conv op's outputs: channels_last when the input or the weight is (as ``F.conv2d``)."""
+    if torch.channels_last in (layout_of(x), layout_of(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _in_layout(t: Tensor, layout: torch.memory_format) -> Tensor:
+    """``t`` in ``layout`` (4-D tensors; placeholders and other ranks as they are); no copy when it already is."""
+    return t.contiguous(memory_format=layout) if t.dim() == 4 else t
+
+
 def _empty_or(flag: bool, like: Tensor) -> Tensor:
-    return torch.empty_like(like) if flag else like.new_empty(0)
+    return torch.empty_like(like, memory_format=layout_of(like)) if flag else like.new_empty(0)
 
 
-def _fake_outputs(x, y_shape, lowrank_shape, save: bool) -> Outputs:
+def _fake_outputs(x, y_shape, lowrank_shape, save: bool, layout=torch.contiguous_format) -> Outputs:
+    def new(shape):
+        return x.new_empty(shape).contiguous(memory_format=layout) if len(shape) == 4 else x.new_empty(shape)
+
     if not save:
-        return x.new_empty(y_shape), x.new_empty(0), x.new_empty(0)
-    return x.new_empty(y_shape), x.new_empty(y_shape), x.new_empty(lowrank_shape)
+        return new(y_shape), x.new_empty(0), x.new_empty(0)
+    return new(y_shape), new(y_shape), new(lowrank_shape)
 
 
 def _fake_grads(x, weight, r, s, U, V, has_bias: bool, needs: Sequence[bool]) -> Grads:
@@ -175,14 +197,22 @@ def perturbed_conv2d(x: Tensor, weight: Tensor, r: Tensor, s: Tensor, U: Tensor,
 
 def _conv_fake_outputs(x, weight, k, geo, save):
     ho, wo = _checks.conv_out_hw(x, weight, *geo)
-    return _fake_outputs(x, (x.shape[0], weight.shape[0], ho, wo), (x.shape[0], k, ho, wo), save)
+    return _fake_outputs(x, (x.shape[0], weight.shape[0], ho, wo), (x.shape[0], k, ho, wo), save,
+                         _conv_layout(x, weight))
+
+
+def _conv_saves(x: Tensor, weight: Tensor, k: int, geo: tuple) -> bool:
+    """Whether the forward serving ``x``'s device returns ``c`` and ``pooled`` when asked to save: the reference
+    CPU path does not when the layer trains through its merged weight (its backward needs neither)."""
+    provider, _ = _backend.select("perturbed_conv2d", x.device.type)
+    return provider != "reference" or not reference.conv_through_merged_weight(x, weight, k, *geo)
 
 
 @perturbed_conv2d.register_fake
 def _(x, weight, r, s, U, V, bias, save, stride, padding, dilation):
     geo = _geometry(stride, padding, dilation)
     _checks.check_conv(x, weight, r, s, U, V, bias, *geo)
-    return _conv_fake_outputs(x, weight, U.shape[1], geo, save)
+    return _conv_fake_outputs(x, weight, U.shape[1], geo, save and _conv_saves(x, weight, U.shape[1], geo))
 
 
 @torch.library.custom_op(f"{_LIB}::perturbed_conv2d_backward", mutates_args=())
@@ -193,13 +223,20 @@ def perturbed_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, r: Tensor
     """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)`` of :func:`perturbed_conv2d`."""
     _checks.check_grad_mask(needs, _N_GRADS)
     geo = _geometry(stride, padding, dilation)
-    return _backend.call("perturbed_conv2d_backward", x.device.type, grad, x, weight, r, s, U, V, saved_base,
-                         saved_lowrank, has_bias, *geo, list(needs))
+    grads = _backend.call("perturbed_conv2d_backward", x.device.type, grad, x, weight, r, s, U, V, saved_base,
+                          saved_lowrank, has_bias, *geo, list(needs))
+    return _like_inputs(grads, (x, weight))
 
 
 @perturbed_conv2d_backward.register_fake
 def _(grad, x, weight, r, s, U, V, saved_base, saved_lowrank, has_bias, stride, padding, dilation, needs):
     return _fake_grads(x, weight, r, s, U, V, has_bias, needs)
+
+
+def _like_inputs(grads: Grads, conv_inputs: tuple[Tensor, Tensor]) -> Grads:
+    """``dx``, ``dweight`` in the layouts of ``x``, ``weight`` (the layouts the fake kernels state)."""
+    dx, dw = (_in_layout(g, layout_of(t)) for g, t in zip(grads[:2], conv_inputs, strict=True))
+    return (dx, dw, *grads[2:])
 
 
 def _conv_autograd(ctx, grad, _grad_base, _grad_lowrank):
@@ -238,8 +275,9 @@ def perturbed_conv2d_mt_backward(grad: Tensor, x: Tensor, task_ids: Tensor, weig
     """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)`` of :func:`perturbed_conv2d_mt`."""
     _checks.check_grad_mask(needs, _N_GRADS)
     geo = _geometry(stride, padding, dilation)
-    return _backend.call("perturbed_conv2d_mt_backward", x.device.type, grad, x, task_ids, weight, R, S, U, V,
-                         saved_base, saved_lowrank, has_bias, *geo, list(needs))
+    grads = _backend.call("perturbed_conv2d_mt_backward", x.device.type, grad, x, task_ids, weight, R, S, U, V,
+                          saved_base, saved_lowrank, has_bias, *geo, list(needs))
+    return _like_inputs(grads, (x, weight))
 
 
 @perturbed_conv2d_mt_backward.register_fake
@@ -291,7 +329,11 @@ def _forward(name: str, args: tuple, geo: tuple, save: bool):
         _checks.check_conv_mt(*args, *geo)
     if name.endswith("_mt"):
         _checks.check_task_id_range(args[1], args[3].shape[0])
-    return _backend.call(name, args[0].device.type, *args, *geo, save)
+    out = _backend.call(name, args[0].device.type, *args, *geo, save)
+    if geo:  # conv: every provider's outputs in the layout F.conv2d would give (and the fake kernels state)
+        layout = _conv_layout(args[0], args[2] if name.endswith("_mt") else args[1])
+        out = tuple(_in_layout(t, layout) for t in out)
+    return out
 
 
 class _EagerOp(torch.autograd.Function):

@@ -5,7 +5,8 @@ from torch import nn
 
 import halrp_fast as hf
 from halrp_fast.models.alexnet import AlexNet
-from halrp_fast.nn import TaskBatchNorm, TaskConv2d, TaskHeads, TaskLinear
+from halrp_fast.nn import PerturbedLayer, TaskBatchNorm, TaskConv2d, TaskHeads, TaskLinear
+from halrp_fast.nn._context import TaskModule
 
 MODELS = {
     "lenet": lambda: hf.models.lenet(3, 32, 10),
@@ -177,6 +178,22 @@ def test_head_by_name_and_nested_modules():
     assert isinstance(model.model.aux, TaskLinear)
     model.add_task(2)
     assert model(torch.randn(5, 4), 1).shape == (5, 2)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_task_modules_walk_equals_named_modules(name):
+    """task_modules() skips the per-task containers (its cost does not grow with the tasks) but finds what
+    named_modules() finds, in the same order, a shared module under its first name only."""
+    net = MODELS[name]()
+    net.alias = next(iter(net.children()))  # one submodule under two names
+    model = hf.convert(net)
+    for _ in range(3):
+        model.add_task(4)
+    expected = {n: m for n, m in model.model.named_modules() if isinstance(m, TaskModule)}
+    assert len(expected) > 3
+    assert list(model.task_modules().items()) == list(expected.items())
+    layers = {n: m for n, m in expected.items() if isinstance(m, PerturbedLayer)}
+    assert list(model.perturbed_layers().items()) == list(layers.items())
 
 
 def test_exclude_and_grouped_conv():

@@ -77,16 +77,33 @@ def test_task_parallel_gives_the_sequential_model(sequential, tmp_path):
 SGD = ("--optimizer", "sgd", "--lr", "0.05")
 
 
+# The run-level comparison keeps PyTorch's default layout: in channels-last, oneDNN rounds the half-batch
+# convolutions differently, training amplifies that past the tolerance and can flip near-tied rank allocations
+# (measured: base weights 1e-5-4e-4 apart after two epochs, against 1e-6 in the default layout). The
+# channels-last data-parallel step itself is compared below.
+DEFAULT_LAYOUT = ("--channels-last", "off")
+
+
 @pytest.mark.slow
 def test_data_parallel_equals_one_process_on_the_same_global_batch(tmp_path):
-    seq_out, seq = one_process(tmp_path / "one", *SGD)
-    par = torchrun(tmp_path / "ddp", "--distributed", *SGD)
+    seq_out, seq = one_process(tmp_path / "one", *SGD, *DEFAULT_LAYOUT)
+    par = torchrun(tmp_path / "ddp", "--distributed", *SGD, *DEFAULT_LAYOUT)
     assert par["ranks"] == seq["ranks"]
     assert par["params"] == seq["params"]
     _assert_same_model(tmp_path / "ddp", seq_out, atol=1e-3)
     assert _flat(par["acc_matrix"]) == pytest.approx(_flat(seq["acc_matrix"]), abs=0.5)
     assert _flat([r["train_loss"] for r in par["reports"]]) == \
         pytest.approx(_flat([r["train_loss"] for r in seq["reports"]]), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_channels_last_data_parallel_step_equals_one_process():
+    worker = os.path.join(os.path.dirname(__file__), "ddp_step_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", worker]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    worst = float(proc.stdout.split("worst relative gradient error")[1].split()[0])
+    assert worst < 1e-4
 
 
 def test_parallel_flags_need_torchrun(tmp_path, capsys):

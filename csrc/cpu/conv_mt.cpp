@@ -170,8 +170,10 @@ Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
       }
     });
   });
-  if (!save) return {y, x.new_empty({0}), x.new_empty({0})};
-  return {y, base, pooled};
+  // Outputs in the layout F.conv2d would give them (and the op's fake kernel states).
+  const at::MemoryFormat layout = conv_layout(x, weight);
+  if (!save) return {y.contiguous(layout), x.new_empty({0}), x.new_empty({0})};
+  return {y.contiguous(layout), base.contiguous(layout), pooled.contiguous(layout)};
 }
 
 }  // namespace

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from .pruning import MODES, parse_value
 
 
@@ -22,6 +24,11 @@ class HALRPConfig:
     gives every layer ``upper_rank``; ``svd`` picks randomized (grown until the allocation is exact) or full
     exact SVDs of the discrepancies.  Pruning after each task: ``prune`` (one of
     :data:`~halrp_fast.continual.pruning.MODES` or None) with ``prune_value`` and the all-task bound.
+
+    ``channels_last``: keep the conv weights (and with them every 4-D activation: convolutions,
+    BatchNorm, pooling) in the channels-last layout; ``None`` = on for CPU runs of networks with
+    convolutions, where oneDNN's channels-last kernels are faster, off on other devices.  Results are
+    the same up to floating-point summation order.
     """
 
     epochs: int = 12
@@ -46,6 +53,7 @@ class HALRPConfig:
     prune_bound_all_tasks: bool = True
     seed: int = 0
     device: str = "cpu"
+    channels_last: bool | None = None
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -75,6 +83,13 @@ class HALRPConfig:
             parse_value(self.prune, self.prune_value)
         if self.paper_schedule and not self.n_tasks:
             raise ValueError("paper_schedule needs n_tasks (the number of tasks of the stream)")
+
+    def memory_format(self, has_conv: bool) -> torch.memory_format:
+        """The layout of the conv weights for a network with (``has_conv``) or without convolutions."""
+        on = self.channels_last
+        if on is None:
+            on = has_conv and torch.device(self.device).type == "cpu"
+        return torch.channels_last if on and has_conv else torch.preserve_format
 
     def schedule_gamma(self, batch_size: int) -> float:
         """Per-iteration decay of the paper's schedule for batches of ``batch_size``."""

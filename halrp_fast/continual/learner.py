@@ -54,7 +54,8 @@ class HALRPLearner:
         self.config = config or HALRPConfig()
         if not isinstance(model, TaskModel):
             model = convert(model, head=head)
-        self.model = model.to(self.config.device)
+        self.layout = self.config.memory_format(any(L.weight.dim() == 4 for L in model.perturbed_layers().values()))
+        self.model = model.to(self.config.device, memory_format=self.layout)
         self.reports: list[TaskReport] = []
         #: with an active context, every phase runs data parallel: DistributedDataParallel on each process's part
         #: of every global batch, BatchNorm statistics and importance over all processes
@@ -167,7 +168,7 @@ class HALRPLearner:
         assert t == t_expected, (t, t_expected)
         seconds = {}
         tic = time.perf_counter()
-        free = free_model(model, t).to(cfg.device)
+        free = free_model(model, t).to(cfg.device, memory_format=self.layout)
         with synced_batchnorm(free, self._parallel):
             train(self._ddp(free), list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
                   desc=f"task {t} estimate", dist=self.dist)

@@ -58,6 +58,7 @@ def run_stream_task_parallel(make_learner: Callable[[], HALRPLearner], tasks: Se
         base_state = _cpu_state(learner.model.task_state_dict(0))
         log(f"task 0 ({tasks[0].name}): base trained in {base_report.seconds['total']:.1f}s, broadcasting")
     base_state = broadcast_object(base_state, ctx)
+    tic_tasks = time.perf_counter()
     if not ctx.is_main:
         learner.model.load_state_dict(base_state, strict=False)
         learner.model.freeze_task(0)
@@ -71,6 +72,7 @@ def run_stream_task_parallel(make_learner: Callable[[], HALRPLearner], tasks: Se
         trained[t] = (_cpu_state(learner.model.task_state_dict(t)), report)
         log(f"[rank {ctx.rank}] task {t} ({tasks[t].name}) trained in {report.seconds['total']:.1f}s")
     gathered = gather_objects(trained, ctx)
+    tasks_seconds = time.perf_counter() - tic_tasks  # training of tasks 1.. on all ranks, up to the gather
     if not ctx.is_main:
         barrier(ctx)
         return None, None
@@ -91,7 +93,9 @@ def run_stream_task_parallel(make_learner: Callable[[], HALRPLearner], tasks: Se
         final.finish_task(report, tasks[t].val)
         evaluate_row(final, tasks, A, report, log)
     meta = {**(meta or {}), "task_parallel": {"world_size": ctx.world_size,
-                                              "wall_seconds": time.perf_counter() - tic_wall}}
+                                              "wall_seconds": time.perf_counter() - tic_wall,
+                                              "base_seconds": base_report.seconds["total"],
+                                              "tasks_seconds": tasks_seconds}}
     results = build_results(final, A, tasks, meta)
     if out_dir is not None:
         out = Path(out_dir)

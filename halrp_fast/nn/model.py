@@ -15,6 +15,26 @@ from .heads import TaskHeads
 from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear
 
 
+def _task_aware_modules(module: nn.Module, prefix: str = "", seen: set | None = None
+                        ) -> Iterable[tuple[str, TaskModule]]:
+    """``(qualified name, module)`` of the task-aware modules under ``module``, as ``named_modules`` gives them
+    (order, and a shared module under its first name only).
+
+    The per-task containers of a task-aware module (one entry per task) are not entered, so the walk costs the
+    same with 1 or 1000 tasks.
+    """
+    seen = set() if seen is None else seen
+    skip = module._task_containers if isinstance(module, TaskModule) else ()
+    for name, child in module._modules.items():
+        if child is None or name in skip or id(child) in seen:
+            continue
+        seen.add(id(child))
+        qualified = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, TaskModule):
+            yield qualified, child
+        yield from _task_aware_modules(child, qualified, seen)
+
+
 class TaskModel(nn.Module):
     """A converted model: the frozen base is task 0, every later task adds its own small parameters.
 
@@ -46,11 +66,11 @@ class TaskModel(nn.Module):
 
     def task_modules(self) -> dict[str, TaskModule]:
         """Every task-aware module by qualified name (relative to ``self.model``)."""
-        return {name: m for name, m in self.model.named_modules() if isinstance(m, TaskModule)}
+        return dict(_task_aware_modules(self.model))
 
     def perturbed_layers(self) -> dict[str, PerturbedLayer]:
         """The task-aware linear and conv layers by qualified name."""
-        return {name: m for name, m in self.model.named_modules() if isinstance(m, PerturbedLayer)}
+        return {name: m for name, m in _task_aware_modules(self.model) if isinstance(m, PerturbedLayer)}
 
     def _layer(self, layer: str | PerturbedLayer) -> PerturbedLayer:
         if isinstance(layer, PerturbedLayer):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import _checks, reference
 from ..functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
+from ..ops import layout_of
 from ._cache import DerivedCache
 from ._context import TaskContext, TaskModule, TaskSelection
 
@@ -352,7 +353,7 @@ class TaskConv2d(PerturbedLayer):
             plain.weight.copy_(self.merged_weight(t))
             if b is not None:
                 plain.bias.copy_(b)
-        return plain
+        return plain.to(memory_format=layout_of(w))  # the base weight's layout (channels-last stays so)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, stride={self.stride}, "
