@@ -39,10 +39,10 @@ def resident_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def build(name: str, n_tasks: int, rank: int, seed: int, device: str):
+def build(name: str, n_tasks: int, rank: int, seed: int, device: str, layout=torch.preserve_format):
     """A converted ``name`` network holding ``n_tasks`` synthetic tasks (frozen, eval mode)."""
     g = torch.Generator().manual_seed(seed)
-    model = convert(getattr(models, name)(3, 32, 10)).to(device)
+    model = convert(getattr(models, name)(3, 32, 10)).to(device, memory_format=layout)
     for _ in range(n_tasks):
         t = model.add_task(10)
         for L in model.perturbed_layers().values():
@@ -83,14 +83,19 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=str(Path(__file__).with_name("many_tasks.png")))
+    ap.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                    help="conv weights channels-last (auto: on CPU, as HALRPConfig does)")
     args = ap.parse_args(argv)
+    on = {"auto": torch.device(args.device).type == "cpu", "on": True, "off": False}[args.channels_last]
+    layout = torch.channels_last if on else torch.preserve_format
     print(environment_line(args.device))
-    print(f"{args.model}, rank {args.rank} per layer, batch {args.batch}; mixed batches over 8 distinct tasks")
+    print(f"{args.model}, rank {args.rank} per layer, batch {args.batch}, channels-last {on}; mixed batches over 8 "
+          f"distinct tasks")
     rows, series = [], []
     for n in args.counts:
         gc.collect()
         rss0 = resident_mib()
-        model = build(args.model, n, args.rank, args.seed, args.device)
+        model = build(args.model, n, args.rank, args.seed, args.device, layout)
         rss_model = resident_mib() - rss0
         held = stored_bytes(model)
         counts = paper_parameter_count(model)
@@ -105,7 +110,7 @@ def main(argv=None) -> None:
             tic = time.perf_counter()
             lazy = convert(getattr(models, args.model)(3, 32, 10))
             load_into(lazy, tmp, lazy=True)
-            lazy = lazy.to(args.device).eval()
+            lazy = lazy.to(args.device, memory_format=layout).eval()
             open_s = time.perf_counter() - tic
             rss_lazy = resident_mib() - rss1
             tic = time.perf_counter()

@@ -20,6 +20,10 @@ low-rank intermediate (linear: ``x V``, conv: ``Σ_window(Vᵀ · x)``) for ``dU
 recompute the base GEMM / conv; without it they return empty tensors in their place.  Backward functions
 recompute what was not saved, take the mask ``needs`` of the inputs that require a gradient and return an
 empty tensor in place of every gradient that is not needed.
+
+On CPU a single-task conv may instead run through its merged weight (one conv forward, one conv backward for
+the input and weight gradients, the task gradients contracted from the latter) when
+:func:`conv_through_merged_weight` finds that cheaper; its forward then saves nothing.
 """
 from __future__ import annotations
 
