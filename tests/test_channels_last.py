@@ -153,3 +153,5 @@ def test_channels_last_default_follows_device_and_network():
     assert HALRPConfig(device="cuda", channels_last=True).memory_format(has_conv=True) == CL
     assert HALRPConfig(channels_last=False).memory_format(has_conv=True) == torch.preserve_format
     assert HALRPConfig.from_dict(HALRPConfig(channels_last=True).to_dict()).channels_last is True
+    with pytest.raises(TypeError, match="channels_last"):
+        HALRPConfig(channels_last="yes")

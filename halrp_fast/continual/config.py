@@ -81,6 +81,8 @@ class HALRPConfig:
             if self.prune not in MODES:
                 raise ValueError(f"prune must be None or one of {MODES}, got {self.prune!r}")
             parse_value(self.prune, self.prune_value)
+        if self.channels_last not in (None, True, False):
+            raise TypeError(f"channels_last must be None (auto), True or False, got {self.channels_last!r}")
         if self.paper_schedule and not self.n_tasks:
             raise ValueError("paper_schedule needs n_tasks (the number of tasks of the stream)")
 
