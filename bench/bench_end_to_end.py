@@ -30,6 +30,7 @@ from _naive_halrp import NaiveHALRP
 
 from halrp_fast import models
 from halrp_fast.continual import HALRPConfig, HALRPLearner
+from halrp_fast.continual.config import CHANNELS_LAST_CHOICES
 from halrp_fast.data import benchmarks
 
 PHASES = ("free_training", "importance", "svd_allocation", "training", "pruning", "evaluation")
@@ -38,7 +39,7 @@ PHASES = ("free_training", "importance", "svd_allocation", "training", "pruning"
 def run_network(name: str, tasks, args) -> list[list]:
     bench = benchmarks.get("pfmnist")
     cfg = HALRPConfig(**{**bench.config, "epochs": args.epochs, "est_rank_epochs": 1, "seed": args.seed,
-                         "channels_last": {"auto": None, "on": True, "off": False}[args.channels_last]})
+                         "channels_last": CHANNELS_LAST_CHOICES[args.channels_last]})
     torch.manual_seed(args.seed)
     learner = HALRPLearner(getattr(models, name)(3, 32, 10), cfg)
     tic = time.perf_counter()
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+    ap.add_argument("--channels-last", default="auto", choices=list(CHANNELS_LAST_CHOICES),
                     help="layout of halrp_fast's run (auto: channels-last on CPU); the eager baseline stays NCHW")
     args = ap.parse_args(argv)
     if args.tasks < 2:

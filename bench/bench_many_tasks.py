@@ -28,8 +28,9 @@ import torch
 from _common import environment_line, markdown_table, median_ms
 
 from halrp_fast import convert, models
-from halrp_fast.continual import paper_parameter_count, stored_bytes
+from halrp_fast.continual import HALRPConfig, paper_parameter_count, stored_bytes
 from halrp_fast.continual.checkpoint import load_into, save_checkpoint
+from halrp_fast.continual.config import CHANNELS_LAST_CHOICES
 
 
 def resident_mib() -> float:
@@ -83,11 +84,12 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=str(Path(__file__).with_name("many_tasks.png")))
-    ap.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+    ap.add_argument("--channels-last", default="auto", choices=list(CHANNELS_LAST_CHOICES),
                     help="conv weights channels-last (auto: on CPU, as HALRPConfig does)")
     args = ap.parse_args(argv)
-    on = {"auto": torch.device(args.device).type == "cpu", "on": True, "off": False}[args.channels_last]
-    layout = torch.channels_last if on else torch.preserve_format
+    layout = HALRPConfig(device=args.device, channels_last=CHANNELS_LAST_CHOICES[args.channels_last]).memory_format(
+        has_conv=True)
+    on = layout == torch.channels_last
     print(environment_line(args.device))
     print(f"{args.model}, rank {args.rank} per layer, batch {args.batch}, channels-last {on}; mixed batches over 8 "
           f"distinct tasks")

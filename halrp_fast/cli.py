@@ -16,6 +16,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 def _config_from_args(bench, args: argparse.Namespace):
     from .continual import HALRPConfig
+    from .continual.config import CHANNELS_LAST_CHOICES
 
     values = dict(bench.config)
     for field in ("epochs", "lr", "lr_decay", "approx_rate", "upper_rank", "est_rank_epochs", "l1", "wd", "prune",
@@ -31,7 +32,7 @@ def _config_from_args(bench, args: argparse.Namespace):
         values["prune_bound_all_tasks"] = False
     if args.prune_bound:
         values["prune_bound_all_tasks"] = True
-    values["channels_last"] = {"auto": None, "on": True, "off": False}[getattr(args, "channels_last", "auto")]
+    values["channels_last"] = CHANNELS_LAST_CHOICES[getattr(args, "channels_last", "auto")]
     values["progress"] = not args.no_progress
     return HALRPConfig(**values)
 
@@ -152,6 +153,7 @@ def _run_one(args: argparse.Namespace) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
+    from .continual.config import CHANNELS_LAST_CHOICES
     from .continual.pruning import MODES
     from .data import benchmarks
 
@@ -176,7 +178,7 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--channels-last", dest="channels_last", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
                    help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
                    "conv networks)")
     p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from . import _checks
+
 Pair = Sequence[int]
 
 
@@ -287,8 +289,7 @@ def conv_through_merged_weight(x: torch.Tensor, weight: torch.Tensor, k: int, st
         return CONV_STRATEGY == "merged"
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    h_out, w_out = ((size + 2 * p - d * (kk - 1) - 1) // st + 1
-                    for size, p, d, kk, st in zip((h, w), padding, dilation, (kh, kw), stride, strict=True))
+    h_out, w_out = _checks.conv_out_hw(x, weight, stride, padding, dilation)
     activations = n * (h * w * c_in + h_out * w_out * c_out)
     merged = n * h_out * w_out * c_out * c_in * kh * kw
     return merged < activations * (3 * k + _PASS_MACS * _FACTORED_PASSES)

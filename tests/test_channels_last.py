@@ -30,15 +30,15 @@ def expected_layout(x_layout, w_layout):
     return CL if CL in (x_layout, w_layout) else NCHW
 
 
-@pytest.mark.parametrize("layouts", LAYOUTS, ids=str)
-def test_single_task_forward_and_gradients(layouts):
-    x, W, r, s, U, V, b = make(dtype=torch.float64)
+def check_layouts(layouts, op, oracle, x, W, banks, ids=(), **geo):
+    """``op`` on ``x``, ``W`` stored in ``layouts`` against ``oracle`` on the plain tensors: values, gradients of
+    ``x`` and every bank, the layout of ``y`` and of ``dx``."""
     xl, Wl = x.contiguous(memory_format=layouts[0]), W.contiguous(memory_format=layouts[1])
-    leaves = [t.clone().requires_grad_() for t in (xl, r, s, U, V, b)]
-    y = hf.perturbed_conv2d(leaves[0], Wl, *leaves[1:], stride=2, padding=1)
+    leaves = [t.clone().requires_grad_() for t in (xl, *banks)]
+    y = op(leaves[0], *ids, Wl, *leaves[1:], **geo)
     assert layout_of(y) == expected_layout(*layouts)
-    ref_leaves = [t.clone().requires_grad_() for t in (x, r, s, U, V, b)]
-    y_ref = conv(ref_leaves[0], W, *ref_leaves[1:], stride=2, padding=1)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, *banks)]
+    y_ref = oracle(ref_leaves[0], *ids, W, *ref_leaves[1:], **geo)
     assert_close(y, y_ref, torch.float64)
     g = torch.randn_like(y_ref)
     y.backward(g)
@@ -46,25 +46,19 @@ def test_single_task_forward_and_gradients(layouts):
     assert layout_of(leaves[0].grad) == layouts[0]
     for a, e in zip(leaves, ref_leaves, strict=True):
         assert_close(a.grad, e.grad, torch.float64)
+
+
+@pytest.mark.parametrize("layouts", LAYOUTS, ids=str)
+def test_single_task_forward_and_gradients(layouts):
+    x, W, *banks = make(dtype=torch.float64)
+    check_layouts(layouts, hf.perturbed_conv2d, conv, x, W, banks, stride=2, padding=1)
 
 
 @pytest.mark.parametrize("layouts", LAYOUTS, ids=str)
 def test_mixed_task_forward_and_gradients(layouts):
-    x, W, R, S, U, V, B = make(N=5, tasks=3, dtype=torch.float64)
+    x, W, *banks = make(N=5, tasks=3, dtype=torch.float64)
     ids = torch.tensor([2, 0, 2, 1, 0])
-    xl, Wl = x.contiguous(memory_format=layouts[0]), W.contiguous(memory_format=layouts[1])
-    leaves = [t.clone().requires_grad_() for t in (xl, R, S, U, V, B)]
-    y = hf.perturbed_conv2d_mt(leaves[0], ids, Wl, *leaves[1:], padding=1)
-    assert layout_of(y) == expected_layout(*layouts)
-    ref_leaves = [t.clone().requires_grad_() for t in (x, R, S, U, V, B)]
-    y_ref = conv_mt(ref_leaves[0], ids, W, *ref_leaves[1:], padding=1)
-    assert_close(y, y_ref, torch.float64)
-    g = torch.randn_like(y_ref)
-    y.backward(g)
-    y_ref.backward(g)
-    assert layout_of(leaves[0].grad) == layouts[0]
-    for a, e in zip(leaves, ref_leaves, strict=True):
-        assert_close(a.grad, e.grad, torch.float64)
+    check_layouts(layouts, hf.perturbed_conv2d_mt, conv_mt, x, W, banks, (ids,), padding=1)
 
 
 @pytest.mark.parametrize("save", [True, False])

@@ -8,6 +8,9 @@ import torch
 
 from .pruning import MODES, parse_value
 
+#: ``--channels-last`` choices of the command line and benchmarks → :attr:`HALRPConfig.channels_last`
+CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
+
 
 @dataclass
 class HALRPConfig:

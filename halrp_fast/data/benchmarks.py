@@ -127,23 +127,21 @@ def _cifar100(data_dir: str | Path | None) -> dict:
 # The paper's CIFAR-100 settings (LeNet, per-iteration schedule, validation 10 %).
 _PAPER_CIFAR = dict(_PAPER_LENET, paper_schedule=True, valid_frac=0.1)
 
-register(Benchmark(
-    name="cifar100-splits",
-    description="CIFAR-100 Splits: 10 tasks × 10 classes, LeNet, task orders A–E (--order), --data-dir required",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A", subset=1.0: cifar100_splits(
-        _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task, subset=subset),
-    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 10}, batch_size=32,
-    config=dict(_PAPER_CIFAR, n_tasks=10),
-))
+def _register_cifar100(name: str, title: str, stream, tasks: int, classes: int) -> None:
+    """A CIFAR-100 stream of ``tasks`` tasks of ``classes`` classes with the paper's LeNet settings."""
+    register(Benchmark(
+        name=name,
+        description=f"{title}: {tasks} tasks × {classes} classes, LeNet, task orders A–E (--order), --data-dir "
+                    f"required",
+        build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A", subset=1.0: stream(
+            _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task, subset=subset),
+        model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": classes}, batch_size=32,
+        config=dict(_PAPER_CIFAR, n_tasks=tasks),
+    ))
 
-register(Benchmark(
-    name="cifar100-superclass",
-    description="CIFAR-100 SuperClass: 20 tasks × 5 classes, LeNet, task orders A–E (--order), --data-dir required",
-    build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A", subset=1.0: cifar100_superclass(
-        _cifar100(data_dir), batch_size, seed, order, max_per_task=max_per_task, subset=subset),
-    model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": 5}, batch_size=32,
-    config=dict(_PAPER_CIFAR, n_tasks=20),
-))
+
+_register_cifar100("cifar100-splits", "CIFAR-100 Splits", cifar100_splits, tasks=10, classes=10)
+_register_cifar100("cifar100-superclass", "CIFAR-100 SuperClass", cifar100_superclass, tasks=20, classes=5)
 
 
 def _need(data_dir, what: str):

@@ -335,10 +335,7 @@ class TaskConv2d(PerturbedLayer):
     def _mixed_costs(self, x, tasks, k):
         n, n_in, n_out = x.shape[0], self.in_features, self.out_features
         (kh, kw), hw_in = self.kernel_size, x.shape[-2] * x.shape[-1]
-        h_out, w_out = (
-            (size + 2 * p - d * (kk - 1) - 1) // st + 1
-            for size, p, d, kk, st in zip(x.shape[-2:], self.padding, self.dilation, (kh, kw), self.stride,
-                                          strict=True))
+        h_out, w_out = _checks.conv_out_hw(x, self.weight, self.stride, self.padding, self.dilation)
         hw_out = max(h_out, 0) * max(w_out, 0)
         merged = tasks * n_out * n_in * (kh * kw + k) + n * (hw_in * n_in + hw_out * n_out)
         lowrank = n * (hw_in * n_in * (k + 1) + hw_out * (k * kh * kw + k * n_out + n_out))
