@@ -7,6 +7,9 @@ import subprocess
 import torch
 import torch.utils.benchmark as tb
 
+from halrp_fast.cpu_allocator import CHOICES as ALLOCATOR_CHOICES
+from halrp_fast.cpu_allocator import apply_choice, cpu_allocator_state
+
 
 def git_sha() -> str:
     try:
@@ -19,7 +22,17 @@ def git_sha() -> str:
 def environment_line(device: str) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     return (f"device: {device} ({name}), threads: {torch.get_num_threads()}, torch {torch.__version__}, "
-            f"git {git_sha()}")
+            f"git {git_sha()}, cpu allocator {cpu_allocator_state().split(' ')[0]}")
+
+
+def parse_args(parser, argv=None):
+    """``parser.parse_args(argv)`` with ``--cpu-allocator`` added and applied (every baseline of the run shares it)."""
+    parser.add_argument("--cpu-allocator", dest="cpu_allocator", choices=list(ALLOCATOR_CHOICES), default="tuned",
+                        help="tuned: glibc malloc keeps freed memory for reuse (halrp_fast.tune_cpu_allocator); "
+                        "default: malloc as it is")
+    args = parser.parse_args(argv)
+    apply_choice(args.cpu_allocator)
+    return args
 
 
 def median_ms(fn, device: str = "cpu", min_run_time: float = 0.3) -> float:

@@ -21,7 +21,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from _common import environment_line, markdown_table, median_ms
+from _common import environment_line, markdown_table, median_ms, parse_args
 from bench_perturbed_linear import eager_loop_mt
 
 import halrp_fast as hf
@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="N = K of the linear layer")
-    args = parser.parse_args()
+    args = parse_args(parser)
     if _ext.load() is not None:
         raise SystemExit(f"halrp_fast._C is not available: {_ext.load()}")
     torch.manual_seed(0)

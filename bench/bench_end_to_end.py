@@ -25,7 +25,7 @@ import argparse
 import time
 
 import torch
-from _common import environment_line, markdown_table
+from _common import environment_line, markdown_table, parse_args
 from _naive_halrp import NaiveHALRP
 
 from halrp_fast import models
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--channels-last", default="auto", choices=list(CHANNELS_LAST_CHOICES),
                     help="layout of halrp_fast's run (auto: channels-last on CPU); the eager baseline stays NCHW")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     if args.tasks < 2:
         ap.error("--tasks must be ≥ 2 (the base and at least one timed task)")
     if args.epochs < 2:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import environment_line, markdown_table, median_ms
+from _common import environment_line, markdown_table, median_ms, parse_args
 
 from halrp_fast import convert, models
 from halrp_fast.continual import HALRPConfig, paper_parameter_count, stored_bytes
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     ap.add_argument("--plot", default=str(Path(__file__).with_name("many_tasks.png")))
     ap.add_argument("--channels-last", default="auto", choices=list(CHANNELS_LAST_CHOICES),
                     help="conv weights channels-last (auto: on CPU, as HALRPConfig does)")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv)
     layout = HALRPConfig(device=args.device, channels_last=CHANNELS_LAST_CHOICES[args.channels_last]).memory_format(
         has_conv=True)
     on = layout == torch.channels_last

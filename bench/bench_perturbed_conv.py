@@ -14,7 +14,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _common import environment_line, markdown_table, median_ms
+from _common import environment_line, markdown_table, median_ms, parse_args
 
 import halrp_fast as hf
 from halrp_fast.reference import merge_conv_weight, window_sum
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batches = (32, 256) if args.full else (8, 32)

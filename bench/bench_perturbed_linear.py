@@ -15,7 +15,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _common import environment_line, markdown_table, median_ms
+from _common import environment_line, markdown_table, median_ms, parse_args
 
 import halrp_fast as hf
 
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--full", action="store_true", help="M ∈ {1,16,128,2048,8192}, N=K ∈ {1024,4096}")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     if args.full:

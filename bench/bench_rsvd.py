@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from _common import environment_line, markdown_table, median_ms
+from _common import environment_line, markdown_table, median_ms, parse_args
 
 import halrp_fast as hf
 from halrp_fast.continual.allocation import allocate_adaptive, lowrank_init
@@ -139,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser)
     torch.manual_seed(0)
     print(environment_line(args.device))
     print(markdown_table(["batch", "m = n", "k", "loop svd ms", "svd_lowrank ms", "ours ms", "loop/ours",

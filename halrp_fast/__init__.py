@@ -14,6 +14,7 @@ from . import (
 from ._backend import env_report as _env_report
 from ._version import __version__
 from .continual import HALRPConfig, HALRPLearner
+from .cpu_allocator import tune_cpu_allocator
 from .functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
 from .nn import TaskModel, convert
 
@@ -40,4 +41,5 @@ __all__ = [
     "perturbed_conv2d_mt",
     "perturbed_linear",
     "perturbed_linear_mt",
+    "tune_cpu_allocator",
 ]

@@ -179,11 +179,14 @@ def env_report(devices: tuple[str, ...] | None = None) -> str:
     """A human-readable table: for each op and device type, the provider serving it and why."""
     import torch
 
+    from .cpu_allocator import cpu_allocator_state
+
     if devices is None:
         devices = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
     lines = [
         f"halrp_fast env report  (torch {torch.__version__}, {ENV_VAR}={os.environ.get(ENV_VAR, 'auto')}, "
         f"cuda available: {torch.cuda.is_available()})",
+        f"cpu allocator: {cpu_allocator_state()}",
         "providers:",
     ]
     for p in sorted(_PROVIDERS.values(), key=lambda p: -p.priority):

@@ -6,6 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from .cpu_allocator import CHOICES as ALLOCATOR_CHOICES
+from .cpu_allocator import apply_choice as apply_allocator_choice
+from .cpu_allocator import cpu_allocator_state
+
 
 def _cmd_env(args: argparse.Namespace) -> int:
     from . import env_report
@@ -50,6 +54,7 @@ def format_table(results: dict) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """One run, or one per seed (``--repeats``) and task order (``--orders``), each in its own directory."""
+    apply_allocator_choice(args.cpu_allocator)
     seeds = [args.seed or 0] if not args.repeats else [(args.seed or 0) + i for i in range(args.repeats)]
     orders = list(args.orders) if args.orders else [args.order]
     if len(seeds) == 1 and len(orders) == 1:
@@ -110,7 +115,7 @@ def _run_one(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": bench.name, "model": model_name, "batch_size": batch, "order": args.order,
-            "task_names": [t.name for t in tasks], "command": sys.argv}
+            "task_names": [t.name for t in tasks], "command": sys.argv, "cpu_allocator": cpu_allocator_state()}
 
     def make_learner():
         torch.manual_seed(cfg.seed)
@@ -181,6 +186,10 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
                    help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
                    "conv networks)")
+    p.add_argument("--cpu-allocator", dest="cpu_allocator", choices=list(ALLOCATOR_CHOICES), default="tuned",
+                   help="tuned: glibc malloc keeps freed memory for reuse instead of page-faulting fresh memory for "
+                   "every large tensor (faster CPU runs, the process keeps its peak memory); default: leave malloc "
+                   "as it is")
     p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "
                    "the benchmark list); nothing is downloaded")
     p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")
