@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -47,18 +48,22 @@ def _extensions():
     if force_cuda and not with_cuda:
         why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)"
         raise RuntimeError(f"HALRP_FAST_FORCE_CUDA=1 but the CUDA kernels cannot be built: {why}")
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp-simd"]  # simd pragmas only, no OpenMP runtime
+    # at::parallel_for is a header template: it runs threads only in code compiled with OpenMP. torch's Linux
+    # builds use libgomp (libgomp.so.1, which the loader shares with torch's copy); elsewhere only simd pragmas.
+    openmp = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp" if openmp else "-fopenmp-simd"]
+    link = ["-fopenmp"] if openmp else []
     include_dirs = [os.path.join(here, "csrc")]
     if with_cuda:
         ext = cpp_extension.CUDAExtension(
             "halrp_fast._C", sources + cuda_sources, include_dirs=include_dirs,
             define_macros=[("HALRP_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
-            optional=not force_cuda,
+            extra_link_args=link, optional=not force_cuda,
         )
     else:
         ext = cpp_extension.CppExtension("halrp_fast._C", sources, include_dirs=include_dirs,
-                                         extra_compile_args={"cxx": cxx}, optional=True)
+                                         extra_compile_args={"cxx": cxx}, extra_link_args=link, optional=True)
     return [ext], {"build_ext": _optional_build(cpp_extension.BuildExtension, required=force_cuda)}
 
 

@@ -96,18 +96,23 @@ def test_linear_mt_low_precision(dtype):
 GEOMETRIES = [((1, 1), (0, 0), (1, 1)), ((2, 1), (1, 1), (1, 1)), ((1, 2), (1, 0), (2, 1)), ((2, 2), (2, 2), (1, 1))]
 
 
-@pytest.mark.parametrize("case", ["unsorted", "single", "one_row", "empty"])
-@pytest.mark.parametrize("k", [0, 2, 9])  # 9 > C_in: the window sum runs before the channel mix
+@pytest.mark.parametrize("case", ["unsorted", "sorted", "single", "one_row", "empty"])
+@pytest.mark.parametrize("k", [0, 2, 9, 70])  # k ≥ C_in: the window sum runs before the channel mix
 @pytest.mark.parametrize("geo", GEOMETRIES)
 @pytest.mark.parametrize("save", [False, True])
-def test_conv_mt_matches_oracle(case, k, geo, save):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])  # channels-last inference: the NHWC kernel
+def test_conv_mt_matches_oracle(case, k, geo, save, layout):
     ids = torch.tensor(IDS[case], dtype=torch.int64)
     x = torch.randn(len(ids), 5, 9, 8, dtype=torch.float64)
     W = torch.randn(7, 5, 3, 3, dtype=torch.float64) / 6
+    if layout == "channels_last":
+        x, W = x.to(memory_format=torch.channels_last), W.to(memory_format=torch.channels_last)
     bk = banks(4, 5, 7, k, torch.float64)
     poison_allocator()
     y, c, pooled = CONV(x, ids, W, *bk, save, *geo)
     assert_close(y, conv_mt(x, ids, W, *bk, *geo), torch.float64)
+    if layout == "channels_last" and len(ids):
+        assert y.is_contiguous(memory_format=torch.channels_last)
     if save:
         _, c_ref, p_ref = reference.perturbed_conv2d_mt(x, ids, W, *bk, *geo, True)
         assert_close(c, c_ref, torch.float64)
@@ -121,6 +126,32 @@ def test_conv_mt_channels_last_and_no_bias():
     R, S, U, V, _ = banks(2, 6, 8, 3, bias=False)
     y, _, _ = CONV(x, ids, W, R, S, U, V, None, False, [1, 1], [2, 2], [1, 1])
     assert_close(y, conv_mt(x, ids, W, R, S, U, V, None, 1, 2, 1), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv_mt_low_precision(dtype, layout):
+    ids = torch.tensor([2, 0, 0, 1, 2, 2])
+    x = torch.randn(6, 12, 9, 9).to(memory_format=layout)
+    W = (torch.randn(10, 12, 3, 3) / 10).to(memory_format=layout)
+    bk = banks(3, 12, 10, 5)
+    expected = conv_mt(x, ids, W, *bk, 1, 1, 1)
+    low = [t.to(dtype) for t in (x, W, *bk)]
+    y, _, _ = CONV(low[0], ids, low[1], *low[2:], False, [1, 1], [1, 1], [1, 1])
+    assert y.dtype == dtype
+    baseline = reference.perturbed_conv2d_mt(low[0], ids, low[1], *low[2:], [1, 1], [1, 1], [1, 1])[0]
+    assert_low_precision(y, baseline, expected)
+
+
+def test_conv_mt_channels_last_runs_of_tasks_and_large_batch():
+    """Channels-last inference over many images in task runs (the rows a TaskModel sorts), C_in > k and C_in ≤ k."""
+    for c_in, k in ((20, 6), (3, 16)):
+        ids = torch.tensor([4] * 9 + [1] * 17 + [0] * 3 + [4] * 11)
+        x = torch.randn(len(ids), c_in, 12, 11).to(memory_format=torch.channels_last)
+        W = (torch.randn(13, c_in, 5, 5) / (5 * c_in**0.5)).to(memory_format=torch.channels_last)
+        bk = banks(5, c_in, 13, k)
+        y, _, _ = CONV(x, ids, W, *bk, False, [1, 1], [2, 2], [1, 1])
+        assert_close(y, conv_mt(x, ids, W, *bk, 1, 2, 1), torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (37, 53), (300, 7), (16, 8, 3, 3), (5, 3, 1, 7)])

@@ -7,7 +7,8 @@
 // whichever side has fewer channels, as they commute), the 1×1 expand by U[t] accumulated in place into the
 // output already holding R[t] ⊙ c + B[t].  No bank is gathered and no per-task Python loop runs.  When every
 // image has the same task, the extras run batched instead (1×1 convs and a sum-pool over the whole batch), which
-// measures faster than per-image products there.
+// measures faster than per-image products there.  Inference on channels-last tensors (the CPU default for conv
+// networks) takes `conv_mt_nhwc`: the same math on (images·pixels, channels) row blocks, no layout conversion.
 #include "../halrp.h"
 
 #include <ATen/Dispatch.h>
@@ -76,6 +77,147 @@ void window_sum(const T* in, T* out, int64_t C, int64_t H, int64_t W, int64_t Ho
   }
 }
 
+// Channels-last (NHWC) window sum of one image: out (Ho, Wo, C) = Σ over each conv window of in (H, W, C), as
+// `window_sum` separably (a pass along W into rows (H, Wo, C), then along H).  At stride 1 the pixels a tap
+// reaches are contiguous in memory, so each pass is a run of (pixels · C) adds.
+template <typename T>
+void window_sum_nhwc(const T* in, T* out, int64_t C, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                     const Geometry& g, std::vector<at::opmath_type<T>>& rows) {
+  using acc_t = at::opmath_type<T>;
+  rows.assign(H * Wo * C, acc_t(0));
+  for (int64_t j = 0; j < g.kw; ++j) {
+    const auto [lo, hi] = valid_outputs(j, W, Wo, g.sw, g.pw, g.dw);
+    const int64_t shift = j * g.dw - g.pw;
+    for (int64_t h = 0; h < H; ++h) {
+      acc_t* dst = rows.data() + (h * Wo + lo) * C;
+      const T* src = in + (h * W + lo * g.sw + shift) * C;
+      if (g.sw == 1) {
+        const int64_t n = (hi - lo) * C;
+#pragma omp simd
+        for (int64_t e = 0; e < n; ++e) dst[e] += static_cast<acc_t>(src[e]);
+      } else {
+        for (int64_t ow = lo; ow < hi; ++ow, dst += C, src += g.sw * C)
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) dst[c] += static_cast<acc_t>(src[c]);
+      }
+    }
+  }
+  const int64_t row = Wo * C;
+  for (int64_t oh = 0; oh < Ho; ++oh) {
+    T* o = out + oh * row;
+    bool first = true;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t h = oh * g.sh - g.ph + i * g.dh;
+      if (h < 0 || h >= H) continue;
+      const acc_t* r = rows.data() + h * row;
+      if (first) {
+#pragma omp simd
+        for (int64_t e = 0; e < row; ++e) o[e] = static_cast<T>(r[e]);
+      } else {
+#pragma omp simd
+        for (int64_t e = 0; e < row; ++e) o[e] = static_cast<T>(static_cast<acc_t>(o[e]) + r[e]);
+      }
+      first = false;
+    }
+    if (first) std::fill(o, o + row, T(0));
+  }
+}
+
+// Inference on channels-last x and weight: the base conv once for the batch on S[t] ⊙ x, then per run of
+// consecutive images of one task (the rows a TaskModel sorted by task form one run per task), all of it on
+// (images·pixels, channels) row blocks: the low-rank term is Σ_window(x) (V Uᵀ) when C_in ≤ k (sum the few
+// input channels, then one C_in → C_out product) and else Σ_window(x V) Uᵀ, added to R[t] ⊙ c + B[t].
+// Returns y (N, C_out, Ho, Wo) channels-last.
+template <typename T>
+at::Tensor conv_mt_nhwc(const at::Tensor& x, const int64_t* tid, const at::Tensor& weight, const at::Tensor& R,
+                        const at::Tensor& S, const at::Tensor& U, const at::Tensor& V, const T* bias,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, const Geometry& g,
+                        int64_t Ho, int64_t Wo) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Co = weight.size(0), k = U.size(2);
+  const int64_t HW = H * W, HWo = Ho * Wo;
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  const T* xp = xc.const_data_ptr<T>();
+  const T* sp = S.const_data_ptr<T>();
+  at::Tensor xs = at::empty_like(xc, at::MemoryFormat::ChannelsLast);
+  T* xsp = xs.mutable_data_ptr<T>();
+  at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* sr = sp + tid[n] * C;
+      for (int64_t p = n * HW; p < (n + 1) * HW; ++p) {
+        const T* xr = xp + p * C;
+        T* o = xsp + p * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>(static_cast<acc_t>(xr[c]) * static_cast<acc_t>(sr[c]));
+      }
+    }
+  });
+  at::Tensor y = at::conv2d(xs, weight, {}, stride, padding, dilation).contiguous(at::MemoryFormat::ChannelsLast);
+  xs = at::Tensor();
+  // Runs of consecutive images with one task.
+  std::vector<std::pair<int64_t, int64_t>> runs;  // (first image, count)
+  for (int64_t n = 0; n < N; ++n) {
+    if (runs.empty() || tid[runs.back().first] != tid[n]) runs.emplace_back(n, 0);
+    ++runs.back().second;
+  }
+  const bool sum_first = C <= k;
+  const int64_t mid = k == 0 ? 0 : sum_first ? C : k;  // channels of the window-summed term
+  // Per task of a run, M (mid × C_out): V[t] U[t]ᵀ (sum first) or U[t]ᵀ.
+  std::vector<at::Tensor> M(runs.size());
+  for (size_t i = 0; i < runs.size() && mid > 0; ++i) {
+    const int64_t t = tid[runs[i].first];
+    M[i] = sum_first ? at::cpu::mm(V.select(0, t), U.select(0, t).t()) : U.select(0, t).t().contiguous();
+  }
+  at::Tensor pooled = at::empty({N * HWo, mid}, x.options());
+  T* pp = pooled.mutable_data_ptr<T>();
+  if (mid > 0) {
+    at::Tensor mixed;  // x V[t] per pixel when the channel mix comes first
+    if (!sum_first) {
+      mixed = at::empty({N * HW, k}, x.options());
+      const at::Tensor x2 = xc.as_strided({N * HW, C}, {C, 1});  // the NHWC memory as rows of pixels
+      for (const auto& [first, count] : runs) {
+        at::Tensor out = mixed.narrow(0, first * HW, count * HW);
+        at::cpu::mm_out(out, x2.narrow(0, first * HW, count * HW), V.select(0, tid[first]));
+      }
+    }
+    const T* src = sum_first ? xp : mixed.const_data_ptr<T>();
+    at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc_t> rows;
+      for (int64_t n = lo; n < hi; ++n)
+        window_sum_nhwc(src + n * HW * mid, pp + n * HWo * mid, mid, H, W, Ho, Wo, g, rows);
+    });
+  }
+  // y = R[t] ⊙ c + B[t], in parallel over images; then y += pooled · M, one product per run.
+  T* yp = y.mutable_data_ptr<T>();
+  const T* rp = R.const_data_ptr<T>();
+  at::parallel_for(0, N, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const T* rr = rp + tid[n] * Co;
+      const T* br = bias ? bias + tid[n] * Co : nullptr;
+      for (int64_t p = n * HWo; p < (n + 1) * HWo; ++p) {
+        T* o = yp + p * Co;
+        if (br) {
+#pragma omp simd
+          for (int64_t c = 0; c < Co; ++c)
+            o[c] = static_cast<T>(static_cast<acc_t>(rr[c]) * static_cast<acc_t>(o[c]) + static_cast<acc_t>(br[c]));
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < Co; ++c) o[c] = static_cast<T>(static_cast<acc_t>(rr[c]) * static_cast<acc_t>(o[c]));
+        }
+      }
+    }
+  });
+  if (mid > 0) {
+    const at::Tensor y2 = y.as_strided({N * HWo, Co}, {Co, 1});  // a view of y's memory
+    for (size_t i = 0; i < runs.size(); ++i) {
+      const auto [first, count] = runs[i];
+      at::Tensor yb = y2.narrow(0, first * HWo, count * HWo);
+      at::cpu::addmm_out(yb, yb, pooled.narrow(0, first * HWo, count * HWo), M[i]);
+    }
+  }
+  return y;
+}
+
 Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                                 const at::Tensor& R, const at::Tensor& S, const at::Tensor& U, const at::Tensor& V,
                                 const std::optional<at::Tensor>& B, bool save, at::IntArrayRef stride,
@@ -99,7 +241,6 @@ Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
   check_task_ids(task_ids, N, T, x);
   const int64_t k = U.size(2);
 
-  const at::Tensor xc = x.contiguous();
   const at::Tensor ids = task_ids.contiguous();
   const at::Tensor Rc = R.contiguous(), Sc = S.contiguous();
   const std::optional<at::Tensor> Bc = B.has_value() ? std::optional<at::Tensor>(B->contiguous()) : std::nullopt;
@@ -108,6 +249,12 @@ Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t* tid = ids.const_data_ptr<int64_t>();
     const int64_t HW = H * W, HWo = Ho * Wo;
+    if (!save && conv_layout(x, weight) == at::MemoryFormat::ChannelsLast) {
+      y = conv_mt_nhwc<scalar_t>(x, tid, weight, Rc, Sc, U, V, Bc ? Bc->const_data_ptr<scalar_t>() : nullptr, stride,
+                                 padding, dilation, g, Ho, Wo);
+      return;
+    }
+    const at::Tensor xc = x.contiguous();
     const bool mix_first = k <= C;  // channel mix before the window sum when it leaves fewer channels to sum
     const bool one_task = N > 0 && std::all_of(tid, tid + N, [&](int64_t t) { return t == tid[0]; });
     const bool sum_pool = g.dh == 1 && g.dw == 1 && 2 * g.ph <= g.kh && 2 * g.pw <= g.kw;

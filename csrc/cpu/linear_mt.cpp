@@ -169,12 +169,23 @@ void linear_mt_kernel(const at::Tensor& xo, const RowOrder& order, const at::Ten
       if (small(b))
         for (int64_t p = b.begin; p < b.begin + b.size; ++p) small_rows.push_back(p);
     lowrank_rows<T>(xp, tid, small_rows, V, U, in, out, k, z.mutable_data_ptr<T>(), yp);
-    for (const TaskBlock& b : order.blocks) {
-      if (small(b)) continue;
+    std::vector<const TaskBlock*> large;
+    for (const TaskBlock& b : order.blocks)
+      if (!small(b)) large.push_back(&b);
+    auto block_products = [&](const TaskBlock& b) {
       at::Tensor zb = z.narrow(0, b.begin, b.size);
       at::cpu::mm_out(zb, xo.narrow(0, b.begin, b.size), V.select(0, b.task));
       at::Tensor yb = yo.narrow(0, b.begin, b.size);
       at::cpu::addmm_out(yb, yb, zb, U.select(0, b.task).t());
+    };
+    // With at least as many blocks as threads, the blocks run in parallel (each BLAS call on one thread): a
+    // threaded BLAS call on a block this small spends more on starting its threads than on the products.
+    if (static_cast<int64_t>(large.size()) >= at::get_num_threads()) {
+      at::parallel_for(0, static_cast<int64_t>(large.size()), 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) block_products(*large[i]);
+      });
+    } else {
+      for (const TaskBlock* b : large) block_products(*b);
     }
   }
   // Back to the caller's row order.
