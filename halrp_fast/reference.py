@@ -92,13 +92,16 @@ def per_channel(v: torch.Tensor) -> torch.Tensor:
 # merged weights
 # --------------------------------------------------------------------------------------------
 def merge_linear_weight(weight, r, s, U, V) -> torch.Tensor:
-    """``diag(r) W diag(s) + U Vᵀ``: ``(out, in)``."""
-    return torch.addmm(r[:, None] * weight * s, U, V.T)
+    """``diag(r) W diag(s) + U Vᵀ``: ``(out, in)``; for banks ``r (T, out)``, ``s (T, in)``, ``U (T, out, k)``,
+    ``V (T, in, k)`` the ``T`` merged weights ``(T, out, in)``."""
+    scaled = r[..., :, None] * weight * s[..., None, :]
+    return torch.addmm(scaled, U, V.T) if r.dim() == 1 else torch.baddbmm(scaled, U, V.mT)
 
 
 def merge_conv_weight(weight, r, s, U, V) -> torch.Tensor:
-    """``r ⊙ W ⊙ s + (U Vᵀ)`` at every kernel position: ``(C_out, C_in, kh, kw)``."""
-    return r[:, None, None, None] * weight * s[:, None, None] + (U @ V.T)[:, :, None, None]
+    """``r ⊙ W ⊙ s + (U Vᵀ)`` at every kernel position: ``(C_out, C_in, kh, kw)``; for banks (as
+    :func:`merge_linear_weight`) the ``T`` merged weights ``(T, C_out, C_in, kh, kw)``."""
+    return r[..., :, None, None, None] * weight * s[..., None, :, None, None] + (U @ V.mT)[..., None, None]
 
 
 # --------------------------------------------------------------------------------------------

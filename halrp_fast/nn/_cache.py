@@ -38,19 +38,30 @@ class DerivedCache:
         self._entries: OrderedDict[Hashable, tuple[tuple, torch.Tensor]] = OrderedDict()
 
     def get(self, name: Hashable, sources: Sequence[torch.Tensor | None], build: Callable[[], object]):
+        value = self.lookup(name, sources)
+        if value is None:
+            with torch.inference_mode(False), torch.no_grad():
+                value = build()
+            self.put(name, sources, value)
+        return value
+
+    def lookup(self, name: Hashable, sources: Sequence[torch.Tensor | None]):
+        """The value stored for ``name`` if ``sources`` are unchanged since, else ``None``."""
         key = tensor_key(sources)
         hit = self._entries.get(name)
         if key is not None and hit is not None and hit[0] == key:
             self._entries.move_to_end(name)
             return hit[1]
-        with torch.inference_mode(False), torch.no_grad():
-            value = build()
+        return None
+
+    def put(self, name: Hashable, sources: Sequence[torch.Tensor | None], value) -> None:
+        """Store ``value`` (built without autograd) for ``name`` and the current ``sources``."""
+        key = tensor_key(sources)
         if key is not None and self.capacity > 0:
             self._entries[name] = (key, value)
             self._entries.move_to_end(name)
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
-        return value
 
     def clear(self) -> None:
         self._entries.clear()

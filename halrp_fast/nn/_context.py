@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0 in ``x``'s memory layout (``index_select`` returns a contiguous tensor, which turns
+    a channels-last activation into NCHW and makes every following layer convert it back)."""
+    return x[index]
+
+
 @dataclass
 class TaskSelection:
     """The tasks of one batch.
@@ -38,13 +44,13 @@ class TaskSelection:
         """The rows of ``x`` that belong to group ``i``."""
         if self.spans is not None:
             return x.narrow(0, *self.spans[i])
-        return x.index_select(0, self.groups[i][1])
+        return take_rows(x, self.groups[i][1])
 
     def regroup(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Concatenate per-group results (in ``groups`` order) and restore the batch order."""
         if self.spans is not None:
             return torch.cat(parts)
-        return torch.cat(parts).index_select(0, self.restore)
+        return take_rows(torch.cat(parts), self.restore)
 
     def sorted(self) -> TaskSelection:
         """The selection of the same batch with its rows reordered by ``order``."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ._context import TaskContext, TaskModule, select_tasks
+from ._context import TaskContext, TaskModule, select_tasks, take_rows
 from .batchnorm import TaskBatchNorm
 from .heads import TaskHeads
 from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear
@@ -299,9 +299,9 @@ class TaskModel(nn.Module):
                 return self.model(x)
         # Rows of a task next to each other once, so every layer takes its task groups as views.
         with self._ctx.use(sel.sorted()):
-            out = self.model(x.index_select(0, sel.order))
+            out = self.model(take_rows(x, sel.order))
         m = x.shape[0]
-        return tree_map(lambda o: o.index_select(0, sel.restore)
+        return tree_map(lambda o: take_rows(o, sel.restore)
                         if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == m else o, out)
 
     # ---------------------------------------------------------------- export

@@ -166,6 +166,23 @@ class PerturbedLayer(TaskModule):
         r, s, U, V, _ = self.task_tensors(t)
         return self._merged.get(t, (self.weight, r, s, U, V), lambda: self._merge(self.weight, r, s, U, V))
 
+    def _merged_weights(self, tasks: list[int], per_task) -> list[torch.Tensor]:
+        """Merged weights of ``tasks`` (``per_task`` their :meth:`task_tensors`): cached ones reused, the others
+        merged together in one batched pass and cached."""
+        sources = [(self.weight, *tensors[:4]) for tensors in per_task]
+        weights = [self._merged.lookup(t, src) for t, src in zip(tasks, sources, strict=True)]
+        missing = [i for i, w in enumerate(weights) if w is None]
+        if len(missing) == 1:
+            weights[missing[0]] = self.merged_weight(tasks[missing[0]])
+        elif missing:
+            with torch.inference_mode(False), torch.no_grad():
+                R, S, U, V, _ = self._stack([per_task[i] for i in missing])
+                merged = self._merge(self.weight, R, S, U, V).unbind(0)
+            for i, w in zip(missing, merged, strict=True):
+                weights[i] = w
+                self._merged.put(tasks[i], sources[i], w)
+        return weights
+
     def _can_merge(self, tensors) -> bool:
         """The merged weight serves when no gradient w.r.t. the layer's parameters is needed."""
         if _is_compiling():
@@ -199,8 +216,9 @@ class PerturbedLayer(TaskModule):
         if merge_cost < lowrank_cost:
             # Inference: each task group through its merged weight (the dense cost), when merging the groups'
             # weights and moving their rows costs less than the per-sample low-rank work of the mixed op.
-            parts = [self._plain(sel.rows(x, i), self.merged_weight(t), tensors[4])
-                     for i, (t, tensors) in enumerate(zip(sel.tasks, per_task, strict=True))]
+            weights = self._merged_weights(sel.tasks, per_task)
+            parts = [self._plain(sel.rows(x, i), w, tensors[4])
+                     for i, (w, tensors) in enumerate(zip(weights, per_task, strict=True))]
             return sel.regroup(parts)
         banks = self._banks.get(tuple(sel.tasks), sources, lambda: self._stack(per_task))
         return self._op_mt(x, sel.local_ids, *banks)
@@ -215,10 +233,14 @@ class PerturbedLayer(TaskModule):
         """Banks ``R (T, out)``, ``S (T, in)``, ``U (T, out, kmax)``, ``V (T, in, kmax)``, ``B (T, out)``;
         ranks below ``kmax`` zero-padded."""
         rs, ss, Us, Vs, bs = zip(*per_task, strict=True)
-        kmax = max(u.shape[1] for u in Us)
+        ranks = [u.shape[1] for u in Us]
+        kmax = max(ranks)
         R, S = torch.stack(rs), torch.stack(ss)
-        U = torch.stack([F.pad(u, (0, kmax - u.shape[1])) for u in Us])
-        V = torch.stack([F.pad(v, (0, kmax - v.shape[1])) for v in Vs])
+        if min(ranks) == kmax:
+            U, V = torch.stack(Us), torch.stack(Vs)
+        else:
+            U = torch.stack([F.pad(u, (0, kmax - u.shape[1])) for u in Us])
+            V = torch.stack([F.pad(v, (0, kmax - v.shape[1])) for v in Vs])
         B = None if bs[0] is None else torch.stack(bs)
         return R, S, U, V, B
 
