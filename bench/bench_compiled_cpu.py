@@ -1,6 +1,7 @@
 """CPU tables of the compiled extension (halrp_fast._C) against the Python paths, measured in the same run.
 
-For the mixed-task linear and conv ops at M ∈ {1, 32, 256} rows / images and {1, 8, 32} distinct tasks:
+For the mixed-task linear and conv ops (conv in NCHW and channels-last) at M ∈ {1, 32, 256} rows / images and {1, 8, 32}
+distinct tasks:
 
 * ``dense``: the plain layer on the whole batch (``F.linear`` / ``F.conv2d``): the floor;
 * ``loop``: the eager formulation (scale, matmul/conv, two low-rank products, add) in a Python loop over the
@@ -87,14 +88,15 @@ def eager_conv_loop(x, ids, W, R, S, U, V, B, groups, padding):
     return out
 
 
-def bench_conv(Ms, Ts, k, rows, C=32, Co=32, H=16):
+def bench_conv(Ms, Ts, k, rows, layout, C=32, Co=32, H=16):
     g = dict(dtype=torch.float32)
-    W = torch.randn(Co, C, 3, 3, **g) / (3 * C**0.5)
+    W = (torch.randn(Co, C, 3, 3, **g) / (3 * C**0.5)).to(memory_format=layout)
+    name = "NCHW" if layout == torch.contiguous_format else "channels-last"
     for M in Ms:
         for T in Ts:
             if T > M:
                 continue
-            x, ids = torch.randn(M, C, H, H, **g), _mixed_ids(M, T)
+            x, ids = torch.randn(M, C, H, H, **g).to(memory_format=layout), _mixed_ids(M, T)
             R, S, U, V, B = _banks(T, C, Co, k, g)
             groups = [(t, (ids == t).nonzero().flatten()) for t in range(T)]
             def op():
@@ -104,7 +106,7 @@ def bench_conv(Ms, Ts, k, rows, C=32, Co=32, H=16):
                 t_loop = median_ms(lambda: eager_conv_loop(x, ids, W, R, S, U, V, B, groups, 1))
                 t_torch = median_ms(on_provider("reference", op))
                 t_cpp = median_ms(on_provider("cpp", op))
-            rows.append(_row("conv", f"{C}->{Co} {H}x{H} 3x3 k={k}", M, T, t_dense, t_loop, t_torch, t_cpp))
+            rows.append(_row("conv", f"{C}->{Co} {H}x{H} 3x3 k={k} {name}", M, T, t_dense, t_loop, t_torch, t_cpp))
 
 
 SCALING_SHAPES = {  # (out, in[, kh, kw]) of the paper's networks' layers
@@ -137,7 +139,8 @@ def main() -> None:
     Ms, Ts = (1, 32, 256), (1, 8, 32)
     ops_rows: list[list] = []
     bench_linear(args.sizes, Ms, Ts, args.rank, ops_rows)
-    bench_conv(Ms, Ts, args.rank, ops_rows)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        bench_conv(Ms, Ts, args.rank, ops_rows, layout)
     scale_rows: list[list] = []
     bench_scalings(scale_rows)
     os.environ.pop("HALRP_FAST_BACKEND", None)
