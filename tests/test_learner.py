@@ -1,4 +1,5 @@
 """The learner end to end on tiny real data: determinism, checkpoints, resume, corruption, export, CLI."""
+import copy
 import json
 import shutil
 
@@ -109,6 +110,17 @@ def test_export_task_matches(finished, tasks):
         torch.testing.assert_close(plain(x), learner.model(x, 2), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="has not been learned"):
         learner.export_task(3)
+
+
+def test_learning_the_base_twice_is_refused(finished, tasks):
+    learner, _, _ = finished
+    holding_tasks = HALRPLearner(copy.deepcopy(learner.model), HALRPConfig(**CFG))
+    with pytest.raises(ValueError, match=r"base \(task 0\) is already learned"):
+        holding_tasks.learn_task(tasks[0].train, None, num_classes=10)
+    frozen_base = new_learner()
+    frozen_base.model.freeze_task(0)
+    with pytest.raises(ValueError, match=r"base \(task 0\) is already learned"):
+        frozen_base.learn_task(tasks[0].train, None, num_classes=10)
 
 
 def test_learner_argument_errors(tasks):

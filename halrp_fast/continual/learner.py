@@ -106,6 +106,9 @@ class HALRPLearner:
         torch.manual_seed(cfg.seed + 10007 * t)
         tic_all = time.perf_counter()
         if t == 0:
+            if model.num_tasks > 1 or not any(p.requires_grad for p in model.task_parameters(0)):
+                raise ValueError("the model's base (task 0) is already learned (frozen); continue a saved run with "
+                                 "HALRPLearner.load(dir), or give this learner the earlier learner's reports")
             if num_classes is not None and num_classes != model.num_classes[0]:
                 raise ValueError(f"num_classes={num_classes} but the model's head has {model.num_classes[0]} "
                                  f"classes for task 0")
