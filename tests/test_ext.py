@@ -65,6 +65,28 @@ def test_linear_mt_matches_oracle(case, k, save):
         assert c.numel() == 0 and xv.numel() == 0
 
 
+@pytest.mark.parametrize("order", ["sorted", "interleaved"])
+@pytest.mark.parametrize("large_tasks", [1, 3])
+@pytest.mark.parametrize("save", [False, True])
+def test_linear_mt_large_task_blocks(order, large_tasks, save):
+    """Tasks with many rows take the two-GEMM low-rank path (their rows gathered unless the ids are sorted), tasks
+    with few rows the row-wise path, in one batch."""
+    counts = [40] * large_tasks + [3, 1]
+    ids = torch.cat([torch.full((n,), t) for t, n in enumerate(counts)])
+    if order == "interleaved":
+        ids = ids[torch.randperm(len(ids))]
+    x = torch.randn(len(ids), 64, dtype=torch.float64)
+    W = torch.randn(48, 64, dtype=torch.float64) / 8
+    bk = banks(len(counts), 64, 48, 17, torch.float64)
+    poison_allocator()
+    y, c, xv = LINEAR(x, ids, W, *bk, save)
+    assert_close(y, linear_mt(x, ids, W, *bk), torch.float64)
+    if save:
+        _, c_ref, xv_ref = reference.perturbed_linear_mt(x, ids, W, *bk, True)
+        assert_close(c, c_ref, torch.float64)
+        assert_close(xv, xv_ref, torch.float64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_linear_mt_rows_of_several_and_strided_inputs(dtype):
     ids = torch.tensor([2, 0, 2, 1, 0])

@@ -2,10 +2,12 @@
 //
 //   y[m] = R[t] ⊙ ((S[t] ⊙ x[m]) Wᵀ) + (x[m] V[t]) U[t]ᵀ + B[t],   t = task_ids[m]
 //
-// Rows are ordered by task (a stable sort; skipped when the ids are already sorted), so every task's rows
-// form one contiguous block: one GEMM over W serves the whole batch, and each distinct task costs two small
-// GEMMs on its block (x V[t], then (x V[t]) U[t]ᵀ accumulated in place) with no gather of the banks.
-// Scaling, bias and the un-permutation are single passes over the rows.
+// One GEMM over W serves the whole batch in the caller's row order (S[t] ⊙ x first, R[t] and B[t] in the
+// epilogue).  The low-rank term needs the rows of each task together only where it runs as two small GEMMs
+// on a task's block (tasks with many rows); tasks with few rows get it row by row inside the epilogue pass.
+// So no full-batch permutation is made: large blocks gather their rows (unless the ids are sorted) and add
+// their result back.
+
 #include "../halrp.h"
 
 #include <ATen/Dispatch.h>
@@ -27,73 +29,64 @@ namespace {
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 struct TaskBlock {
-  int64_t task, begin, size;  // rows [begin, begin + size) of the task-ordered batch
+  int64_t task, begin, size;  // entries [begin, begin + size) of RowGroups::rows
 };
 
-// Task-ordered row order `perm` (empty when the rows are already ordered) and the blocks of equal task.
-struct RowOrder {
-  std::vector<int64_t> perm;
-  std::vector<int64_t> sorted_ids;  // task of each task-ordered row
+// The rows of each distinct task: `rows` lists the row indices task by task (ascending within a task), and
+// `blocks` says where each task's run of `rows` starts.  `contiguous` when the ids are sorted (rows[p] == p).
+struct RowGroups {
+  std::vector<int64_t> tid;   // task of each row, in the caller's order
+  std::vector<int64_t> rows;  // row indices grouped by task
   std::vector<TaskBlock> blocks;
+  bool contiguous = true;
 };
 
-RowOrder order_rows(const int64_t* ids, int64_t batch, int64_t rows_per_item) {
-  const int64_t rows = batch * rows_per_item;
-  RowOrder order;
-  const bool sorted = std::is_sorted(ids, ids + batch);
-  if (!sorted) {
-    std::vector<int64_t> items(batch);
-    std::iota(items.begin(), items.end(), 0);
-    std::stable_sort(items.begin(), items.end(), [ids](int64_t a, int64_t b) { return ids[a] < ids[b]; });
-    order.perm.resize(rows);
-    for (int64_t i = 0; i < batch; ++i)
-      for (int64_t l = 0; l < rows_per_item; ++l) order.perm[i * rows_per_item + l] = items[i] * rows_per_item + l;
+RowGroups group_rows(const int64_t* ids, int64_t batch, int64_t rows_per_item) {
+  const int64_t n = batch * rows_per_item;
+  RowGroups g;
+  g.tid.resize(n);
+  for (int64_t p = 0; p < n; ++p) g.tid[p] = ids[p / rows_per_item];
+  g.contiguous = std::is_sorted(ids, ids + batch);
+  g.rows.resize(n);
+  std::iota(g.rows.begin(), g.rows.end(), 0);
+  if (!g.contiguous)
+    std::stable_sort(g.rows.begin(), g.rows.end(), [&](int64_t a, int64_t b) { return g.tid[a] < g.tid[b]; });
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t t = g.tid[g.rows[p]];
+    if (g.blocks.empty() || g.blocks.back().task != t) g.blocks.push_back({t, p, 0});
+    ++g.blocks.back().size;
   }
-  order.sorted_ids.resize(rows);
-  for (int64_t p = 0; p < rows; ++p) {
-    const int64_t row = sorted ? p : order.perm[p];
-    order.sorted_ids[p] = ids[row / rows_per_item];
-  }
-  for (int64_t p = 0; p < rows; ++p) {
-    if (order.blocks.empty() || order.blocks.back().task != order.sorted_ids[p]) {
-      order.blocks.push_back({order.sorted_ids[p], p, 0});
-    }
-    ++order.blocks.back().size;
-  }
-  return order;
-}
-
-// dst[p] = src[perm[p]] (gather) or dst[perm[p]] = src[p] (scatter) for rows of `width` elements.
-template <typename T>
-void permute_rows(const T* src, T* dst, const std::vector<int64_t>& perm, int64_t width, bool scatter) {
-  const int64_t rows = static_cast<int64_t>(perm.size());
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const T* s = src + (scatter ? p : perm[p]) * width;
-      T* d = dst + (scatter ? perm[p] : p) * width;
-      std::copy(s, s + width, d);
-    }
-  });
+  return g;
 }
 
 // Row-wise low-rank products beat two BLAS calls on a task block up to about this many multiply-adds
 // (size · k · (in + out)); measured with bench/bench_compiled_cpu.py.
 constexpr int64_t kRowWiseWork = 32768;
 
-// For each task-ordered row p in `selected`: z[p] = x[p] V[t], y[p] += U[t] z[p] (t = tid[p]); fp32+ accumulation.
+// Every row in the caller's order: y = R[t] ⊙ c + B[t], plus (x V[t]) U[t]ᵀ for the rows whose task block is
+// small (`rowwise[t]`), with z = x V[t] stored; one pass, fp32+ accumulation.  `y` may alias `c`.
 template <typename T>
-void lowrank_rows(const T* x, const int64_t* tid, const std::vector<int64_t>& selected, const at::Tensor& V,
-                  const at::Tensor& U, int64_t in, int64_t out, int64_t k, T* z, T* y) {
+void epilogue_rows(const T* x, const T* c, const int64_t* tid, const std::vector<char>& rowwise, const T* rp,
+                   const T* bias, const T* vp, const T* up, int64_t rows, int64_t in, int64_t out, int64_t k, T* z,
+                   T* y) {
   using acc_t = at::opmath_type<T>;
-  if (selected.empty()) return;
-  const at::Tensor Vc = V.contiguous(), Uc = U.contiguous();
-  const T* vp = Vc.const_data_ptr<T>();
-  const T* up = Uc.const_data_ptr<T>();
-  const int64_t n = static_cast<int64_t>(selected.size());
-  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(out + k * (in + out), 1)),
+                   [&](int64_t lo, int64_t hi) {
     std::vector<acc_t> zr(k);
-    for (int64_t q = lo; q < hi; ++q) {
-      const int64_t p = selected[q], t = tid[p];
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t t = tid[p];
+      const T* rr = rp + t * out;
+      const T* br = bias ? bias + t * out : nullptr;
+      const T* cr = c + p * out;
+      T* yr = y + p * out;
+      if (k == 0 || !rowwise[t]) {
+        for (int64_t o = 0; o < out; ++o) {
+          acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]);
+          if (br) v += static_cast<acc_t>(br[o]);
+          yr[o] = static_cast<T>(v);
+        }
+        continue;
+      }
       const T* xr = x + p * in;
       const T* Vt = vp + t * in * k;
       std::fill(zr.begin(), zr.end(), acc_t(0));
@@ -105,31 +98,65 @@ void lowrank_rows(const T* x, const int64_t* tid, const std::vector<int64_t>& se
       }
       for (int64_t j = 0; j < k; ++j) z[p * k + j] = static_cast<T>(zr[j]);
       const T* Ut = up + t * out * k;
-      T* yr = y + p * out;
       for (int64_t o = 0; o < out; ++o) {
         const T* urow = Ut + o * k;
+        acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]);
+        if (br) v += static_cast<acc_t>(br[o]);
         acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < k; ++j) sum += static_cast<acc_t>(urow[j]) * zr[j];
-        yr[o] = static_cast<T>(static_cast<acc_t>(yr[o]) + sum);
+        yr[o] = static_cast<T>(v + sum);
       }
     }
   });
 }
 
+// The low-rank term of one large task block with two GEMMs: zb = x_b V[t], y_b += zb U[t]ᵀ.  Rows are gathered
+// into (and added back from) block buffers unless the block is a contiguous run of rows.
 template <typename T>
-void linear_mt_kernel(const at::Tensor& xo, const RowOrder& order, const at::Tensor& weight, const at::Tensor& R,
+void lowrank_block(const at::Tensor& x, const RowGroups& g, const TaskBlock& b, const at::Tensor& U,
+                   const at::Tensor& V, at::Tensor& z, at::Tensor& y) {
+  const at::Tensor Vt = V.select(0, b.task), Ut = U.select(0, b.task).t();
+  if (g.contiguous) {
+    at::Tensor zb = z.narrow(0, b.begin, b.size), yb = y.narrow(0, b.begin, b.size);
+    at::cpu::mm_out(zb, x.narrow(0, b.begin, b.size), Vt);
+    at::cpu::addmm_out(yb, yb, zb, Ut);
+    return;
+  }
+  const int64_t in = x.size(1), out = y.size(1), k = z.size(1);
+  const int64_t* idx = g.rows.data() + b.begin;
+  at::Tensor xb = at::empty({b.size, in}, x.options());
+  const T* xp = x.const_data_ptr<T>();
+  T* xbp = xb.mutable_data_ptr<T>();
+  for (int64_t q = 0; q < b.size; ++q) std::copy(xp + idx[q] * in, xp + (idx[q] + 1) * in, xbp + q * in);
+  const at::Tensor zb = at::cpu::mm(xb, Vt);
+  const at::Tensor eb = at::cpu::mm(zb, Ut);
+  const T* zbp = zb.const_data_ptr<T>();
+  const T* ebp = eb.const_data_ptr<T>();
+  T* zp = z.mutable_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  for (int64_t q = 0; q < b.size; ++q) {
+    std::copy(zbp + q * k, zbp + (q + 1) * k, zp + idx[q] * k);
+    T* yr = yp + idx[q] * out;
+    const T* er = ebp + q * out;
+    for (int64_t o = 0; o < out; ++o) yr[o] += er[o];
+  }
+}
+
+// y = R[t] ⊙ ((S[t] ⊙ x) Wᵀ) + (x V[t]) U[t]ᵀ + B[t] for rows in the caller's order; `c` = (S[t] ⊙ x) Wᵀ and
+// `xv` = x V[t] when `save`.
+template <typename T>
+void linear_mt_kernel(const at::Tensor& x, const RowGroups& g, const at::Tensor& weight, const at::Tensor& R,
                       const at::Tensor& S, const at::Tensor& U, const at::Tensor& V, const T* bias, bool save,
                       at::Tensor& y, at::Tensor& c, at::Tensor& xv) {
   using acc_t = at::opmath_type<T>;
-  const int64_t rows = xo.size(0), in = xo.size(1), out = weight.size(0), k = U.size(2);
-  const int64_t* tid = order.sorted_ids.data();
-  const T* xp = xo.const_data_ptr<T>();
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0), k = U.size(2);
+  const int64_t* tid = g.tid.data();
+  const T* xp = x.const_data_ptr<T>();
   const T* sp = S.const_data_ptr<T>();
-  const T* rp = R.const_data_ptr<T>();
 
-  // xs = S[t] ⊙ x  (task-ordered rows)
-  at::Tensor xs = at::empty({rows, in}, xo.options());
+  // xs = S[t] ⊙ x; the row order does not matter to the one GEMM over W that serves the whole batch.
+  at::Tensor xs = at::empty({rows, in}, x.options());
   T* xsp = xs.mutable_data_ptr<T>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(in, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
@@ -139,69 +166,31 @@ void linear_mt_kernel(const at::Tensor& xo, const RowOrder& order, const at::Ten
       for (int64_t i = 0; i < in; ++i) o[i] = static_cast<T>(static_cast<acc_t>(xr[i]) * static_cast<acc_t>(sr[i]));
     }
   });
-  // c = xs Wᵀ: one pass over W for the whole batch.
   at::Tensor base = at::cpu::mm(xs, weight.t());
-  // y = R[t] ⊙ c + B[t]; without save the product is scaled in place.
-  at::Tensor yo = save ? at::empty_like(base) : base;
-  const T* cp = base.const_data_ptr<T>();
-  T* yp = yo.mutable_data_ptr<T>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(out, 1)), [&](int64_t lo, int64_t hi) {
-    for (int64_t p = lo; p < hi; ++p) {
-      const T* rr = rp + tid[p] * out;
-      const T* br = bias ? bias + tid[p] * out : nullptr;
-      const T* cr = cp + p * out;
-      T* o = yp + p * out;
-      if (br) {
-        for (int64_t j = 0; j < out; ++j)
-          o[j] = static_cast<T>(static_cast<acc_t>(rr[j]) * static_cast<acc_t>(cr[j]) + static_cast<acc_t>(br[j]));
-      } else {
-        for (int64_t j = 0; j < out; ++j) o[j] = static_cast<T>(static_cast<acc_t>(rr[j]) * static_cast<acc_t>(cr[j]));
-      }
-    }
-  });
-  // Low-rank term, one block of rows per distinct task: z = x V[t], y += z U[t]ᵀ.  Blocks with little work run as
-  // row-wise products (in parallel over those rows): two BLAS calls per block cost more than the arithmetic there.
-  at::Tensor z = at::empty({rows, k}, xo.options());
-  if (k > 0) {
-    auto small = [&](const TaskBlock& b) { return b.size * k * (in + out) <= kRowWiseWork; };
-    std::vector<int64_t> small_rows;
-    for (const TaskBlock& b : order.blocks)
-      if (small(b))
-        for (int64_t p = b.begin; p < b.begin + b.size; ++p) small_rows.push_back(p);
-    lowrank_rows<T>(xp, tid, small_rows, V, U, in, out, k, z.mutable_data_ptr<T>(), yp);
-    std::vector<const TaskBlock*> large;
-    for (const TaskBlock& b : order.blocks)
-      if (!small(b)) large.push_back(&b);
-    auto block_products = [&](const TaskBlock& b) {
-      at::Tensor zb = z.narrow(0, b.begin, b.size);
-      at::cpu::mm_out(zb, xo.narrow(0, b.begin, b.size), V.select(0, b.task));
-      at::Tensor yb = yo.narrow(0, b.begin, b.size);
-      at::cpu::addmm_out(yb, yb, zb, U.select(0, b.task).t());
-    };
-    // With at least as many blocks as threads, the blocks run in parallel (each BLAS call on one thread): a
-    // threaded BLAS call on a block this small spends more on starting its threads than on the products.
-    if (static_cast<int64_t>(large.size()) >= at::get_num_threads()) {
-      at::parallel_for(0, static_cast<int64_t>(large.size()), 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) block_products(*large[i]);
-      });
-    } else {
-      for (const TaskBlock* b : large) block_products(*b);
-    }
+  y = save ? at::empty_like(base) : base;  // without save the product is scaled in place
+  at::Tensor z = at::empty({rows, k}, x.options());
+
+  // Tasks with little low-rank work are done row by row inside the epilogue pass; two BLAS calls per block cost
+  // more than the arithmetic there.
+  const int64_t n_tasks = R.size(0);
+  std::vector<char> rowwise(n_tasks, 1);
+  std::vector<const TaskBlock*> large;
+  for (const TaskBlock& b : g.blocks)
+    if (k > 0 && b.size * k * (in + out) > kRowWiseWork) rowwise[b.task] = 0, large.push_back(&b);
+  const at::Tensor Uc = U.contiguous(), Vc = V.contiguous();
+  epilogue_rows<T>(xp, base.const_data_ptr<T>(), tid, rowwise, R.const_data_ptr<T>(), bias, Vc.const_data_ptr<T>(),
+                   Uc.const_data_ptr<T>(), rows, in, out, k, z.mutable_data_ptr<T>(), y.mutable_data_ptr<T>());
+  // With at least as many large blocks as threads, the blocks run in parallel (each BLAS call on one thread): a
+  // threaded BLAS call on a block this small spends more on starting its threads than on the products.  Blocks
+  // write disjoint rows of y and z.
+  if (static_cast<int64_t>(large.size()) >= at::get_num_threads()) {
+    at::parallel_for(0, static_cast<int64_t>(large.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) lowrank_block<T>(x, g, *large[i], Uc, Vc, z, y);
+    });
+  } else {
+    for (const TaskBlock* b : large) lowrank_block<T>(x, g, *b, Uc, Vc, z, y);
   }
-  // Back to the caller's row order.
-  if (order.perm.empty()) {
-    y = yo;
-    if (save) c = base, xv = z;
-    return;
-  }
-  y = at::empty_like(yo);
-  permute_rows(yo.const_data_ptr<T>(), y.mutable_data_ptr<T>(), order.perm, out, /*scatter=*/true);
-  if (save) {
-    c = at::empty_like(base);
-    permute_rows(base.const_data_ptr<T>(), c.mutable_data_ptr<T>(), order.perm, out, true);
-    xv = at::empty_like(z);
-    if (k > 0) permute_rows(z.const_data_ptr<T>(), xv.mutable_data_ptr<T>(), order.perm, k, true);
-  }
+  if (save) c = base, xv = z;
 }
 
 Outputs perturbed_linear_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
@@ -230,19 +219,14 @@ Outputs perturbed_linear_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
   }
 
   const at::Tensor ids = task_ids.contiguous();
-  const RowOrder order = order_rows(ids.const_data_ptr<int64_t>(), batch, rows / batch);
+  const RowGroups groups = group_rows(ids.const_data_ptr<int64_t>(), batch, rows / batch);
   const at::Tensor x2 = x.reshape({rows, in}).contiguous();
   const at::Tensor Rc = R.contiguous(), Sc = S.contiguous();
   const std::optional<at::Tensor> Bc = B.has_value() ? std::optional<at::Tensor>(B->contiguous()) : std::nullopt;
   at::Tensor y, c, xv;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "perturbed_linear_mt_cpu", [&] {
-    at::Tensor xo = x2;
-    if (!order.perm.empty()) {
-      xo = at::empty_like(x2);
-      permute_rows(x2.const_data_ptr<scalar_t>(), xo.mutable_data_ptr<scalar_t>(), order.perm, in, false);
-    }
-    linear_mt_kernel<scalar_t>(xo, order, weight, Rc, Sc, U, V, Bc ? Bc->const_data_ptr<scalar_t>() : nullptr, save, y,
-                               c, xv);
+    linear_mt_kernel<scalar_t>(x2, groups, weight, Rc, Sc, U, V, Bc ? Bc->const_data_ptr<scalar_t>() : nullptr, save,
+                               y, c, xv);
   });
   if (!save) return {y.view(y_shape), x.new_empty({0}), x.new_empty({0})};
   return {y.view(y_shape), c.view(y_shape), xv.view(z_shape)};
