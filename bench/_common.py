@@ -7,7 +7,7 @@ import subprocess
 import torch
 import torch.utils.benchmark as tb
 
-from halrp_fast.cpu_allocator import CHOICES as ALLOCATOR_CHOICES
+from halrp_fast.cpu_allocator import add_option as add_allocator_option
 from halrp_fast.cpu_allocator import apply_choice, cpu_allocator_state
 
 
@@ -27,9 +27,7 @@ def environment_line(device: str) -> str:
 
 def parse_args(parser, argv=None):
     """``parser.parse_args(argv)`` with ``--cpu-allocator`` added and applied (every baseline of the run shares it)."""
-    parser.add_argument("--cpu-allocator", dest="cpu_allocator", choices=list(ALLOCATOR_CHOICES), default="tuned",
-                        help="tuned: glibc malloc keeps freed memory for reuse (halrp_fast.tune_cpu_allocator); "
-                        "default: malloc as it is")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     apply_choice(args.cpu_allocator)
     return args

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cpu_allocator import CHOICES as ALLOCATOR_CHOICES
+from .cpu_allocator import add_option as add_allocator_option
 from .cpu_allocator import apply_choice as apply_allocator_choice
 from .cpu_allocator import cpu_allocator_state
 
@@ -186,10 +186,7 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
                    help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
                    "conv networks)")
-    p.add_argument("--cpu-allocator", dest="cpu_allocator", choices=list(ALLOCATOR_CHOICES), default="tuned",
-                   help="tuned: glibc malloc keeps freed memory for reuse instead of page-faulting fresh memory for "
-                   "every large tensor (faster CPU runs, the process keeps its peak memory); default: leave malloc "
-                   "as it is")
+    add_allocator_option(p)
     p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "
                    "the benchmark list); nothing is downloaded")
     p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")

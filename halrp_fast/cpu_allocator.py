@@ -24,6 +24,8 @@ _KEEP_BYTES = 2**31 - 1  # the largest trim threshold mallopt's int argument hol
 
 _state = {"tuned": False, "why": "not requested"}
 
+CHOICES = ("tuned", "default")  # the --cpu-allocator option
+
 
 def tune_cpu_allocator() -> bool:
     """Make glibc ``malloc`` keep and reuse freed memory (see the module docstring).
@@ -59,4 +61,10 @@ def apply_choice(choice: str) -> bool:
     return tune_cpu_allocator() if choice == "tuned" else False
 
 
-CHOICES = ("tuned", "default")
+def add_option(parser) -> None:
+    """Add ``--cpu-allocator tuned|default`` (``args.cpu_allocator``, default tuned) to an argparse parser; the
+    CLI and the benchmarks pass its value to :func:`apply_choice`."""
+    parser.add_argument("--cpu-allocator", dest="cpu_allocator", choices=list(CHOICES), default="tuned",
+                        help="tuned: glibc malloc keeps freed memory for reuse instead of page-faulting fresh memory "
+                        "for every large tensor (faster CPU runs, the process keeps its peak memory); default: leave "
+                        "malloc as it is")

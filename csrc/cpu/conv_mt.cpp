@@ -10,6 +10,7 @@
 // measures faster than per-image products there.  Inference on channels-last tensors (the CPU default for conv
 // networks) takes `conv_mt_nhwc`: the same math on (images·pixels, channels) row blocks, no layout conversion.
 #include "../halrp.h"
+#include "parallel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -123,21 +124,6 @@ void window_sum_nhwc(const T* in, T* out, int64_t C, int64_t H, int64_t W, int64
   }
 }
 
-// body(i) for each of `runs` runs of images: with at least as many runs as threads they run in parallel, each
-// BLAS call on one thread (unsorted task ids make many one-image runs, too small for a threaded call); else in
-// turn, each call using every thread.
-template <typename F>
-void for_each_run(size_t runs, const F& body) {
-  const int64_t n = static_cast<int64_t>(runs);
-  if (n >= at::get_num_threads()) {
-    at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) body(i);
-    });
-  } else {
-    for (int64_t i = 0; i < n; ++i) body(i);
-  }
-}
-
 // Inference on channels-last x and weight: the base conv once for the batch on S[t] ⊙ x, then per run of
 // consecutive images of one task (the rows a TaskModel sorted by task form one run per task), all of it on
 // (images·pixels, channels) row blocks: the low-rank term is Σ_window(x) (V Uᵀ) when C_in ≤ k (sum the few
@@ -190,7 +176,7 @@ at::Tensor conv_mt_nhwc(const at::Tensor& x, const int64_t* tid, const at::Tenso
     if (!sum_first) {
       mixed = at::empty({N * HW, k}, x.options());
       const at::Tensor x2 = xc.as_strided({N * HW, C}, {C, 1});  // the NHWC memory as rows of pixels
-      for_each_run(runs.size(), [&](int64_t i) {
+      for_each_block(static_cast<int64_t>(runs.size()), [&](int64_t i) {
         const auto [first, count] = runs[i];
         at::Tensor out = mixed.narrow(0, first * HW, count * HW);
         at::cpu::mm_out(out, x2.narrow(0, first * HW, count * HW), V.select(0, tid[first]));
@@ -225,7 +211,7 @@ at::Tensor conv_mt_nhwc(const at::Tensor& x, const int64_t* tid, const at::Tenso
   });
   if (mid > 0) {
     const at::Tensor y2 = y.as_strided({N * HWo, Co}, {Co, 1});  // a view of y's memory
-    for_each_run(runs.size(), [&](int64_t i) {
+    for_each_block(static_cast<int64_t>(runs.size()), [&](int64_t i) {
       const auto [first, count] = runs[i];
       at::Tensor yb = y2.narrow(0, first * HWo, count * HWo);
       at::cpu::addmm_out(yb, yb, pooled.narrow(0, first * HWo, count * HWo), M[i]);

@@ -9,6 +9,7 @@
 // their result back.
 
 #include "../halrp.h"
+#include "parallel.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -79,6 +80,8 @@ void epilogue_rows(const T* x, const T* c, const int64_t* tid, const std::vector
       const T* br = bias ? bias + t * out : nullptr;
       const T* cr = c + p * out;
       T* yr = y + p * out;
+      // Two loops rather than one with the low-rank dot under a branch: the plain loop must stay vectorised, it is
+      // the whole epilogue of the rows of large task blocks.
       if (k == 0 || !rowwise[t]) {
         for (int64_t o = 0; o < out; ++o) {
           acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]);
@@ -180,16 +183,9 @@ void linear_mt_kernel(const at::Tensor& x, const RowGroups& g, const at::Tensor&
   const at::Tensor Uc = U.contiguous(), Vc = V.contiguous();
   epilogue_rows<T>(xp, base.const_data_ptr<T>(), tid, rowwise, R.const_data_ptr<T>(), bias, Vc.const_data_ptr<T>(),
                    Uc.const_data_ptr<T>(), rows, in, out, k, z.mutable_data_ptr<T>(), y.mutable_data_ptr<T>());
-  // With at least as many large blocks as threads, the blocks run in parallel (each BLAS call on one thread): a
-  // threaded BLAS call on a block this small spends more on starting its threads than on the products.  Blocks
-  // write disjoint rows of y and z.
-  if (static_cast<int64_t>(large.size()) >= at::get_num_threads()) {
-    at::parallel_for(0, static_cast<int64_t>(large.size()), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) lowrank_block<T>(x, g, *large[i], Uc, Vc, z, y);
-    });
-  } else {
-    for (const TaskBlock* b : large) lowrank_block<T>(x, g, *b, Uc, Vc, z, y);
-  }
+  // Blocks write disjoint rows of y and z.
+  for_each_block(static_cast<int64_t>(large.size()),
+                 [&](int64_t i) { lowrank_block<T>(x, g, *large[i], Uc, Vc, z, y); });
   if (save) c = base, xv = z;
 }
 
