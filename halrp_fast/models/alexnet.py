@@ -14,6 +14,10 @@ def _bn2d(c: int) -> nn.BatchNorm2d:
 class AlexNet(nn.Module):
     """``x (N, in_channels, img_size, img_size)`` → logits ``(N, num_classes)``."""
 
+    #: Outside its conv, linear and BatchNorm layers it only applies per-channel operations, so a converted copy
+    #: may run mixed-task batches in the grouped layout (see ``halrp_fast.TaskModel``).
+    halrp_grouped_mixed_batches = True
+
     def __init__(self, in_channels: int = 3, img_size: int = 32, num_classes: int = 10) -> None:
         super().__init__()
         check_args(in_channels, img_size, num_classes)

@@ -29,6 +29,10 @@ class ResNet18(nn.Module):
     """``x (N, in_channels, H, W)`` → logits ``(N, num_classes)``; global average pooling makes it
     work for any image size ≥ 8 (stem stride 1 for images up to 32 pixels, 2 above)."""
 
+    #: Outside its conv, linear and BatchNorm layers it only applies per-channel operations, so a converted copy
+    #: may run mixed-task batches in the grouped layout (see ``halrp_fast.TaskModel``).
+    halrp_grouped_mixed_batches = True
+
     def __init__(self, in_channels: int = 3, img_size: int = 32, num_classes: int = 10, nf: int = 32) -> None:
         super().__init__()
         check_args(in_channels, img_size, num_classes)

@@ -14,10 +14,71 @@ from dataclasses import dataclass, field
 import torch
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-D channels-last (and not also contiguous) tensor, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[index]`` along dim 0 in ``x``'s memory layout (``index_select`` returns a contiguous tensor, which turns
     a channels-last activation into NCHW and makes every following layer convert it back)."""
     return x[index]
+
+
+@dataclass(frozen=True)
+class GroupedLayout:
+    """A mixed batch with its task groups side by side along the channels.
+
+    The row layout ``(M, C, ...)`` (rows sorted by task) becomes ``(m, G·C, ...)``: group ``g`` (the
+    selection's ``g``-th task) holds channels ``g·C … (g+1)·C − 1``, and its samples are rows ``0 … n_g − 1``
+    (``m`` = the largest group; the rows past a smaller group's end are zeros).  A network whose operations
+    outside its task-aware layers act on each channel separately (ReLU, pooling, dropout, residual sums)
+    then runs every task group of a layer in one grouped convolution.  ``group_of_row``/``slot_of_row
+    (M,)`` place the sorted rows when the groups differ in size (``None`` when they are all ``m``).
+    """
+
+    groups: int
+    rows: int
+    group_of_row: torch.Tensor | None = None
+    slot_of_row: torch.Tensor | None = None
+
+    @property
+    def padded(self) -> bool:
+        return self.group_of_row is not None
+
+    def holds(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is an activation in this layout (its batch dimension is ``m``, not ``M``)."""
+        return x.dim() >= 2 and x.shape[0] == self.rows and x.shape[1] % self.groups == 0
+
+    def _groups_view(self, x: torch.Tensor) -> torch.Tensor:
+        """``(m, G·C, ...)`` → a view ``(G, m, C, ...)``."""
+        return x.unflatten(1, (self.groups, -1)).transpose(0, 1)
+
+    def group(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by task ``(M, C, ...)`` → ``(m, G·C, ...)`` (one copy; channels-last stays so)."""
+        g, m = self.groups, self.rows
+        out_shape = (m, g * x.shape[1], *x.shape[2:])
+        fmt = memory_format_of(x)
+        if self.padded:
+            out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+            self._groups_view(out).index_put_((self.group_of_row, self.slot_of_row), x)
+        else:
+            out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+            self._groups_view(out).copy_(x.unflatten(0, (g, m)))
+        return out
+
+    def ungroup(self, x: torch.Tensor) -> torch.Tensor:
+        """``(m, G·C, ...)`` → rows sorted by task ``(M, C, ...)`` (one copy; channels-last stays so)."""
+        fmt = memory_format_of(x)
+        grouped = self._groups_view(x)
+        if self.padded:
+            return grouped[self.group_of_row, self.slot_of_row].contiguous(memory_format=fmt)
+        g, m = self.groups, self.rows
+        out = torch.empty((g * m, *grouped.shape[2:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+        out.unflatten(0, (g, m)).copy_(grouped)
+        return out
 
 
 @dataclass
@@ -39,6 +100,22 @@ class TaskSelection:
     restore: torch.Tensor | None = None
     order: torch.Tensor | None = None
     spans: list[tuple[int, int]] | None = None
+    grouped: GroupedLayout | None = None
+
+    @property
+    def equal_group_size(self) -> int | None:
+        """The rows per group when the rows are sorted by task (``spans``) into groups of one size, else None."""
+        if self.spans is None or len({n for _, n in self.spans}) != 1:
+            return None
+        return self.spans[0][1]
+
+    def holds_grouped(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is an activation in the :class:`GroupedLayout` of this batch."""
+        return self.grouped is not None and self.grouped.holds(x)
+
+    def as_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the row layout (rows sorted by task), moved out of the grouped layout if it is in it."""
+        return self.grouped.ungroup(x) if self.holds_grouped(x) else x
 
     def rows(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The rows of ``x`` that belong to group ``i``."""
@@ -64,6 +141,28 @@ class TaskSelection:
         return TaskSelection(tasks=self.tasks, local_ids=ids, groups=groups, order=None,
                              restore=torch.arange(len(ids), device=ids.device), spans=list(zip(starts, counts,
                                                                                                    strict=True)))
+
+
+#: The grouped layout serves a mixed batch when its zero padding adds at most this fraction of the batch.
+GROUPED_MAX_PADDING = 0.25
+
+
+def grouped_selection(sel: TaskSelection) -> TaskSelection | None:
+    """``sel`` (rows sorted by task: ``spans`` set) with a :class:`GroupedLayout`, or ``None`` when the groups
+    differ so much in size that the zero padding would exceed :data:`GROUPED_MAX_PADDING` of the batch."""
+    counts = [n for _, n in sel.spans]
+    g, m, total = len(counts), max(counts), sum(counts)
+    if g * m > (1 + GROUPED_MAX_PADDING) * total:
+        return None
+    group_of_row = slot_of_row = None
+    if min(counts) != m:
+        device = sel.local_ids.device
+        group_of_row = torch.repeat_interleave(torch.arange(g, device=device),
+                                               torch.tensor(counts, device=device))
+        slot_of_row = torch.cat([torch.arange(n, device=device) for n in counts])
+    layout = GroupedLayout(g, m, group_of_row, slot_of_row)
+    return TaskSelection(tasks=sel.tasks, local_ids=sel.local_ids, groups=sel.groups, restore=sel.restore,
+                         order=sel.order, spans=sel.spans, grouped=layout)
 
 
 def select_tasks(task_ids, batch: int, num_tasks: int, device: torch.device | None = None) -> TaskSelection:

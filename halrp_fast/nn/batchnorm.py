@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -48,19 +49,48 @@ class TaskBatchNorm(TaskModule):
             return self.bns[sel.single](x)
         return self._forward_mixed(x, sel)
 
+    def _forward_grouped(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor | None:
+        """One BatchNorm over the grouped layout's ``G·C`` channels with the tasks' parameters side by side, or
+        ``None`` (running statistics to update, or batch statistics that padding rows would corrupt)."""
+        bns = [self.bns[t] for t in sel.tasks]
+        first = bns[0]
+        batch_stats = first.training or not first.track_running_stats
+        if (first.training and first.track_running_stats) or (batch_stats and sel.grouped.padded):
+            return None
+        if any(bn.eps != first.eps for bn in bns):
+            return None
+        mean = var = weight = bias = None
+        if not batch_stats:
+            mean = torch.cat([bn.running_mean for bn in bns])
+            var = torch.cat([bn.running_var for bn in bns])
+        if first.affine:
+            weight = torch.cat([bn.weight for bn in bns])
+            bias = torch.cat([bn.bias for bn in bns])
+        return F.batch_norm(x, mean, var, weight, bias, training=batch_stats, eps=first.eps)
+
     def _forward_mixed(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor:
+        if sel.holds_grouped(x):
+            out = self._forward_grouped(x, sel)
+            if out is not None:
+                return out
+            x = sel.grouped.ungroup(x)
         bns = [self.bns[t] for t in sel.tasks]
         if self.training or not bns[0].track_running_stats:
             return sel.regroup([bn(sel.rows(x, i)) for i, bn in enumerate(bns)])
         # Eval with running statistics: y = x · scale + shift with each task's (C,) scale and shift folded
-        # from its statistics and affine parameters, gathered per sample: one pass over x.
-        shape = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
-        ids = sel.local_ids
+        # from its statistics and affine parameters: one pass over x.
         scale = torch.rsqrt(torch.stack([bn.running_var for bn in bns]) + bns[0].eps)
         shift = -torch.stack([bn.running_mean for bn in bns]) * scale
         if bns[0].affine:
             weight = torch.stack([bn.weight for bn in bns])
             scale, shift = scale * weight, shift * weight + torch.stack([bn.bias for bn in bns])
+        spatial = (1,) * (x.dim() - 2)
+        size = sel.equal_group_size
+        if size is not None:  # rows sorted into equal groups: (G, m, C, ...) against (G, 1, C, 1, ...)
+            view = (len(bns), 1, x.shape[1], *spatial)
+            return torch.addcmul(shift.view(view), x.unflatten(0, (len(bns), size)), scale.view(view)).flatten(0, 1)
+        shape = (x.shape[0], x.shape[1], *spatial)
+        ids = sel.local_ids
         return torch.addcmul(shift[ids].view(shape), x, scale[ids].view(shape))
 
     def extra_repr(self) -> str:

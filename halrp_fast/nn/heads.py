@@ -63,6 +63,7 @@ class TaskHeads(TaskModule):
         sel = self._selection(task_ids, x)
         if sel.single is not None:
             return self.heads[sel.single](x)
+        x = sel.as_rows(x)
         width = max(self.num_classes[t] for t in sel.tasks)
         parts = []
         for i, t in enumerate(sel.tasks):

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ._context import TaskContext, TaskModule, select_tasks, take_rows
+from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection, select_tasks, take_rows
 from .batchnorm import TaskBatchNorm
 from .heads import TaskHeads
-from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear
+from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear, _is_compiling
 
 
 def _task_aware_modules(module: nn.Module, prefix: str = "", seen: set | None = None
@@ -41,10 +41,20 @@ class TaskModel(nn.Module):
     ``forward(x, task_ids)``: ``task_ids`` is an int (the whole batch) or an int64 tensor ``(M,)``
     with one task per sample (a mixed batch).  The wrapped model is ``self.model``; its structure is
     unchanged except that linear, conv, BatchNorm layers and the head are task-aware.
+
+    ``grouped_mixed_batches``: a mixed batch of images runs in the grouped layout of
+    :class:`~halrp_fast.nn._context.GroupedLayout` (the task groups side by side along the channels, every
+    conv one grouped convolution over the tasks' merged weights) until its first linear layer.  Only valid
+    for networks whose operations outside the task-aware layers act on each channel and sample separately
+    (ReLU, pooling, dropout, residual sums, ``flatten(1)``); a channel-mixing operation such as
+    ``torch.cat(..., dim=1)`` or a non-converted conv would mix tasks.  :func:`convert` sets it from the
+    model's ``halrp_grouped_mixed_batches`` attribute (the library's LeNet, AlexNet and ResNet-18 declare it).
     """
 
-    def __init__(self, model: nn.Module, ctx: TaskContext, head_name: str) -> None:
+    def __init__(self, model: nn.Module, ctx: TaskContext, head_name: str, grouped_mixed_batches: bool = False
+                 ) -> None:
         super().__init__()
+        self.grouped_mixed_batches = grouped_mixed_batches
         self.model = model
         self._ctx = ctx
         self.head_name = head_name
@@ -294,15 +304,34 @@ class TaskModel(nn.Module):
         sel = select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
         if self._lazy:
             self.ensure_loaded([sel.single] if sel.single is not None else sel.tasks)
-        if sel.single is not None or sel.spans is not None:
+        if sel.single is not None:
             with self._ctx.use(sel):
                 return self.model(x)
         # Rows of a task next to each other once, so every layer takes its task groups as views.
-        with self._ctx.use(sel.sorted()):
-            out = self.model(take_rows(x, sel.order))
+        in_order = sel.spans is not None
+        rows_sel = sel.sorted()
+        x_rows = x if in_order else take_rows(x, sel.order)
+        grouped = self._grouped_selection(x_rows, rows_sel)
+        if grouped is None:
+            with self._ctx.use(rows_sel):
+                out = self.model(x_rows)
+        else:
+            layout = grouped.grouped
+            with self._ctx.use(grouped):
+                out = self.model(layout.group(x_rows))
+            out = tree_map(lambda o: layout.ungroup(o) if isinstance(o, torch.Tensor) and layout.holds(o) else o, out)
+        if in_order:
+            return out
         m = x.shape[0]
         return tree_map(lambda o: take_rows(o, sel.restore)
                         if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == m else o, out)
+
+    def _grouped_selection(self, x: torch.Tensor, sel: TaskSelection) -> TaskSelection | None:
+        """The grouped layout for a mixed image batch in inference (no autograd: the convs run through merged
+        weights) when the model allows it (:attr:`grouped_mixed_batches`)."""
+        if not self.grouped_mixed_batches or x.dim() != 4 or torch.is_grad_enabled() or _is_compiling():
+            return None
+        return grouped_selection(sel)
 
     # ---------------------------------------------------------------- export
     def export_task(self, t: int) -> nn.Module:
@@ -358,7 +387,8 @@ def _find_head(model: nn.Module, head: str) -> str:
 
 
 def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
-            exclude: Iterable[str] = (), head_factory: Callable[[int], nn.Module] | None = None) -> TaskModel:
+            exclude: Iterable[str] = (), head_factory: Callable[[int], nn.Module] | None = None,
+            grouped_mixed_batches: bool | None = None) -> TaskModel:
     """Make ``model`` task-aware and return a :class:`TaskModel` with one task (task 0 = the model).
 
     Every ``nn.Linear`` and ``nn.Conv2d`` becomes :class:`TaskLinear`/:class:`TaskConv2d`, every
@@ -369,6 +399,9 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
     stay shared by all tasks and belong to the base.  Grouped convs and non-zero padding modes are
     refused unless excluded.  Linear layers inside ``nn.MultiheadAttention`` are left shared (that
     module reads their weights directly) with a warning.  ``inplace=False`` converts a deep copy.
+
+    ``grouped_mixed_batches`` (default: the model's ``halrp_grouped_mixed_batches`` attribute, else False):
+    see :class:`TaskModel`; set it only for a network whose non-converted operations never mix channels.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -414,4 +447,6 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
     if shared_mha:
         warnings.warn(f"linear layers inside nn.MultiheadAttention stay shared by all tasks: {shared_mha}",
                       stacklevel=2)
-    return TaskModel(model, ctx, head_name)
+    if grouped_mixed_batches is None:
+        grouped_mixed_batches = bool(getattr(model, "halrp_grouped_mixed_batches", False))
+    return TaskModel(model, ctx, head_name, grouped_mixed_batches)

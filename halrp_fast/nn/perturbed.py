@@ -196,6 +196,11 @@ class PerturbedLayer(TaskModule):
         sel = self._selection(task_ids, x)
         if sel.single is not None:
             return self._forward_single(x, sel.single)
+        if sel.holds_grouped(x):
+            out = self._forward_grouped(x, sel)
+            if out is not None:
+                return out
+            x = sel.grouped.ungroup(x)
         return self._forward_mixed(x, sel)
 
     def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -222,6 +227,11 @@ class PerturbedLayer(TaskModule):
             return sel.regroup(parts)
         banks = self._banks.get(tuple(sel.tasks), sources, lambda: self._stack(per_task))
         return self._op_mt(x, sel.local_ids, *banks)
+
+    def _forward_grouped(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor | None:
+        """This layer on an activation in the batch's grouped layout, or ``None`` when it has no grouped form
+        (then ``x`` moves to the row layout)."""
+        return None
 
     def _mixed_costs(self, x: torch.Tensor, tasks: int, k: int) -> tuple[float, float]:
         """Multiply-adds beyond the dense product of a mixed inference batch ``x``: ``(merged weights per
@@ -353,6 +363,16 @@ class TaskConv2d(PerturbedLayer):
 
     def _merge(self, weight, r, s, U, V):
         return reference.merge_conv_weight(weight, r, s, U, V)
+
+    def _forward_grouped(self, x, sel):
+        # Inference: one convolution with groups = G over the task groups' merged weights, stacked along the
+        # output channels, so group g's output channels come from group g's input channels only.
+        per_task = [self.task_tensors(t) for t in sel.tasks]
+        if not self._can_merge([self.weight] + [p for tensors in per_task for p in tensors]):
+            return None
+        weight = torch.cat(self._merged_weights(sel.tasks, per_task))
+        bias = None if self.bias is None else torch.cat([tensors[4] for tensors in per_task])
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups=len(per_task))
 
     def _mixed_costs(self, x, tasks, k):
         n, n_in, n_out = x.shape[0], self.in_features, self.out_features
