@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
+import time
 
 import torch
 import torch.utils.benchmark as tb
@@ -45,6 +47,24 @@ def median_ms(fn, device: str = "cpu", min_run_time: float = 0.3) -> float:
     # same as every baseline timed outside it.
     timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def paired_median_ms(fns, device: str = "cpu", rounds: int = 60) -> list[float]:
+    """Median wall time in milliseconds of each of ``fns``, called in turn round after round, so that a slow
+    phase of a shared machine (another process, a frequency change) hits every function alike."""
+    for _ in range(3):  # first calls build oneDNN / cuBLAS plans
+        for fn in fns:
+            fn()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, times, strict=True):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            out.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import environment_line, markdown_table, median_ms, parse_args
+from _common import environment_line, markdown_table, paired_median_ms, parse_args
 
 from halrp_fast import convert, models
 from halrp_fast.continual import HALRPConfig, paper_parameter_count, stored_bytes
@@ -58,7 +58,8 @@ def build(name: str, n_tasks: int, rank: int, seed: int, device: str, layout=tor
 
 
 def latencies(model, batch: int, n_tasks: int, device: str, seed: int) -> tuple[float, float]:
-    """Per-sample milliseconds of a one-task batch and of a batch over 8 distinct tasks (new draw per call)."""
+    """Per-sample milliseconds of a one-task batch and of a batch over 8 distinct tasks (new draw per call),
+    timed alternately (medians over 60 rounds)."""
     x = torch.randn(batch, 3, 32, 32, device=device)
     g = torch.Generator().manual_seed(seed)
     stored = torch.arange(1, n_tasks + 1)
@@ -70,8 +71,7 @@ def latencies(model, batch: int, n_tasks: int, device: str, seed: int) -> tuple[
         return model(x, ids)
 
     with torch.no_grad():
-        single = median_ms(lambda: model(x, n_tasks), device)
-        mix = median_ms(mixed, device)
+        single, mix = paired_median_ms([lambda: model(x, n_tasks), mixed], device)
     return single / batch, mix / batch
 
 
@@ -86,18 +86,22 @@ def main(argv=None) -> None:
     ap.add_argument("--plot", default=str(Path(__file__).with_name("many_tasks.png")))
     ap.add_argument("--channels-last", default="auto", choices=list(CHANNELS_LAST_CHOICES),
                     help="conv weights channels-last (auto: on CPU, as HALRPConfig does)")
+    ap.add_argument("--grouped-layout", default="on", choices=["on", "off"],
+                    help="mixed image batches in the grouped layout (TaskModel.grouped_mixed_batches) or task group by "
+                         "task group")
     args = parse_args(ap, argv)
     layout = HALRPConfig(device=args.device, channels_last=CHANNELS_LAST_CHOICES[args.channels_last]).memory_format(
         has_conv=True)
     on = layout == torch.channels_last
     print(environment_line(args.device))
-    print(f"{args.model}, rank {args.rank} per layer, batch {args.batch}, channels-last {on}; mixed batches over 8 "
-          f"distinct tasks")
+    print(f"{args.model}, rank {args.rank} per layer, batch {args.batch}, channels-last {on}, grouped layout "
+          f"{args.grouped_layout}; mixed batches over 8 distinct tasks")
     rows, series = [], []
     for n in args.counts:
         gc.collect()
         rss0 = resident_mib()
         model = build(args.model, n, args.rank, args.seed, args.device, layout)
+        model.grouped_mixed_batches = args.grouped_layout == "on"
         rss_model = resident_mib() - rss0
         held = stored_bytes(model)
         counts = paper_parameter_count(model)

@@ -5,7 +5,7 @@ from torch import nn
 
 import halrp_fast as hf
 from halrp_fast import models
-from halrp_fast.nn import TaskBatchNorm
+from halrp_fast.nn import TaskBatchNorm, TaskHeads
 from halrp_fast.nn._context import grouped_selection, select_tasks
 from halrp_fast.nn.perturbed import TaskConv2d
 
@@ -202,3 +202,21 @@ def test_batchnorm_eval_equal_sorted_groups(dims):
     y = bn(x, ids)
     for n, t in enumerate(ids.tolist()):
         torch.testing.assert_close(y[n:n + 1], bn.bns[t](x[n:n + 1]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_heads_of_one_shape_over_equal_sorted_groups(bias):
+    # Equal task groups and heads of one shape take one batched product instead of a product per task.
+    heads = TaskHeads(nn.Linear(6, 4, bias=bias))
+    for _ in range(2):
+        heads.add_task(4)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    x = torch.randn(6, 6, requires_grad=True)
+    assert heads._same_linear_heads([0, 1, 2]) is not None
+    y = heads(x, ids)
+    for n, t in enumerate(ids.tolist()):
+        torch.testing.assert_close(y[n:n + 1], heads.heads[t](x[n:n + 1]), rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()  # trains every present head
+    assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in heads.heads)
+    heads.add_task(3)  # another width: the per-task path pads with -inf
+    assert heads._same_linear_heads([0, 3]) is None

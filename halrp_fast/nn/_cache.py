@@ -45,18 +45,19 @@ class DerivedCache:
             self.put(name, sources, value)
         return value
 
-    def lookup(self, name: Hashable, sources: Sequence[torch.Tensor | None]):
-        """The value stored for ``name`` if ``sources`` are unchanged since, else ``None``."""
-        key = tensor_key(sources)
+    def lookup(self, name: Hashable, sources: Sequence[torch.Tensor | None], key: tuple | None = None):
+        """The value stored for ``name`` if ``sources`` are unchanged since, else ``None`` (``key``: their
+        :func:`tensor_key` when the caller has it already)."""
+        key = tensor_key(sources) if key is None else key
         hit = self._entries.get(name)
         if key is not None and hit is not None and hit[0] == key:
             self._entries.move_to_end(name)
             return hit[1]
         return None
 
-    def put(self, name: Hashable, sources: Sequence[torch.Tensor | None], value) -> None:
+    def put(self, name: Hashable, sources: Sequence[torch.Tensor | None], value, key: tuple | None = None) -> None:
         """Store ``value`` (built without autograd) for ``name`` and the current ``sources``."""
-        key = tensor_key(sources)
+        key = tensor_key(sources) if key is None else key
         if key is not None and self.capacity > 0:
             self._entries[name] = (key, value)
             self._entries.move_to_end(name)

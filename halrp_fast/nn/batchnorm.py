@@ -74,16 +74,18 @@ class TaskBatchNorm(TaskModule):
             if out is not None:
                 return out
             x = sel.grouped.ungroup(x)
-        bns = [self.bns[t] for t in sel.tasks]
+        bns = [self.bns._modules[str(t)] for t in sel.tasks]
         if self.training or not bns[0].track_running_stats:
             return sel.regroup([bn(sel.rows(x, i)) for i, bn in enumerate(bns)])
         # Eval with running statistics: y = x · scale + shift with each task's (C,) scale and shift folded
         # from its statistics and affine parameters: one pass over x.
-        scale = torch.rsqrt(torch.stack([bn.running_var for bn in bns]) + bns[0].eps)
-        shift = -torch.stack([bn.running_mean for bn in bns]) * scale
+        buffers = [bn._buffers for bn in bns]
+        scale = torch.rsqrt(torch.stack([b["running_var"] for b in buffers]) + bns[0].eps)
+        shift = -torch.stack([b["running_mean"] for b in buffers]) * scale
         if bns[0].affine:
-            weight = torch.stack([bn.weight for bn in bns])
-            scale, shift = scale * weight, shift * weight + torch.stack([bn.bias for bn in bns])
+            params = [bn._parameters for bn in bns]
+            weight = torch.stack([p["weight"] for p in params])
+            scale, shift = scale * weight, torch.addcmul(torch.stack([p["bias"] for p in params]), shift, weight)
         spatial = (1,) * (x.dim() - 2)
         size = sel.equal_group_size
         if size is not None:  # rows sorted into equal groups: (G, m, C, ...) against (G, 1, C, 1, ...)

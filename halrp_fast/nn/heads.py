@@ -64,6 +64,15 @@ class TaskHeads(TaskModule):
         if sel.single is not None:
             return self.heads[sel.single](x)
         x = sel.as_rows(x)
+        same = self._same_linear_heads(sel.tasks)
+        size = sel.equal_group_size
+        if same is not None and size is not None and x.dim() == 2:
+            # Rows sorted into equal task groups: one batched product (G, m, F) × (G, F, C).
+            weight, bias = same
+            groups = x.unflatten(0, (len(sel.tasks), size))
+            out = torch.bmm(groups, weight.transpose(1, 2)) if bias is None else \
+                torch.baddbmm(bias.unsqueeze(1), groups, weight.transpose(1, 2))
+            return out.flatten(0, 1)
         width = max(self.num_classes[t] for t in sel.tasks)
         parts = []
         for i, t in enumerate(sel.tasks):
@@ -73,6 +82,19 @@ class TaskHeads(TaskModule):
                 logits = torch.cat([logits, pad], dim=-1)
             parts.append(logits)
         return sel.regroup(parts)
+
+    def _same_linear_heads(self, tasks: list[int]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Stacked ``(weight (G, C, F), bias (G, C) or None)`` when the heads of ``tasks`` are plain ``nn.Linear``
+        layers of one shape (and all with or all without bias), else ``None``."""
+        heads = [self.heads._modules[str(t)] for t in tasks]
+        if any(type(h) is not nn.Linear for h in heads):
+            return None
+        params = [h._parameters for h in heads]
+        shape, no_bias = params[0]["weight"].shape, params[0]["bias"] is None
+        if any(p["weight"].shape != shape or (p["bias"] is None) != no_bias for p in params):
+            return None
+        weight = torch.stack([p["weight"] for p in params])
+        return weight, None if no_bias else torch.stack([p["bias"] for p in params])
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}"

@@ -17,7 +17,7 @@ from torch import nn
 from .. import _checks, reference
 from ..functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
 from ..ops import layout_of
-from ._cache import DerivedCache
+from ._cache import DerivedCache, tensor_key
 from ._context import TaskContext, TaskModule, TaskSelection
 
 _PER_TASK = ("r", "s", "U", "V", "task_bias", "allocated")
@@ -110,6 +110,17 @@ class PerturbedLayer(TaskModule):
         k = str(t)
         return self.r[k], self.s[k], self.U[k], self.V[k], self.task_bias[k] if self.bias is not None else None
 
+    def tensors_of_tasks(self, tasks: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        """:meth:`task_tensors` of each of ``tasks`` (ids already checked, as a :class:`TaskSelection`'s are),
+        reading every per-task container's entries directly: a mixed batch asks for them in every layer."""
+        if 0 in tasks:
+            return [self.task_tensors(t) for t in tasks]
+        containers = self._modules
+        r, s, U, V, b = (containers[name]._parameters for name in _PER_TASK[:5])
+        if self.bias is None:
+            return [(r[k], s[k], U[k], V[k], None) for k in map(str, tasks)]
+        return [(r[k], s[k], U[k], V[k], b[k]) for k in map(str, tasks)]
+
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         """What trains for task ``t``: the base weight and bias for task 0, else ``r, s, U, V, bias``."""
         self._check_task(t)
@@ -170,17 +181,21 @@ class PerturbedLayer(TaskModule):
         """Merged weights of ``tasks`` (``per_task`` their :meth:`task_tensors`): cached ones reused, the others
         merged together in one batched pass and cached."""
         sources = [(self.weight, *tensors[:4]) for tensors in per_task]
-        weights = [self._merged.lookup(t, src) for t, src in zip(tasks, sources, strict=True)]
+        keys = [None if t == 0 else tensor_key(src) for t, src in zip(tasks, sources, strict=True)]
+        weights = [self.weight.detach() if t == 0 else self._merged.lookup(t, src, key)
+                   for t, src, key in zip(tasks, sources, keys, strict=True)]
         missing = [i for i, w in enumerate(weights) if w is None]
-        if len(missing) == 1:
-            weights[missing[0]] = self.merged_weight(tasks[missing[0]])
-        elif missing:
-            with torch.inference_mode(False), torch.no_grad():
-                R, S, U, V, _ = self._stack([per_task[i] for i in missing])
+        if not missing:
+            return weights
+        with torch.inference_mode(False), torch.no_grad():
+            if len(missing) == 1:
+                merged = [self._merge(*sources[missing[0]])]
+            else:
+                R, S, U, V, _ = self._stack([per_task[i] for i in missing], with_bias=False)
                 merged = self._merge(self.weight, R, S, U, V).unbind(0)
-            for i, w in zip(missing, merged, strict=True):
-                weights[i] = w
-                self._merged.put(tasks[i], sources[i], w)
+        for i, w in zip(missing, merged, strict=True):
+            weights[i] = w
+            self._merged.put(tasks[i], sources[i], w, keys[i])
         return weights
 
     def _can_merge(self, tensors) -> bool:
@@ -212,7 +227,7 @@ class PerturbedLayer(TaskModule):
         return self._op(x, r, s, U, V, b)
 
     def _forward_mixed(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor:
-        per_task = [self.task_tensors(t) for t in sel.tasks]
+        per_task = self.tensors_of_tasks(sel.tasks)
         sources = [self.weight] + [p for tensors in per_task for p in tensors]
         if not self._can_merge(sources):
             return self._op_mt(x, sel.local_ids, *self._stack(per_task))
@@ -239,9 +254,9 @@ class PerturbedLayer(TaskModule):
         raise NotImplementedError
 
     @staticmethod
-    def _stack(per_task):
-        """Banks ``R (T, out)``, ``S (T, in)``, ``U (T, out, kmax)``, ``V (T, in, kmax)``, ``B (T, out)``;
-        ranks below ``kmax`` zero-padded."""
+    def _stack(per_task, with_bias: bool = True):
+        """Banks ``R (T, out)``, ``S (T, in)``, ``U (T, out, kmax)``, ``V (T, in, kmax)``, ``B (T, out)``
+        (``None`` without bias or when not ``with_bias``); ranks below ``kmax`` zero-padded."""
         rs, ss, Us, Vs, bs = zip(*per_task, strict=True)
         ranks = [u.shape[1] for u in Us]
         kmax = max(ranks)
@@ -251,7 +266,7 @@ class PerturbedLayer(TaskModule):
         else:
             U = torch.stack([F.pad(u, (0, kmax - u.shape[1])) for u in Us])
             V = torch.stack([F.pad(v, (0, kmax - v.shape[1])) for v in Vs])
-        B = None if bs[0] is None else torch.stack(bs)
+        B = None if bs[0] is None or not with_bias else torch.stack(bs)
         return R, S, U, V, B
 
     # ---------------------------------------------------------------- per-kind hooks
@@ -367,7 +382,7 @@ class TaskConv2d(PerturbedLayer):
     def _forward_grouped(self, x, sel):
         # Inference: one convolution with groups = G over the task groups' merged weights, stacked along the
         # output channels, so group g's output channels come from group g's input channels only.
-        per_task = [self.task_tensors(t) for t in sel.tasks]
+        per_task = self.tensors_of_tasks(sel.tasks)
         if not self._can_merge([self.weight] + [p for tensors in per_task for p in tensors]):
             return None
         weight = torch.cat(self._merged_weights(sel.tasks, per_task))
