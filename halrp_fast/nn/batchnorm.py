@@ -73,7 +73,8 @@ class TaskBatchNorm(TaskModule):
             out = self._forward_grouped(x, sel)
             if out is not None:
                 return out
-            x = sel.grouped.ungroup(x)
+            # Per task group in rows, then back: the layout of the activation is the caller's.
+            return sel.grouped.group(self._forward_mixed(sel.grouped.ungroup(x), sel))
         bns = [self.bns._modules[str(t)] for t in sel.tasks]
         if self.training or not bns[0].track_running_stats:
             return sel.regroup([bn(sel.rows(x, i)) for i, bn in enumerate(bns)])

@@ -215,7 +215,9 @@ class PerturbedLayer(TaskModule):
             out = self._forward_grouped(x, sel)
             if out is not None:
                 return out
-            x = sel.grouped.ungroup(x)
+            out = self._forward_mixed(sel.grouped.ungroup(x), sel)
+            # A conv's output goes back into the grouped layout, so that both branches of a residual sum agree.
+            return sel.grouped.group(out) if self._keeps_grouped_layout else out
         return self._forward_mixed(x, sel)
 
     def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -242,6 +244,10 @@ class PerturbedLayer(TaskModule):
             return sel.regroup(parts)
         banks = self._banks.get(tuple(sel.tasks), sources, lambda: self._stack(per_task))
         return self._op_mt(x, sel.local_ids, *banks)
+
+    #: whether an output computed in the row layout returns to the grouped layout (image layers do; a linear
+    #: layer's output stays in rows, as does everything after it)
+    _keeps_grouped_layout = False
 
     def _forward_grouped(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor | None:
         """This layer on an activation in the batch's grouped layout, or ``None`` when it has no grouped form
@@ -346,6 +352,8 @@ class TaskConv2d(PerturbedLayer):
     The low-rank term ``U Vᵀ`` is the same at every kernel position (the paper's conv form).
     """
 
+    _keeps_grouped_layout = True
+
     def __init__(self, weight, bias, stride=1, padding=0, dilation=1, ctx: TaskContext | None = None) -> None:
         super().__init__(weight, bias, ctx)
         if weight.dim() != 4:
@@ -384,6 +392,12 @@ class TaskConv2d(PerturbedLayer):
         # output channels, so group g's output channels come from group g's input channels only.
         per_task = self.tensors_of_tasks(sel.tasks)
         if not self._can_merge([self.weight] + [p for tensors in per_task for p in tensors]):
+            return None
+        # The row layout's cost rule: where merging the tasks' weights costs more than the mixed op's low-rank
+        # work (deep layers: large weights, small images), the batch goes back to rows for the mixed op.
+        rows = torch.empty((sel.grouped.groups * x.shape[0], self.in_features, *x.shape[2:]), device="meta")
+        merge_cost, lowrank_cost = self._mixed_costs(rows, len(per_task), max(t[2].shape[1] for t in per_task))
+        if merge_cost >= lowrank_cost:
             return None
         weight = torch.cat(self._merged_weights(sel.tasks, per_task))
         bias = None if self.bias is None else torch.cat([tensors[4] for tensors in per_task])
