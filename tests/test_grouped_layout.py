@@ -106,7 +106,8 @@ def test_alexnet_batch_statistics_normalise_in_rows_when_padded(monkeypatch):
     served = grouped_calls(monkeypatch)
     calls = []
     original = TaskBatchNorm._forward_grouped
-    monkeypatch.setattr(TaskBatchNorm, "_forward_grouped", lambda self, x, sel: calls.append(1) or original(self, x, sel))
+    monkeypatch.setattr(TaskBatchNorm, "_forward_grouped",
+                        lambda self, x, sel: calls.append(1) or original(self, x, sel))
     with torch.no_grad():
         y = model(x, ids)
     assert served[0] and len(calls) == 3  # every BatchNorm was given the grouped layout
