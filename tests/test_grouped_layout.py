@@ -1,6 +1,7 @@
 """Mixed-task inference in the grouped layout (task groups side by side along the channels)."""
 import pytest
 import torch
+from task_modules import eval_batchnorm_with_random_stats
 from torch import nn
 
 import halrp_fast as hf
@@ -216,16 +217,8 @@ def test_grouping_refuses_padding_above_a_quarter():
 @pytest.mark.parametrize("dims", [(6,), (6, 3, 2)])
 def test_batchnorm_eval_equal_sorted_groups(dims):
     # Rows sorted into equal task groups take the broadcast form instead of per-row gathered statistics.
-    bn = TaskBatchNorm(nn.BatchNorm1d(6) if len(dims) == 1 else nn.BatchNorm2d(6))
-    for _ in range(2):
-        bn.add_task()
-    with torch.no_grad():
-        for m in bn.bns:
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2)
-            m.weight.normal_()
-            m.bias.normal_()
-    bn.eval()
+    base = nn.BatchNorm1d(6) if len(dims) == 1 else nn.BatchNorm2d(6)
+    bn = eval_batchnorm_with_random_stats(base, new_tasks=2)
     ids = torch.tensor([0, 0, 1, 1, 2, 2])
     x = torch.randn(6, *dims)
     if len(dims) == 3:

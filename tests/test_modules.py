@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 from oracle import assert_close, conv, linear
+from task_modules import eval_batchnorm_with_random_stats
 from torch import nn
 
 from halrp_fast.nn import TaskBatchNorm, TaskConv2d, TaskHeads, TaskLinear
@@ -155,16 +156,7 @@ def test_batchnorm_per_task_statistics(cls, shape, track):
 
 
 def test_batchnorm_eval_mixed_vectorised_matches_modules():
-    bn = TaskBatchNorm(nn.BatchNorm2d(4))
-    for _ in range(2):
-        bn.add_task()
-    with torch.no_grad():
-        for m in bn.bns:
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2)
-            m.weight.normal_()
-            m.bias.normal_()
-    bn.eval()
+    bn = eval_batchnorm_with_random_stats(nn.BatchNorm2d(4), new_tasks=2)
     x = torch.randn(5, 4, 2, 2)
     ids = torch.tensor([2, 0, 1, 2, 0])
     y = bn(x, ids)
