@@ -24,7 +24,7 @@ def _config_from_args(bench, args: argparse.Namespace):
 
     values = dict(bench.config)
     for field in ("epochs", "lr", "lr_decay", "approx_rate", "upper_rank", "est_rank_epochs", "l1", "wd", "prune",
-                  "seed", "device", "rank_mode", "optimizer"):
+                  "seed", "device", "rank_mode", "optimizer", "dtype"):
         v = getattr(args, field, None)
         if v is not None:
             values[field] = v
@@ -158,7 +158,7 @@ def _run_one(args: argparse.Namespace) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
-    from .continual.config import CHANNELS_LAST_CHOICES
+    from .continual.config import CHANNELS_LAST_CHOICES, DTYPES
     from .continual.pruning import MODES
     from .data import benchmarks
 
@@ -186,6 +186,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
                    help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
                    "conv networks)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="floating-point type of parameters and inputs (default "
+                   "float32); float64 for checks where float32 rounding could tip near-ties")
     add_allocator_option(p)
     p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "
                    "the benchmark list); nothing is downloaded")

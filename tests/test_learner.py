@@ -135,6 +135,22 @@ def test_learner_argument_errors(tasks):
         HALRPConfig(prune="magic")
     with pytest.raises(ValueError, match="paper_schedule needs n_tasks"):
         HALRPConfig(paper_schedule=True)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        HALRPConfig(dtype="float16")
+
+
+def test_float64_run_resumes_in_float64(tasks, tmp_path):
+    # float32 batches go in as float64; a resumed run reloads its float64 checkpoint without rounding it to float32
+    learner, whole = run_all(tasks, dtype="float64")
+    state = {k: v for k, v in learner.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    floats = [v for v in state.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float64 for v in floats)
+    run_all(tasks[:2], tmp_path, dtype="float64")
+    resumed_learner, resumed = run_all(tasks, tmp_path, dtype="float64")
+    assert resumed["acc_matrix"] == whole["acc_matrix"] and resumed["ranks"] == whole["ranks"]
+    resumed_state = resumed_learner.model.state_dict()
+    for k, a in state.items():
+        torch.testing.assert_close(resumed_state[k], a, rtol=1e-12, atol=1e-12, msg=k)
 
 
 def test_paper_schedule_gamma():

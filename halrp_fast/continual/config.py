@@ -11,6 +11,9 @@ from .pruning import MODES, parse_value
 #: ``--channels-last`` choices of the command line and benchmarks → :attr:`HALRPConfig.channels_last`
 CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
 
+#: :attr:`HALRPConfig.dtype` (and ``--dtype``) choices → the floating-point type of parameters and activations
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 
 @dataclass
 class HALRPConfig:
@@ -32,6 +35,11 @@ class HALRPConfig:
     BatchNorm, pooling) in the channels-last layout; ``None`` = on for CPU runs of networks with
     convolutions, where oneDNN's channels-last kernels are faster, off on other devices.  Results are
     the same up to floating-point summation order.
+
+    ``dtype``: ``"float32"`` (default) or ``"float64"`` for every parameter, buffer and input batch.  Float64
+    runs are slower and serve checks: runs that should agree up to summation order (data parallel against one
+    process, one layout against another) then stay ~1e-12 apart, so discrete decisions taken on the way
+    (max-pool winners, rank allocations) come out the same, where float32 rounding can tip near-ties.
     """
 
     epochs: int = 12
@@ -57,6 +65,7 @@ class HALRPConfig:
     seed: int = 0
     device: str = "cpu"
     channels_last: bool | None = None
+    dtype: str = "float32"
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -86,8 +95,15 @@ class HALRPConfig:
             parse_value(self.prune, self.prune_value)
         if self.channels_last not in (None, True, False):
             raise TypeError(f"channels_last must be None (auto), True or False, got {self.channels_last!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.paper_schedule and not self.n_tasks:
             raise ValueError("paper_schedule needs n_tasks (the number of tasks of the stream)")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """:attr:`dtype` as a ``torch.dtype``."""
+        return DTYPES[self.dtype]
 
     def memory_format(self, has_conv: bool) -> torch.memory_format:
         """The layout of the conv weights for a network with (``has_conv``) or without convolutions."""

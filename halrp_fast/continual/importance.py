@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import DistContext, all_reduce_sum_
-from .training import shard
+from .training import batch_to, shard
 
 
 def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader: Iterable,
@@ -23,12 +23,13 @@ def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader:
     """
     sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in weights}
     batches = 0
+    dtype = next(iter(weights.values())).dtype if weights else None  # inputs in the model's floating-point type
     was_training = model.training
     saved = {name: w.grad for name, w in weights.items()}
     model.eval()
     try:
         for x, y in loader:
-            x, y, n = shard(x.to(device), y.to(device), dist)
+            x, y, n = shard(*batch_to(x, y, device, dtype), dist)
             loss = F.cross_entropy(model(x), y, reduction="sum") / n
             grads = torch.autograd.grad(loss, list(weights.values()))
             for (name, _), g in zip(weights.items(), grads, strict=True):

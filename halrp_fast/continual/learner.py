@@ -55,7 +55,7 @@ class HALRPLearner:
         if not isinstance(model, TaskModel):
             model = convert(model, head=head)
         self.layout = self.config.memory_format(any(L.weight.dim() == 4 for L in model.perturbed_layers().values()))
-        self.model = model.to(self.config.device, memory_format=self.layout)
+        self.model = model.to(self.config.device, dtype=self.config.torch_dtype, memory_format=self.layout)
         self.reports: list[TaskReport] = []
         #: with an active context, every phase runs data parallel: DistributedDataParallel on each process's part
         #: of every global batch, BatchNorm statistics and importance over all processes
@@ -213,7 +213,8 @@ class HALRPLearner:
         self.model.eval()
         try:
             with synced_batchnorm(self.model, self._parallel):
-                return accuracy(lambda x: self.model(x, task_id), loader, self.config.device, self.dist)
+                return accuracy(lambda x: self.model(x, task_id), loader, self.config.device, self.dist,
+                                self.config.torch_dtype)
         finally:
             self.model.train(was_training)
 
@@ -265,6 +266,7 @@ class HALRPLearner:
             model = convert(model, head=manifest["head_name"])
         if model.num_tasks != 1:
             raise checkpoint.CheckpointError("load into a freshly converted model (with task 0 only)")
+        model.to(dtype=config.torch_dtype)  # loading casts the saved values to the model's dtype
         checkpoint.load_into(model, directory, manifest, lazy=lazy)
         learner = cls(model, config)
         learner.reports = [TaskReport(**r) for r in manifest.get("reports", [])]

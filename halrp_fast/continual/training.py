@@ -21,6 +21,12 @@ def shard(x: torch.Tensor, y: torch.Tensor, dist: DistContext | None) -> tuple[t
     return x.tensor_split(dist.world_size)[dist.rank], y.tensor_split(dist.world_size)[dist.rank], n
 
 
+def batch_to(x: torch.Tensor, y: torch.Tensor, device, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader's ``(x, y)`` on ``device``, floating-point inputs cast to ``dtype`` (``None``: as they come)."""
+    x = x.to(device, dtype=dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+    return x, y.to(device)
+
+
 def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
     if not enabled:
         return iterable
@@ -61,7 +67,7 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
     for _ in _progress(range(epochs), cfg.progress and (dist is None or dist.is_main), desc):
         total, count = 0.0, 0
         for x, y in loader:
-            x, y, n = shard(x.to(cfg.device), y.to(cfg.device), dist)
+            x, y, n = shard(*batch_to(x, y, cfg.device, cfg.torch_dtype), dist)
             ce = F.cross_entropy(forward(x), y, reduction="sum") * (world / n)
             loss = ce + penalty() if penalty is not None else ce
             opt.zero_grad(set_to_none=True)
@@ -88,11 +94,12 @@ def _global_mean(total: float, count: int, world: int, dist: DistContext | None)
 
 @torch.no_grad()
 def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: str = "cpu",
-             dist: DistContext | None = None) -> float:
-    """Top-1 accuracy in percent (with an active ``dist``: each process scores its part of every batch)."""
+             dist: DistContext | None = None, dtype: torch.dtype | None = None) -> float:
+    """Top-1 accuracy in percent (with an active ``dist``: each process scores its part of every batch);
+    floating-point inputs are cast to ``dtype`` unless it is ``None``."""
     correct = total = 0
     for x, y in loader:
-        x, y, n = shard(x.to(device), y.to(device), dist)
+        x, y, n = shard(*batch_to(x, y, device, dtype), dist)
         correct += int((forward(x).argmax(-1) == y).sum())
         total += n
     if dist is not None and dist.active:
