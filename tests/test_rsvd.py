@@ -134,4 +134,19 @@ def test_adaptive_ranks_equal_exact_on_a_trained_network():
     imp = empirical_fisher(free, {n: free.get_submodule(n).weight for n in layers}, tasks[1].val)
     for rate in (0.6, 0.9):
         _, alloc = allocate_adaptive(mats, imp, kernel_areas(model), rate, 100, k0=4)
-        assert alloc.ranks == _exact_allocation(mats, imp, kernel_areas(model), rate, 100).ranks
+        _assert_equal_up_to_near_ties(alloc.ranks, mats, imp, kernel_areas(model), rate, 100)
+
+
+def _assert_equal_up_to_near_ties(ranks, mats, imp, areas, rate, upper, tol=0.02):
+    """``ranks`` equal the exact allocation, except for values whose exact scores lie within ``tol`` (relative)
+    of the exact cut: a trained network's discrepancies have flat spectra, where the randomized values near the
+    end of a sketch are off by up to ~1 % (measured 0.7 % on fc.0 here), so two layers' values that close to the
+    cut can trade places.  A wrong allocation (a missing tail energy, a wrong weight) moves it much further."""
+    spectra = layer_spectra(mats)
+    exact = allocate_ranks(spectra, imp, areas, rate, upper)
+    scores = {n: spectra[n].S.double().pow(2) * areas[n] * imp[n] for n in mats}
+    cut = min(float(scores[n][exact.ranks[n] - 1]) for n in mats if exact.counts[n] > 0)
+    for n in mats:
+        lo, hi = sorted((ranks[n], exact.ranks[n]))
+        traded = scores[n][lo:hi]  # the values one allocation keeps and the other does not
+        assert ((traded - cut).abs() <= tol * cut).all(), (n, ranks[n], exact.ranks[n], traded.tolist(), cut)

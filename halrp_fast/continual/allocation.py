@@ -71,8 +71,10 @@ def allocate_adaptive(mats: dict[str, torch.Tensor], importance: dict[str, float
     Starting from ``k0`` values per layer, a layer whose count in the kept prefix reaches its number of
     computed values gets twice as many (up to its full spectrum) and the allocation is redone.  Once every
     count is below its layer's computed values, all values in the prefix are known, and with the exact
-    energies ``‖D‖_F²`` for the tails the ranks equal those of the full exact spectra (up to the accuracy of
-    the randomized values at exact ties).  ``mode="flat"`` computes ``upper_rank`` values per layer at once.
+    energies ``‖D‖_F²`` for the tails the ranks equal those of the full exact spectra, up to values whose scores
+    lie within the randomized values' accuracy of the cut: on the flat tail of a trained network's discrepancy
+    the values near the end of a sketch can be ~1 % off, and two layers then trade one rank at a near-tie.
+    ``mode="flat"`` computes ``upper_rank`` values per layer at once.
     """
     full = {n: min(D.shape) for n, D in mats.items()}
     if mode == "flat":
