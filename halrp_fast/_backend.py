@@ -43,7 +43,9 @@ class Provider:
     ``devices`` lists the device types (``"cpu"``, ``"cuda"``, ...) it serves; ``priority`` orders
     providers in ``auto`` mode (higher first); ``auto`` = False keeps it out of ``auto`` mode
     (it is then used only when named in ``HALRP_FAST_BACKEND``); ``auto_devices`` (default: all of
-    ``devices``) limits the device types for which ``auto`` mode may pick it.
+    ``devices``) limits the device types for which ``auto`` mode may pick it.  ``dtypes`` (default: all) names
+    the floating-point types it computes (``"float32"``, ...); other dtypes go to the next provider, or to
+    ``reference`` when it is named in ``HALRP_FAST_BACKEND``.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Provider:
     priority: int = 0
     auto: bool = True
     auto_devices: tuple[str, ...] | None = None
+    dtypes: tuple[str, ...] | None = None
     _impls: dict[str, Callable] | None = field(default=None, repr=False)
     _error: str | None = field(default=None, repr=False)
 
@@ -70,7 +73,7 @@ class Provider:
 
 
 _PROVIDERS: dict[str, Provider] = {}
-_SELECTION: dict[tuple[str, str, str], tuple[str, Callable]] = {}
+_SELECTION: dict[tuple[str, str, str, str | None], tuple[str, Callable]] = {}
 
 def register_provider(provider: Provider) -> None:
     """Add (or replace) a provider; clears the selection cache."""
@@ -112,6 +115,8 @@ register_provider(
         load=_load_triton,
         priority=10,
         auto_devices=("cuda",),
+        # fp32 accumulators and tl.dot: float64 runs would lose their precision (or fail to compile)
+        dtypes=("float32", "float16", "bfloat16"),
     )
 )
 
@@ -141,7 +146,11 @@ def _serves(p: Provider, device_type: str) -> bool:
     return "*" in p.devices or device_type in p.devices
 
 
-def _choose(op: str, device_type: str, want: str) -> tuple[str, Callable]:
+def _computes(p: Provider, dtype: str | None) -> bool:
+    return dtype is None or p.dtypes is None or dtype in p.dtypes
+
+
+def _choose(op: str, device_type: str, want: str, dtype: str | None) -> tuple[str, Callable]:
     if want != "auto":
         p = _PROVIDERS[want]
         if not _serves(p, device_type):
@@ -151,28 +160,37 @@ def _choose(op: str, device_type: str, want: str) -> tuple[str, Callable]:
         impls = p.impls()
         if not impls:
             raise RuntimeError(f"{ENV_VAR}={want} is not available: {p.why_not()}")
-        if op in impls:
+        if op in impls and _computes(p, dtype):
             return p.name, impls[op]
         return "reference", _PROVIDERS["reference"].impls()[op]
     for p in sorted(_PROVIDERS.values(), key=lambda p: -p.priority):
         auto_ok = p.auto and (p.auto_devices is None or device_type in p.auto_devices)
-        if auto_ok and _serves(p, device_type) and op in p.impls():
+        if auto_ok and _serves(p, device_type) and _computes(p, dtype) and op in p.impls():
             return p.name, p.impls()[op]
     raise RuntimeError(f"no provider implements {op} on {device_type}")
 
 
-def select(op: str, device_type: str) -> tuple[str, Callable]:
-    """``(provider name, implementation)`` serving ``op`` for tensors of ``device_type``."""
+def select(op: str, device_type: str, dtype: str | None = None) -> tuple[str, Callable]:
+    """``(provider name, implementation)`` serving ``op`` for tensors of ``device_type`` and floating-point
+    type ``dtype`` (a name such as ``"float64"``; ``None``: any)."""
     want = requested()
-    key = (op, device_type, want)
+    key = (op, device_type, want, dtype)
     hit = _SELECTION.get(key)
     if hit is None:
-        hit = _SELECTION[key] = _choose(op, device_type, want)
+        hit = _SELECTION[key] = _choose(op, device_type, want, dtype)
     return hit
 
 
+def dtype_name(t) -> str:
+    """``"float32"`` for a float32 tensor (the names :attr:`Provider.dtypes` uses)."""
+    return str(t.dtype).removeprefix("torch.")
+
+
 def call(op: str, device_type: str, *args):
-    return select(op, device_type)[1](*args)
+    """Run ``op`` on ``args`` with the provider for ``device_type`` and the dtype of ``args[0]`` (every op's first
+    argument is a floating-point tensor: ``x``, the output gradient or ``W_free``)."""
+    dtype = dtype_name(args[0]) if args and hasattr(args[0], "dtype") else None
+    return select(op, device_type, dtype)[1](*args)
 
 
 def env_report(devices: tuple[str, ...] | None = None) -> str:
@@ -192,7 +210,8 @@ def env_report(devices: tuple[str, ...] | None = None) -> str:
     for p in sorted(_PROVIDERS.values(), key=lambda p: -p.priority):
         why = p.why_not()
         state = "available" if why is None else f"unavailable ({why})"
-        lines.append(f"  {p.name:<10} devices={','.join(p.devices):<10} {state}")
+        dtypes = f" dtypes={','.join(p.dtypes)}" if p.dtypes else ""
+        lines.append(f"  {p.name:<10} devices={','.join(p.devices):<10} {state}{dtypes}")
     lines.append("ops:")
     for dev in devices:
         for op in OPS:

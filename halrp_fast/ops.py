@@ -204,7 +204,7 @@ def _conv_fake_outputs(x, weight, k, geo, save):
 def _conv_saves(x: Tensor, weight: Tensor, k: int, geo: tuple) -> bool:
     """Whether the forward serving ``x``'s device returns ``c`` and ``pooled`` when asked to save: the reference
     CPU path does not when the layer trains through its merged weight (its backward needs neither)."""
-    provider, _ = _backend.select("perturbed_conv2d", x.device.type)
+    provider, _ = _backend.select("perturbed_conv2d", x.device.type, _backend.dtype_name(x))
     return provider != "reference" or not reference.conv_through_merged_weight(x, weight, k, *geo)
 
 

@@ -53,6 +53,33 @@ def test_registered_provider_serves_and_falls_back(monkeypatch):
         _backend._SELECTION.clear()
 
 
+@pytest.mark.parametrize("mode", ["auto", "probe"])
+def test_provider_serves_only_its_dtypes(monkeypatch, mode):
+    calls = []
+
+    def fake_linear(*args):
+        calls.append(args[0].dtype)
+        return _backend.reference.perturbed_linear(*args)
+
+    provider = _backend.Provider(name="probe", devices=("cpu",), load=lambda: {"perturbed_linear": fake_linear},
+                                 priority=1000, dtypes=("float32",))
+    _backend.register_provider(provider)
+    try:
+        monkeypatch.setenv(_backend.ENV_VAR, mode)
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(2, 3, dtype=dtype)
+            y = hf.perturbed_linear(x, torch.randn(2, 3, dtype=dtype), torch.ones(2, dtype=dtype),
+                                    torch.ones(3, dtype=dtype), torch.zeros(2, 1, dtype=dtype),
+                                    torch.zeros(3, 1, dtype=dtype))
+            assert y.dtype == dtype
+        assert calls == [torch.float32]  # float64 went to the next provider (auto) or to reference (named)
+        assert _backend.select("perturbed_linear", "cpu", "float64")[0] != "probe"
+        assert "dtypes=float32" in hf.env_report()
+    finally:
+        _backend._PROVIDERS.pop("probe")
+        _backend._SELECTION.clear()
+
+
 def test_unavailable_provider_reports_why(monkeypatch):
     def load():
         raise ImportError("no module named 'imaginary'")

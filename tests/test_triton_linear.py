@@ -32,6 +32,19 @@ def test_single_task_matches_oracle(M, n_in, n_out, k):
     assert_close(hf.perturbed_linear(*args), linear(*args), torch.float32)
 
 
+def test_float64_is_served_by_the_reference_at_float64_accuracy():
+    # The kernels accumulate in fp32 (and tl.dot mixes no fp64): float64 calls go to the reference provider.
+    args = (rnd(7, 13, dtype=torch.float64), rnd(11, 13, dtype=torch.float64), rnd(11, dtype=torch.float64),
+            rnd(13, dtype=torch.float64), rnd(11, 3, dtype=torch.float64), rnd(13, 3, dtype=torch.float64))
+    ids = torch.tensor([0, 1, 1, 0, 2, 2, 1], device=DEVICE)
+    banks = [torch.stack([a] * 3) + 0.1 * rnd(3, *a.shape, dtype=torch.float64) for a in args[2:]]
+    assert_close(hf.perturbed_linear(*args), linear(*args), torch.float64)
+    assert_close(hf.perturbed_linear_mt(args[0], ids, args[1], *banks), linear_mt(args[0], ids, args[1], *banks),
+                 torch.float64)
+    assert hf._backend.select("perturbed_linear", DEVICE, "float64")[0] == "reference"
+    assert hf._backend.select("perturbed_linear", DEVICE, "float32")[0] == "triton"
+
+
 def test_rank_zero_and_no_bias():
     x, W, r, s = rnd(9, 13), rnd(11, 13), rnd(11), rnd(13)
     U, V = rnd(11, 0), rnd(13, 0)
