@@ -1,7 +1,8 @@
-"""The paper's networks, for any image size: LeNet, AlexNet and the reduced ResNet-18.
+"""The paper's networks, as the authors' code builds them: LeNet, AlexNet and the reduced ResNet-18.
 
 Each returns an ordinary ``nn.Module`` whose classifier is named ``last``; convert it with
-``halrp_fast.convert(model, head="last")``.
+``halrp_fast.convert(model, head="last")``.  ``docs/FIDELITY.md`` lists every element against the authors'
+implementation.
 """
 from .alexnet import alexnet
 from .lenet import lenet
