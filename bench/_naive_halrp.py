@@ -167,8 +167,10 @@ class NaiveHALRP:
     def _train(self, model: nn.Module, params, loader, epochs: int, penalty=None) -> None:
         cfg = self.cfg
         model.train()
-        opt = torch.optim.Adam(params, lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_decay)
+        opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
+        per_iter = cfg.paper_schedule
+        gamma = cfg.schedule_gamma(getattr(loader, "batch_size", None) or 1) if per_iter else cfg.lr_decay
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
         for _ in range(epochs):
             for x, y in loader:
                 loss = F.cross_entropy(model(x), y)
@@ -177,7 +179,10 @@ class NaiveHALRP:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            sched.step()
+                if per_iter:
+                    sched.step()
+            if not per_iter:
+                sched.step()
 
     def learn_task(self, train, val, num_classes: int) -> dict[str, float]:
         """Learn the next task (≥ 1); returns the seconds of each phase."""
@@ -262,7 +267,7 @@ class NaiveHALRP:
         for t in range(1, self.num_tasks):
             for n, L in self.layers.items():
                 p = L.tasks[t]
-                added += p.r.numel() + p.s.numel() + (0 if p.bias is None else p.bias.numel())
+                added += p.r.numel() + p.s.numel()  # the paper's count leaves the task's biases out
                 added += self.allocated[t][n] * (p.r.numel() + p.s.numel())
             added += sum(q.numel() for m in self.per_task.values() for q in m.per_task[t].parameters())
         return added / base

@@ -22,7 +22,9 @@ def _config_from_args(bench, args: argparse.Namespace):
     from .continual import HALRPConfig
     from .continual.config import CHANNELS_LAST_CHOICES
 
-    values = dict(bench.config)
+    values = bench.config_for(getattr(args, "model", None))
+    if getattr(args, "subset", None) is not None:
+        values["train_frac"] = args.subset  # the paper's schedule counts the training subset
     for field in ("epochs", "lr", "lr_decay", "approx_rate", "upper_rank", "est_rank_epochs", "l1", "wd", "prune",
                   "seed", "device", "rank_mode", "optimizer", "dtype"):
         v = getattr(args, field, None)

@@ -50,24 +50,36 @@ def test_missing_and_malformed_files(mnist_dir, tmp_path):
         read_idx(bad)
 
 
-def test_permuted_stream(mnist_dir):
-    tasks = permuted_stream(load_mnist_like(mnist_dir), 3, batch_size=8, seed=0, valid_frac=0.25)
-    assert [t.num_classes for t in tasks] == [10, 10, 10]
-    x0, y0 = next(iter(tasks[0].test))
-    x1, y1 = next(iter(tasks[1].test))
-    assert x0.shape == (20, 3, 32, 32) and torch.equal(y0, y1)
-    # same images, different pixel permutations (task 0 permuted too): same multiset of values per image
-    assert not torch.equal(x0, x1)
-    torch.testing.assert_close(x0[0].flatten().sort().values, x1[0].flatten().sort().values)
-    from halrp_fast.data import image_transform
+def test_permuted_stream_is_the_authors_pmnist(mnist_dir):
+    """Resize 28 → 32 by PIL's bilinear filter, standardise, three channels, then one permutation of all 3·32·32
+    values per task drawn as the authors' loader draws it (scikit-learn's shuffle); the first 20 % of the training
+    file is the validation part; training batches drop the last partial batch."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.utils import shuffle
 
     data = load_mnist_like(mnist_dir)
-    unpermuted = image_transform(32, 3, 0.0, 1.0)(data["test_images"][:1])
-    assert unpermuted.shape == x0[:1].shape
-    assert not torch.equal((x0[0, 0] == x0[0, 0].min()), (unpermuted[0, 0] == unpermuted[0, 0].min()))
-    assert tasks[0].train.dataset_size == 45 and tasks[0].val.dataset_size == 15
-    again = permuted_stream(load_mnist_like(mnist_dir), 3, batch_size=8, seed=0, valid_frac=0.25)
+    tasks = permuted_stream(data, 3, batch_size=8, seed=4, valid_frac=0.25)
+    assert [t.num_classes for t in tasks] == [10, 10, 10]
+    assert torch.equal(tasks[0].val.indices, torch.arange(15)) and torch.equal(tasks[0].train.indices,
+                                                                               torch.arange(15, 60))
+    assert len(tasks[0].train) == 5 and sum(len(y) for _, y in tasks[0].train) == 40  # 45 samples, batches of 8
+    pixels = data["train_images"].double() / 255
+    mean, std = round(float(pixels.mean()), 4), round(float(pixels.std(unbiased=False)), 4)
+    seeds = shuffle(np.arange(3), random_state=4)
+    for t, task in enumerate(tasks):
+        x, y = next(iter(task.test))
+        assert x.shape == (8, 3, 32, 32) and torch.equal(y, data["test_labels"][:8])
+        for i in (0, 5):
+            img = np.asarray(Image.fromarray(data["test_images"][i].numpy()).resize((32, 32), Image.BILINEAR))
+            flat = ((torch.from_numpy(img.copy()).double() / 255 - mean) / std).expand(3, 32, 32).reshape(-1).numpy()
+            expected = shuffle(flat, random_state=int(seeds[t]) * 100 + t)
+            torch.testing.assert_close(x[i].double().reshape(-1), torch.from_numpy(expected), rtol=0, atol=1e-6)
+        assert not torch.equal(x[:, 0], x[:, 1])  # the channels are permuted jointly, so they differ
+    again = permuted_stream(load_mnist_like(mnist_dir), 3, batch_size=8, seed=4, valid_frac=0.25)
     assert torch.equal(next(iter(again[2].test))[0], next(iter(tasks[2].test))[0])  # deterministic from the seed
+    with pytest.raises(ValueError, match="make no full batch of batch_size=64"):
+        permuted_stream(data, 1, batch_size=64, valid_frac=0.25)
 
 
 def test_class_split_stream_remaps_labels(mnist_dir):
@@ -137,6 +149,33 @@ def test_cifar100_splits_and_orders_map_back_to_task_identity(tmp_path):
     assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and int(y.max()) < 10
 
 
+def test_cifar100_split_is_the_authors_and_independent_of_the_order(tmp_path):
+    """The authors' loader: one numpy generator seeded once shuffles the classes' indices split after split (in
+    split order), keeps ⌈train_size·n⌉, the first ⌊valid·n⌋ of those validate; training batches keep that order
+    in every epoch.  A task's split is therefore the same in every task order."""
+    import numpy as np
+
+    from halrp_fast.data.cifar import SPLIT_ORDERS, cifar100_splits, load_cifar100
+
+    data = load_cifar100(write_cifar100(tmp_path, n_train=1000))
+    labels = data["train_labels"].numpy()
+    np.random.seed(31)  # restated from the authors' get_train_valid_loader_cifar100
+    expected = {}
+    for split in range(10):
+        idx = np.hstack([np.where(labels == c)[0] for c in range(10 * split, 10 * split + 10)]).tolist()
+        np.random.shuffle(idx)
+        idx = idx[: int(np.ceil(0.6 * len(idx)))]
+        n_val = int(np.floor(0.2 * len(idx)))
+        expected[split] = (idx[n_val:], idx[:n_val])
+    for order in "AD":
+        tasks = cifar100_splits(data, batch_size=16, seed=31, order=order, subset=0.6)
+        for pos, task in enumerate(tasks):
+            train, val = expected[SPLIT_ORDERS[order][pos]]
+            assert task.train.indices.tolist() == train and task.val.indices.tolist() == val
+    first = [y for _, y in tasks[3].train]
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in tasks[3].train]))  # no reshuffling
+
+
 def test_cifar100_superclass_groups_by_coarse_label(tmp_path):
     from halrp_fast.data.cifar import SUPERCLASS_ORDERS, cifar100_superclass, load_cifar100
 
@@ -192,7 +231,8 @@ def test_subset_fraction(mnist_dir):
     data = load_mnist_like(mnist_dir)
     full = permuted_stream(data, 1, batch_size=8, valid_frac=0.25)
     half = permuted_stream(data, 1, batch_size=8, valid_frac=0.25, subset=0.5)
-    assert full[0].train.dataset_size == 45 and half[0].train.dataset_size == 22
+    assert full[0].train.dataset_size == 45 and half[0].train.dataset_size == 23  # ⌈45 / 2⌉ of the training part
+    assert half[0].val.dataset_size == 15
     assert set(half[0].train.indices.tolist()) <= set(range(60))
     with pytest.raises(ValueError, match=r"subset must be in \(0, 1\]"):
         permuted_stream(data, 1, batch_size=8, subset=0.0)
@@ -204,7 +244,7 @@ def test_pmnist_needs_a_data_dir(tmp_path, mnist_dir, capsys):
     assert main(["run", "--benchmark", "pmnist", "--out", str(tmp_path / "o")]) == 2
     assert "PMNIST needs --data-dir" in capsys.readouterr().err
     rc = main(["run", "--benchmark", "pmnist", "--data-dir", str(mnist_dir), "--tasks", "2", "--epochs", "1",
-               "--subset", "0.5", "--out", str(tmp_path / "p"), "--no-progress", "--quiet"])
+               "--subset", "0.5", "--batch-size", "8", "--out", str(tmp_path / "p"), "--no-progress", "--quiet"])
     assert rc == 0
 
 
@@ -246,11 +286,18 @@ def test_five_datasets_from_every_file_format(tmp_path, mnist_dir):
                                                        "y": (np.arange(20) % 10 + 1).reshape(-1, 1)})
         _png_folder(root / "notmnist" / split, list("ABCDEFGHIJ"), 2, (28, 28), "L")
     tasks = five_datasets(root, batch_size=8, max_per_task=16)
-    assert [t.name for t in tasks] == ["cifar10", "mnist", "svhn", "fashion_mnist", "notmnist"]
+    # the authors' order: their loader shuffles the five datasets with seed 0 (scikit-learn's shuffle)
+    from sklearn.utils import shuffle
+
+    authors = ["cifar10", "mnist", "svhn", "fashion_mnist", "notmnist"]
+    assert [t.name for t in tasks] == [authors[i] for i in shuffle(np.arange(5), random_state=0)]
+    # their normalisation: MNIST padded to 32×32 with mean 0.1 and std 0.2752 (padding included)
+    x, _ = next(iter(tasks[2].test))
+    torch.testing.assert_close(x[:, :, 0, 0], torch.full_like(x[:, :, 0, 0], -0.1 / 0.2752))
     for t in tasks:
         x, y = next(iter(t.train))
         assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and 0 <= int(y.min()) and int(y.max()) < 10
-    assert set(torch.cat([y for _, y in tasks[2].test]).tolist()) == set(range(10))  # SVHN's label 10 is digit 0
+    assert set(torch.cat([y for _, y in tasks[0].test]).tolist()) == set(range(10))  # SVHN's label 10 is digit 0
 
 
 def test_tinyimagenet_folder_layout(tmp_path):
@@ -259,7 +306,7 @@ def test_tinyimagenet_folder_layout(tmp_path):
     root = tmp_path / "tiny-imagenet-200"
     wnids = [f"n{i:08d}" for i in range(4)]
     root.mkdir()
-    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (root / "wnids.txt").write_text("\n".join(reversed(wnids)) + "\n")  # labels follow sorted wnids (ImageFolder)
     for w in wnids:
         _png_folder(root / "train" / w, ["images"], 3, (64, 64), "RGB")
         for p in (root / "train" / w / "images").iterdir():
@@ -271,6 +318,17 @@ def test_tinyimagenet_folder_layout(tmp_path):
     assert data["train_images"].shape == (12, 3, 64, 64) and data["test_labels"].tolist() == [0, 1, 2, 3] * 2
     tasks = tinyimagenet_stream(data, 2, batch_size=4, valid_frac=0.0)
     assert [t.num_classes for t in tasks] == [2, 2]
+    # training images are augmented (random crop with padding 4, flips), test images are not
+    torch.manual_seed(0)
+    a = torch.cat([x for x, _ in tasks[0].train])
+    torch.manual_seed(1)
+    b = torch.cat([x for x, _ in tasks[0].train])
+    assert a.shape == (6, 3, 64, 64) and not torch.equal(a, b)
+    assert torch.equal(torch.cat([x for x, _ in tasks[0].test]), torch.cat([x for x, _ in tasks[0].test]))
+    # a third of each class validates: ⌊3 · 0.34⌋ = 1 image per class
+    split = tinyimagenet_stream(data, 2, batch_size=1, valid_frac=0.34)
+    assert split[0].val.dataset_size == 2 and split[0].train.dataset_size == 4
+    assert sorted(data["train_labels"][split[0].val.indices].tolist()) == [0, 1]
     assert set(torch.cat([y for _, y in tasks[1].test]).tolist()) == {0, 1}
     with pytest.raises(ValueError, match="do not split into 3 equal tasks"):
         tinyimagenet_stream(data, 3, batch_size=4)

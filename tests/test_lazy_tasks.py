@@ -144,13 +144,16 @@ def test_two_hundred_lazy_tasks_cost_only_what_is_read(tmp_path):
     torch.testing.assert_close(out, model(x, torch.tensor(picked * 2)))
     held = stored_bytes(lazy)
     assert {k for k, v in held.items() if v and k.startswith("task_")} == {f"task_{t}" for t in picked}
-    # per task: its parameters (the paper's count, 4 bytes each) plus its BatchNorm running statistics
+    # per task: its parameters (the paper's count, 4 bytes each) plus its biases (stored, not in the paper's count)
+    # and its BatchNorm running statistics
     counts = paper_parameter_count(model)
     for t in picked:
-        bn_stats = sum(v.numel() * v.element_size() for k, v in model.task_state_dict(t).items()
-                       if "running" in k or "num_batches" in k)
-        rank_books = sum(8 for k in model.task_state_dict(t) if ".allocated." in k)
-        assert held[f"task_{t}"] == 4 * counts[f"task_{t}"] + bn_stats + rank_books
+        state = model.task_state_dict(t)
+        bn_stats = sum(v.numel() * v.element_size() for k, v in state.items() if "running" in k or "num_batches" in k)
+        biases = sum(v.numel() * v.element_size() for k, v in state.items() if ".task_bias." in k)
+        rank_books = sum(8 for k in state if ".allocated." in k)
+        assert biases > 0
+        assert held[f"task_{t}"] == 4 * counts[f"task_{t}"] + biases + bn_stats + rank_books
 
 
 @pytest.mark.parametrize("path", ["merged groups", "mixed op"])

@@ -134,7 +134,9 @@ def test_learner_argument_errors(tasks):
     with pytest.raises(ValueError, match="prune must be None or one of"):
         HALRPConfig(prune="magic")
     with pytest.raises(ValueError, match="paper_schedule needs n_tasks"):
-        HALRPConfig(paper_schedule=True)
+        HALRPConfig(paper_schedule=True, n_tasks=None)
+    with pytest.raises(ValueError, match="adam_eps must be > 0"):
+        HALRPConfig(adam_eps=0.0)
     with pytest.raises(ValueError, match="dtype must be one of"):
         HALRPConfig(dtype="float16")
 
@@ -162,7 +164,7 @@ def test_paper_schedule_gamma():
 def test_cli_demo_small(tmp_path):
     from halrp_fast.cli import main
 
-    rc = main(["demo", "--out", str(tmp_path), "--tasks", "2", "--epochs", "2", "--max-per-task", "100",
+    rc = main(["demo", "--out", str(tmp_path), "--tasks", "2", "--epochs", "2", "--max-per-task", "100", "--batch-size", "32",
                "--no-progress", "--quiet"])
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -101,8 +101,8 @@ def test_all_task_bound():
     model = hf.convert(nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 2)))
     model.add_task(2)
     model.set_rank(1, "0", torch.randn(40, 1), torch.randn(50, 1))
-    inc = growth(model, dense=True)  # (40 + 50 + 40 + 82 + 90) / (2040 + 82) ≈ 0.14
-    assert inc == pytest.approx(302 / 2122)
+    inc = growth(model, dense=True)  # r, s, head, U, V (not the task's biases): (40 + 50 + 82 + 90) / (2040 + 82)
+    assert inc == pytest.approx(262 / 2122)
     # below the bound (inc < 1 − p): nothing is pruned, not even by the absolute part
     rep = prune(_copy(model), "mixAR", (10.0, 0.5), bound_all_tasks=True)
     assert rep.skipped and rep.rate is None
@@ -122,11 +122,12 @@ def test_bad_prune_values():
 
 def test_parameter_accounting_by_hand():
     model = two_layer_model(1)  # Linear(3,2), Linear(2,2), head Linear(2,2): base = 8 + 6 + 6 = 20
-    set_uv(model, 1, "0", [[1.0, 0.0], [0.0, 0.0]], [[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]])
+    set_uv(model, 1, "0", [[1.0, 0.0], [0.0, 0.0]], [[1.0, 2.0], [0.0, 0.0], [3.0, 9e-9]])
     counts = paper_parameter_count(model)
-    # task 1: layer 0 r(2) s(3) bias(2); layer 2 r(2) s(2) bias(2); head 6; nonzeros of U (1) and V (3)
-    assert counts == {"base": 20, "task_1": 23, "total": 43}
-    assert paper_parameter_count(model, dense=True)["task_1"] == 19 + 4 + 6
+    # task 1 as the authors count it: layer 0 r(2) s(3); layer 2 r(2) s(2); head 6; entries of U (1) and V (3)
+    # above 1e-8 (9e-9 is not); the task's biases (2 + 2) are stored but not counted
+    assert counts == {"base": 20, "task_1": 19, "total": 39}
+    assert paper_parameter_count(model, dense=True)["task_1"] == 15 + 4 + 6
     nbytes = stored_bytes(model)
     # real bytes: the float tensors plus one int64 allocated-rank record per layer
     assert nbytes["base"] == 20 * 4 and nbytes["task_1"] == (19 + 4 + 6) * 4 + 2 * 8

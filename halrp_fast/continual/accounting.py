@@ -4,10 +4,15 @@ from __future__ import annotations
 from ..nn import TaskModel
 
 
+#: an entry of ``U`` or ``V`` counts as a parameter when its magnitude exceeds this (the authors' count)
+NONZERO = 1e-8
+
+
 def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, int]:
-    """The paper's count: the base's parameters plus, per task ``t ≥ 1``, its ``r, s``, the nonzeros of
-    its ``U, V`` (with ``dense``: all entries at the allocated rank, before pruning), biases, BatchNorm
-    affine parameters and head.
+    """The paper's count, as the authors' code takes it: all parameters of the base, plus per task ``t ≥ 1``
+    its ``r, s``, the entries of its ``U, V`` with ``|x| > 1e-8`` (with ``dense``: all entries at the allocated
+    rank, before pruning), its BatchNorm affine parameters and its head.  The task's own conv/linear biases are
+    not counted (the authors' count leaves them out; :func:`stored_bytes` holds them).
 
     Returns ``{"base": n0, "task_1": n1, ..., "total": n0 + Σ n_t}``.  Lazily added tasks are read first
     (the nonzeros need the values).
@@ -19,10 +24,12 @@ def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, in
         n = 0
         for name, p in model.named_task_parameters(t).items():
             leaf = name.rsplit(".", 2)[-2]
+            if leaf == "task_bias":
+                continue
             if leaf not in ("U", "V"):
                 n += p.numel()
             elif not dense:
-                n += int((p != 0).sum())
+                n += int((p.detach().abs() > NONZERO).sum())
         if dense:
             n += sum(L.allocated_rank(t) * (L.out_features + L.in_features) for L in layers.values())
         counts[f"task_{t}"] = n

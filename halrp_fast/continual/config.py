@@ -17,13 +17,17 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class HALRPConfig:
-    """Everything that shapes a HALRP run.
+    """Everything that shapes a HALRP run.  The defaults are the paper's PMNIST settings (the authors'
+    ``scripts/pmnist_LeNet_HALRP.sh``); ``docs/FIDELITY.md`` maps every field to the authors' code.
 
     Training: ``epochs`` per task (the ``est_rank_epochs`` of the free model count towards it for tasks
-    ≥ 1), ``lr`` with a per-epoch multiplicative decay ``lr_decay``, or with ``paper_schedule`` the
-    paper's per-iteration ``ExponentialLR`` with ``γ = 0.95^(batch / (schedule_data_size / n_tasks ·
-    train_frac · (1 − valid_frac)))``.  Loss of a task ≥ 1: ``CE + l1 Σ(|U|+|V|) + wd/2 Σ(r²+s²+U²+V²)``;
-    task 0: ``CE + wd/2 Σ‖W‖²`` over the linear/conv weights.
+    ≥ 1), ``lr`` with Adam.  Schedule: with ``paper_schedule`` (default) the authors' per-iteration
+    ``ExponentialLR`` with ``γ = 0.95^(batch / (schedule_data_size / n_tasks · train_frac · (1 − valid_frac)))``,
+    restarted at ``lr`` in every phase (base, free model, perturbation); ``n_tasks``, ``train_frac`` and
+    ``valid_frac`` only enter that formula (give the stream's).  Without it, a per-epoch multiplicative
+    ``lr_decay``.  ``adam_eps``: the authors multiply every gradient by 10 before Adam's step (eps 1e-8), which is
+    exactly Adam with eps 1e-9.  Loss of a task ≥ 1: ``CE + l1 Σ(|U|+|V|) + wd/2 Σ(r²+s²+U²+V²)``;
+    task 0: ``CE + wd/2 Σ‖W‖²`` over the linear/conv weights (not the head); the free model: ``CE``.
 
     Ranks: ``rank_mode="hessian"`` keeps the shortest prefix of all layers' importance-weighted
     singular values explaining more than ``approx_rate``, clamped to ``[1, upper_rank]``; ``"flat"``
@@ -46,12 +50,13 @@ class HALRPConfig:
     lr: float = 1e-3
     lr_decay: float = 1.0
     optimizer: str = "adam"
+    adam_eps: float = 1e-9
     momentum: float = 0.9
-    paper_schedule: bool = False
+    paper_schedule: bool = True
     schedule_data_size: int = 50000
-    n_tasks: int | None = None
+    n_tasks: int | None = 10
     train_frac: float = 1.0
-    valid_frac: float = 0.0
+    valid_frac: float = 0.2
     approx_rate: float = 0.9
     upper_rank: int = 100
     rank_mode: str = "hessian"
@@ -77,6 +82,11 @@ class HALRPConfig:
             raise ValueError(f"est_rank_epochs must be in [0, epochs={self.epochs}], got {self.est_rank_epochs}")
         if self.lr <= 0 or self.lr_decay <= 0:
             raise ValueError(f"lr and lr_decay must be > 0, got {self.lr}, {self.lr_decay}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+        if not 0 < self.train_frac <= 1 or not 0 <= self.valid_frac < 1:
+            raise ValueError(f"train_frac must be in (0, 1] and valid_frac in [0, 1), got {self.train_frac}, "
+                             f"{self.valid_frac}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if not 0 < self.approx_rate <= 1:

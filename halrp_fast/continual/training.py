@@ -37,7 +37,7 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: HALRPConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
 
 

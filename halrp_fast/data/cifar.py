@@ -4,6 +4,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .builders import class_split_stream
@@ -66,23 +67,47 @@ def load_cifar100(directory: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def class_block_splits(labels: torch.Tensor, groups: list[list[int]], seed: int, valid_frac: float,
+                       subset: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(train, validation)`` training-set indices per group, drawn as the authors' CIFAR-100 loader does.
+
+    One numpy legacy generator seeded with ``seed`` shuffles, group after group in the groups' own order (not the
+    task order, so a task's split is the same in every order A–E), the group's indices listed class by class; the
+    first ``⌈subset·n⌉`` are kept and of those the first ``⌊valid_frac·n_kept⌋`` are the validation part.
+    """
+    rng = np.random.RandomState(seed)
+    y = labels.numpy()
+    out = []
+    for classes in groups:
+        idx = np.hstack([np.where(y == c)[0] for c in classes]).tolist()
+        rng.shuffle(idx)
+        idx = idx[: int(np.ceil(subset * len(idx)))]
+        n_val = int(np.floor(valid_frac * len(idx)))
+        out.append((torch.tensor(idx[n_val:], dtype=torch.long), torch.tensor(idx[:n_val], dtype=torch.long)))
+    return out
+
+
 def _ordered_stream(data: dict, groups: list[list[int]], orders: dict[str, list[int]], order: str, prefix: str,
                     batch_size: int, seed: int, valid_frac: float, max_per_task: int | None,
                     subset: float) -> list[TaskData]:
     """Tasks for ``groups`` trained in ``orders[order]`` (position p trains group ``orders[order][p]``), each
-    named ``prefix`` + its group id so that results map back to task identity."""
+    named ``prefix`` + its group id so that results map back to task identity.  As the authors' loader: the
+    split of :func:`class_block_splits`, training batches in that fixed order every epoch (no reshuffling)."""
     if order not in orders:
         raise ValueError(f"order must be one of {sorted(orders)}, got {order!r}")
+    if not 0 <= valid_frac < 1 or not 0 < subset <= 1:
+        raise ValueError(f"valid_frac must be in [0, 1) and subset in (0, 1], got {valid_frac}, {subset}")
     ids = orders[order]
-    tasks = class_split_stream(data, [groups[i] for i in ids], batch_size, seed, name=prefix, valid_frac=valid_frac,
+    splits = class_block_splits(data["train_labels"], groups, seed, valid_frac, subset)
+    tasks = class_split_stream(data, [groups[i] for i in ids], batch_size, seed, name=prefix,
                                max_per_task=max_per_task, transform=color_transform(CIFAR100_MEAN, CIFAR100_STD),
-                               subset=subset)
+                               splits=[splits[i] for i in ids], shuffle_train=False)
     for t, i in zip(tasks, ids, strict=True):
         t.name = f"{prefix}{i}"
     return tasks
 
 
-def cifar100_splits(data: dict, batch_size: int, seed: int = 0, order: str = "A", valid_frac: float = 0.1,
+def cifar100_splits(data: dict, batch_size: int, seed: int = 0, order: str = "A", valid_frac: float = 0.2,
                     max_per_task: int | None = None, subset: float = 1.0) -> list[TaskData]:
     """10 tasks × 10 classes (classes 10i … 10i+9 form split i), trained in task order ``order``."""
     groups = [list(range(10 * i, 10 * i + 10)) for i in range(10)]
@@ -90,7 +115,7 @@ def cifar100_splits(data: dict, batch_size: int, seed: int = 0, order: str = "A"
                            max_per_task, subset)
 
 
-def cifar100_superclass(data: dict, batch_size: int, seed: int = 0, order: str = "A", valid_frac: float = 0.1,
+def cifar100_superclass(data: dict, batch_size: int, seed: int = 0, order: str = "A", valid_frac: float = 0.2,
                         max_per_task: int | None = None, subset: float = 1.0) -> list[TaskData]:
     """20 tasks × 5 classes: one task per coarse class (its fine classes ascending), in task order ``order``."""
     coarse, fine = data["train_coarse"], data["train_labels"]

@@ -20,14 +20,15 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(data.target, dtype=torch.int64)
 
 
-def permuted_digits(num_tasks: int = 10, batch_size: int = 32, seed: int = 0,
+def permuted_digits(num_tasks: int = 10, batch_size: int = 128, seed: int = 0,
                     fractions: tuple[float, float, float] = (0.6, 0.1, 0.3), max_per_task: int | None = None,
                     normalize: bool = True, subset: float = 1.0) -> list[TaskData]:
     """``num_tasks`` tasks of 10 classes; task ``t`` applies permutation ``t`` to the 64 pixels (task 0 too).
 
     The train / val / test split (``fractions``) is fixed by ``seed`` and shared by all tasks;
     ``subset`` keeps that fraction of the training samples and ``max_per_task`` caps them.  Inputs are
-    standardised with the training mean/std.
+    standardised with the training mean/std.  As in the paper's PMNIST: training batches reshuffled every epoch,
+    the last partial one dropped; validation and test batches of ``batch_size``.
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
@@ -48,8 +49,8 @@ def permuted_digits(num_tasks: int = 10, batch_size: int = 32, seed: int = 0,
         xt = x.view(len(x), 64)[:, perm].view_as(x)
         tasks.append(TaskData(
             name=f"pdigits-{t}", num_classes=10,
-            train=make_loader((xt[train_idx], y[train_idx]), batch_size, True),
-            val=make_loader((xt[val_idx], y[val_idx]), 256, False) if len(val_idx) else None,
-            test=make_loader((xt[test_idx], y[test_idx]), 256, False),
+            train=make_loader((xt[train_idx], y[train_idx]), batch_size, True, drop_last=True),
+            val=make_loader((xt[val_idx], y[val_idx]), batch_size, False) if len(val_idx) else None,
+            test=make_loader((xt[test_idx], y[test_idx]), batch_size, False),
         ))
     return tasks

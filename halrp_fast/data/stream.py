@@ -18,15 +18,19 @@ class TaskData:
     test: DataLoader
 
 
-def make_loader(dataset: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool) -> DataLoader:
-    """A loader over ``dataset`` (or a pair of tensors).
+def make_loader(dataset: Dataset | tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool,
+                drop_last: bool = False) -> DataLoader:
+    """A loader over ``dataset`` (or a pair of tensors); ``drop_last`` drops a last partial batch.
 
     Shuffling draws from torch's global RNG, which :class:`~halrp_fast.continual.HALRPLearner` seeds at the
     start of every task, so a run (and a resumed run) is reproducible whatever loaders were used before.
     """
     if isinstance(dataset, tuple):
         dataset = TensorDataset(*dataset)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+    if drop_last and len(dataset) < batch_size:
+        raise ValueError(f"{len(dataset)} samples make no full batch of batch_size={batch_size} (the last partial "
+                         f"batch is dropped): use a smaller batch size or more samples")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
 
 
 def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
