@@ -41,6 +41,22 @@ def test_task0_reproduces_the_original(base):
     assert not leftovers
 
 
+def test_a_new_task_trains_every_parameter_after_the_base_is_frozen(base):
+    """After task 0 is frozen, a new task's r, s, U, V, biases, BatchNorm affine parameters and head all get
+    gradients (a copy of the frozen base's BatchNorm once stayed frozen); the base gets none."""
+    model = hf.convert(base)
+    model.freeze_task(0)
+    t = model.add_task(4)
+    perturb(model, t)
+    model.train()
+    model(torch.randn(4, 3, 32, 32), t).square().sum().backward()
+    params = model.named_task_parameters(t)
+    assert any(".bns." in n for n in params)
+    no_grad = [n for n, p in params.items() if not p.requires_grad or p.grad is None]
+    assert not no_grad
+    assert all(p.grad is None for p in model.task_parameters(0))
+
+
 def test_convert_does_not_touch_the_input(base):
     hf.convert(base)
     assert any(type(m) is nn.Conv2d for m in base.modules())

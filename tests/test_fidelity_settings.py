@@ -76,3 +76,30 @@ def test_adam_eps_is_the_authors_tenfold_gradients():
     from halrp_fast.continual.training import make_optimizer
 
     assert make_optimizer([torch.nn.Parameter(start)], HALRPConfig()).defaults["eps"] == 1e-9
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["loader", "list of batches"])
+def test_learning_rate_decays_per_iteration_and_restarts_per_phase(monkeypatch, as_list):
+    """run_*.py: ExponentialLR stepped after every optimiser step, a new optimiser and schedule per phase."""
+    from halrp_fast.continual import training
+
+    seen = []
+
+    def recording(params, cfg):
+        opt = make(params, cfg)
+        opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
+        return opt
+
+    make = training.make_optimizer
+    monkeypatch.setattr(training, "make_optimizer", recording)
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    data = [(torch.randn(40, 3), torch.randint(0, 2, (40,))) for _ in range(3)]
+    loader = data if as_list else torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])),
+        batch_size=40)
+    cfg = HALRPConfig(lr=1e-2, n_tasks=10, valid_frac=0.2)
+    for _ in range(2):  # two phases
+        training.train(lambda x: x @ w, [w], loader, 2, cfg)
+    gamma = 0.95 ** (40 / 4000)
+    expected = [1e-2 * gamma**i for i in range(6)]
+    assert seen == pytest.approx(expected * 2, rel=1e-12)

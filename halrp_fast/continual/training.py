@@ -47,8 +47,8 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
     """Train ``params`` for ``epochs`` on ``CE(forward(x), y) + penalty()``; returns the mean loss per epoch.
 
     ``modules`` are put in train mode.  The learning rate decays by ``cfg.lr_decay`` per epoch, or per
-    iteration with the paper's schedule.  With an active ``dist``, every process takes its part of each
-    global batch and ``forward`` is a DistributedDataParallel module: the local loss is scaled so that the
+    iteration with the paper's schedule (``γ`` from the loader's ``batch_size``, else from the size of its first
+    batch).  With an active ``dist``, every process takes its part of each global batch and ``forward`` is a DistributedDataParallel module: the local loss is scaled so that the
     averaged gradient is the global batch's.
     """
     if epochs == 0:
@@ -57,17 +57,19 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
         m.train()
     opt = make_optimizer(params, cfg)
     per_iter = cfg.paper_schedule
-    if per_iter:
-        gamma = cfg.schedule_gamma(getattr(loader, "batch_size", None) or 1)
-    else:
-        gamma = cfg.lr_decay
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
+    # the paper's γ depends on the batch size: the loader's, else that of its first batch
+    batch_size = getattr(loader, "batch_size", None) if per_iter else None
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.schedule_gamma(batch_size) if batch_size else
+                                                   cfg.lr_decay)
     losses = []
     world = dist.world_size if dist is not None else 1
     for _ in _progress(range(epochs), cfg.progress and (dist is None or dist.is_main), desc):
         total, count = 0.0, 0
         for x, y in loader:
             x, y, n = shard(*batch_to(x, y, cfg.device, cfg.torch_dtype), dist)
+            if per_iter and not batch_size:
+                batch_size = n
+                sched.gamma = cfg.schedule_gamma(n)
             ce = F.cross_entropy(forward(x), y, reduction="sum") * (world / n)
             loss = ce + penalty() if penalty is not None else ce
             opt.zero_grad(set_to_none=True)

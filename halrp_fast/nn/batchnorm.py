@@ -33,7 +33,10 @@ class TaskBatchNorm(TaskModule):
         return self.bns[0].num_features
 
     def add_task(self) -> int:
-        self.bns.append(copy.deepcopy(self.bns[0]))
+        """A new task's module: a copy of task 0's, trainable even when task 0 is frozen."""
+        bn = copy.deepcopy(self.bns[0])
+        bn.requires_grad_(True)
+        self.bns.append(bn)
         self.num_tasks += 1
         return self.num_tasks - 1
 
