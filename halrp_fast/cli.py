@@ -26,7 +26,7 @@ def _config_from_args(bench, args: argparse.Namespace):
     if getattr(args, "subset", None) is not None:
         values["train_frac"] = args.subset  # the paper's schedule counts the training subset
     for field in ("epochs", "lr", "lr_decay", "approx_rate", "upper_rank", "est_rank_epochs", "l1", "wd", "prune",
-                  "seed", "device", "rank_mode", "optimizer", "dtype"):
+                  "seed", "device", "rank_mode", "optimizer", "dtype", "scalings"):
         v = getattr(args, field, None)
         if v is not None:
             values[field] = v
@@ -162,6 +162,7 @@ def _run_one(args: argparse.Namespace) -> int:
 def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     from .continual.config import CHANNELS_LAST_CHOICES, DTYPES
     from .continual.pruning import MODES
+    from .linalg.scalings import SCALINGS
     from .data import benchmarks
 
     if not demo:
@@ -176,6 +177,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--upper-rank", dest="upper_rank", type=int)
     p.add_argument("--rank-mode", dest="rank_mode", choices=["hessian", "flat"])
     p.add_argument("--est-rank-epochs", dest="est_rank_epochs", type=int)
+    p.add_argument("--scalings", choices=list(SCALINGS), help="fit of r, s to the free model: least_squares (default) "
+                   "or authors (the authors' code, bit for bit)")
     p.add_argument("--l1", type=float)
     p.add_argument("--wd", type=float)
     p.add_argument("--optimizer", choices=["adam", "sgd"])

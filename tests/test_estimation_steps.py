@@ -28,6 +28,27 @@ def test_scalings_3x4_recover_exact_row_scaling():
     assert discrepancy(r_true[:, None] * W, W, r, s).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (6, 4, 3, 3)], ids=["linear", "conv"])
+def test_authors_scalings_reproduce_their_broadcast_loop(shape):
+    """``scalings="authors"``: the authors' estimate_ranks loop, restated with its view shapes, on float64.  Their
+    ``r.view(-1, 1) * W[:, i]`` is an (out, out) product, so their s is not the column least-squares fit."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(shape, generator=g, dtype=torch.float64)
+    Wf = 1.3 * W + 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)
+    out, cin = shape[:2]
+    view = (-1, 1) if len(shape) == 2 else (-1, 1, 1, 1)
+    r_loop = torch.stack([(Wf[j] * W[j]).sum() / (W[j] ** 2).sum().clamp(min=1e-20) for j in range(out)])
+    s_loop = torch.stack([(r_loop.view(view) * W[:, i] * Wf[:, i]).sum()
+                          / ((r_loop.view(view) * W[:, i]) ** 2).sum().clamp(min=1e-20) for i in range(cin)])
+    r, s = fit_scalings(Wf, W, "authors")
+    torch.testing.assert_close(r, r_loop, rtol=1e-12, atol=0)
+    torch.testing.assert_close(s, s_loop, rtol=1e-12, atol=0)
+    _, s_ls = fit_scalings(Wf, W)
+    assert (s_ls - s).abs().max() > 1e-3  # the two fits differ
+    with pytest.raises(ValueError, match="method must be one of"):
+        fit_scalings(Wf, W, "best")
+
+
 def test_zero_rows_do_not_divide_by_zero():
     W = torch.zeros(2, 3)
     r, s = fit_scalings(torch.ones(2, 3), W)

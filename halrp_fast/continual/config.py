@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..linalg.scalings import SCALINGS
 from .pruning import MODES, parse_value
 
 #: ``--channels-last`` choices of the command line and benchmarks → :attr:`HALRPConfig.channels_last`
@@ -28,6 +29,10 @@ class HALRPConfig:
     ``lr_decay``.  ``adam_eps``: the authors multiply every gradient by 10 before Adam's step (eps 1e-8), which is
     exactly Adam with eps 1e-9.  Loss of a task ≥ 1: ``CE + l1 Σ(|U|+|V|) + wd/2 Σ(r²+s²+U²+V²)``;
     task 0: ``CE + wd/2 Σ‖W‖²`` over the linear/conv weights (not the head); the free model: ``CE``.
+
+    Scalings: ``r`` then ``s`` fitted to the free model (``scalings="least_squares"``, the column fit given ``r``;
+    ``"authors"`` reproduces the authors' code, whose column fit broadcasts ``r`` into a global factor: see
+    :func:`~halrp_fast.linalg.fit_scalings`).
 
     Ranks: ``rank_mode="hessian"`` keeps the shortest prefix of all layers' importance-weighted
     singular values explaining more than ``approx_rate``, clamped to ``[1, upper_rank]``; ``"flat"``
@@ -57,6 +62,7 @@ class HALRPConfig:
     n_tasks: int | None = 10
     train_frac: float = 1.0
     valid_frac: float = 0.2
+    scalings: str = "least_squares"
     approx_rate: float = 0.9
     upper_rank: int = 100
     rank_mode: str = "hessian"
@@ -93,6 +99,8 @@ class HALRPConfig:
             raise ValueError(f"approx_rate must be in (0, 1], got {self.approx_rate}")
         if self.upper_rank < 1:
             raise ValueError(f"upper_rank must be ≥ 1, got {self.upper_rank}")
+        if self.scalings not in SCALINGS:
+            raise ValueError(f"scalings must be one of {SCALINGS}, got {self.scalings!r}")
         if self.svd not in ("rsvd", "exact"):
             raise ValueError(f"svd must be 'rsvd' or 'exact', got {self.svd!r}")
         if self.rank_mode not in ("hessian", "flat"):

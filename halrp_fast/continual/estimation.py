@@ -47,10 +47,12 @@ def kernel_areas(model: TaskModel) -> dict[str, int]:
 def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importance_loader: Iterable,
                             approx_rate: float, upper_rank: int, rank_mode: str = "hessian",
                             device: str = "cpu", svd: str = "rsvd",
-                            generator: torch.Generator | None = None, dist: DistContext | None = None) -> Estimate:
+                            generator: torch.Generator | None = None, dist: DistContext | None = None,
+                            scalings: str = "least_squares") -> Estimate:
     """Fit task ``t`` of ``model`` to the trained ``free`` model.
 
-    Per layer: scalings ``r, s`` (least squares), discrepancy ``D``, its top singular values (``svd="rsvd"``:
+    Per layer: scalings ``r, s`` (``scalings``: see :func:`~halrp_fast.linalg.fit_scalings`), discrepancy ``D``,
+    its top singular values (``svd="rsvd"``:
     randomized, sketches grown until the allocation is exact; ``"exact"``: full SVDs); per layer importance
     (empirical Fisher of ``free`` on ``importance_loader``); global allocation; then ``r, s`` and
     ``U = U_k √Σ_k``, ``V = V_k √Σ_k`` go into task ``t``, and its biases, BatchNorm and head are taken
@@ -65,11 +67,11 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
     seconds["importance"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    scalings, mats = {}, {}
+    fitted, mats = {}, {}
     for n, L in layers.items():
         W, Wf = L.weight.detach(), weights[n].detach()
-        r, s = fit_scalings(Wf, W)
-        scalings[n] = (r, s)
+        r, s = fit_scalings(Wf, W, scalings)
+        fitted[n] = (r, s)
         mats[n] = discrepancy(Wf, W, r, s)
     spectra, alloc = allocate_adaptive(mats, importance, kernel_areas(model), approx_rate, upper_rank, rank_mode,
                                        method=svd, generator=generator)
@@ -77,7 +79,7 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
 
     with torch.no_grad():
         for n, L in layers.items():
-            r, s = scalings[n]
+            r, s = fitted[n]
             key = str(t)
             L.r[key].copy_(r)
             L.s[key].copy_(s)

@@ -17,17 +17,34 @@ def _check(W_free: torch.Tensor, W: torch.Tensor) -> None:
         raise ValueError(f"W must be a linear (out, in) or conv (out, in, kh, kw) weight, got {tuple(W.shape)}")
 
 
-def fit_scalings(W_free: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``r (out,)`` then ``s (in,)``:
+#: :func:`fit_scalings` methods
+SCALINGS = ("least_squares", "authors")
 
-    ``r_j = ⟨W_free[j], W[j]⟩ / max(‖W[j]‖², 1e-20)`` (row fit with s = 1), then
-    ``s_i = Σ_j r_j W[j,i] W_free[j,i] / max(Σ_j (r_j W[j,i])², 1e-20)`` (column fit given r).
 
-    Runs the op ``halrp::fit_scalings`` (the compiled one-pass kernel on CPU when the extension is built,
-    else the vectorised PyTorch math of :func:`halrp_fast.reference.fit_scalings`).
+def fit_scalings(W_free: torch.Tensor, W: torch.Tensor,
+                 method: str = "least_squares") -> tuple[torch.Tensor, torch.Tensor]:
+    """``r (out,)`` then ``s (in,)``, both from ``r_j = ⟨W_free[j], W[j]⟩ / max(‖W[j]‖², 1e-20)`` (row fit with
+    s = 1).  Then, with ``method``:
+
+    * ``"least_squares"``: ``s_i = Σ_j r_j W[j,i] W_free[j,i] / max(Σ_j (r_j W[j,i])², 1e-20)``, the column fit
+      given ``r``;
+    * ``"authors"``: what the authors' code computes for that column fit, where a ``(out, 1)`` view of ``r``
+      broadcasts against the ``(out,)`` column into an ``(out, out)`` product:
+      ``s_i = Σ_j r_j · ⟨W[:,i], W_free[:,i]⟩ / max(Σ_j r_j² · ‖W[:,i]‖², 1e-20)``.
+
+    Conv weights: the sums also run over the kernel positions.  ``"least_squares"`` runs the op
+    ``halrp::fit_scalings`` (the compiled one-pass kernel on CPU when the extension is built, else the vectorised
+    PyTorch math of :func:`halrp_fast.reference.fit_scalings`).
     """
     _check(W_free, W)
-    return tuple(fit_scalings_op(W_free.detach(), W.detach()))
+    if method not in SCALINGS:
+        raise ValueError(f"method must be one of {SCALINGS}, got {method!r}")
+    r, s = fit_scalings_op(W_free.detach(), W.detach())
+    if method == "authors":
+        Wf, Wb = W_free.detach(), W.detach()
+        dims = (0, *range(2, Wb.dim()))
+        s = r.sum() * (Wb * Wf).sum(dims) / (r.pow(2).sum() * Wb.pow(2).sum(dims)).clamp_min(1e-20)
+    return r, s
 
 
 def discrepancy(W_free: torch.Tensor, W: torch.Tensor, r: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
