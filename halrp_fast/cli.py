@@ -30,6 +30,8 @@ def _config_from_args(bench, args: argparse.Namespace):
         v = getattr(args, field, None)
         if v is not None:
             values[field] = v
+    if getattr(args, "schedule", None) is not None:
+        values["paper_schedule"] = args.schedule == "paper"
     if args.prune == "none":
         values["prune"] = None
     if args.prune_value is not None:
@@ -66,6 +68,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for seed in seeds:
             sub = argparse.Namespace(**vars(args))
             sub.order, sub.seed = order, seed
+            if sub.data_seed is None:  # as the authors' repeats: one data draw, the network seed varies
+                sub.data_seed = seeds[0]
             sub.out = str(base / "_".join(p for p in (f"order_{order}" if order else "", f"seed_{seed}") if p))
             print(f"== {sub.out}")
             _run_one(sub)
@@ -109,7 +113,8 @@ def _run_one(args: argparse.Namespace) -> int:
     extra = {"order": args.order} if args.order else {}
     if args.subset is not None:
         extra["subset"] = args.subset
-    tasks = bench.build(batch_size=batch, seed=cfg.seed, max_per_task=args.max_per_task, data_dir=args.data_dir,
+    data_seed = cfg.seed if args.data_seed is None else args.data_seed
+    tasks = bench.build(batch_size=batch, seed=data_seed, max_per_task=args.max_per_task, data_dir=args.data_dir,
                         **extra)
     if args.tasks is not None:
         tasks = tasks[: args.tasks]
@@ -117,6 +122,7 @@ def _run_one(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": bench.name, "model": model_name, "batch_size": batch, "order": args.order,
+            "data_seed": data_seed,
             "task_names": [t.name for t in tasks], "command": sys.argv, "cpu_allocator": cpu_allocator_state()}
 
     def make_learner():
@@ -171,7 +177,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--out", default="runs/demo" if demo else None, required=not demo, help="output directory")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--lr-decay", dest="lr_decay", type=float)
+    p.add_argument("--schedule", choices=["paper", "epoch"], help="learning-rate decay: the paper's per-iteration "
+                   "ExponentialLR (default) or --lr-decay per epoch")
+    p.add_argument("--lr-decay", dest="lr_decay", type=float, help="per-epoch decay with --schedule epoch")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--approx-rate", dest="approx_rate", type=float)
     p.add_argument("--upper-rank", dest="upper_rank", type=int)
@@ -186,7 +194,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--prune-value", dest="prune_value", type=float, nargs="+")
     p.add_argument("--prune-bound", dest="prune_bound", action="store_true", help="bound growth over all tasks")
     p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seeds the network, the batch order and (unless --data-seed) the data")
+    p.add_argument("--data-seed", dest="data_seed", type=int, help="seeds the data (permutations, splits); "
+                   "--repeats keeps it at the first seed, as the paper's repeats do")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
                    help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
@@ -198,7 +208,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
                    "the benchmark list); nothing is downloaded")
     p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")
     p.add_argument("--orders", help="run several task orders, e.g. ABCDE, and report OPD / AOPD / MOPD")
-    p.add_argument("--repeats", type=int, help="run R seeds (seed, seed+1, ...) and report mean ± std")
+    p.add_argument("--repeats", type=int, help="run R network seeds (seed, seed+1, ...) on one data draw and report "
+                   "mean ± std")
     p.add_argument("--tasks", type=int, help="use only the first N tasks")
     p.add_argument("--max-per-task", dest="max_per_task", type=int, help="cap the training samples per task")
     p.add_argument("--subset", type=float, help="use this fraction (0, 1] of each task's training data")

@@ -103,3 +103,16 @@ def test_learning_rate_decays_per_iteration_and_restarts_per_phase(monkeypatch, 
     gamma = 0.95 ** (40 / 4000)
     expected = [1e-2 * gamma**i for i in range(6)]
     assert seen == pytest.approx(expected * 2, rel=1e-12)
+
+
+def test_command_line_takes_the_benchmark_and_network_settings():
+    from halrp_fast.cli import _config_from_args, build_parser
+
+    parse = build_parser().parse_args
+    five = benchmarks.get("five-datasets")
+    cfg = _config_from_args(five, parse(["run", "--benchmark", "five-datasets", "--out", "o", "--model", "resnet18"]))
+    assert (cfg.approx_rate, cfg.upper_rank, cfg.est_rank_epochs, cfg.wd) == (0.95, 120, 3, 1e-4)
+    cfg = _config_from_args(five, parse(["run", "--benchmark", "five-datasets", "--out", "o", "--subset", "0.5"]))
+    assert (cfg.approx_rate, cfg.train_frac, cfg.paper_schedule) == (0.9, 0.5, True)
+    cfg = _config_from_args(benchmarks.get("pdigits"), parse(["demo", "--schedule", "epoch", "--lr-decay", "0.9"]))
+    assert (cfg.paper_schedule, cfg.lr_decay) == (False, 0.9)
