@@ -10,7 +10,8 @@ from .stream import TaskData, split_indices
 from .transforms import BatchLoader, image_transform, permuted_transform, resize_grey
 
 
-def _check_fractions(valid_frac: float, subset: float) -> None:
+def check_fractions(valid_frac: float, subset: float) -> None:
+    """``valid_frac`` in [0, 1) and ``subset`` in (0, 1], else a ValueError naming the argument."""
     if not 0 <= valid_frac < 1:
         raise ValueError(f"valid_frac must be in [0, 1), got {valid_frac}")
     if not 0 < subset <= 1:
@@ -21,16 +22,16 @@ def _train_val(n: int, valid_frac: float, seed: int, max_per_task: int | None,
                subset: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffled train / validation indices of ``n`` samples; ``subset`` keeps that fraction of them first (as the
     paper's train_size), ``max_per_task`` then caps the training part."""
-    _check_fractions(valid_frac, subset)
+    check_fractions(valid_frac, subset)
     keep = min(n, max(2, int(-(-subset * n // 1))))  # ceil, at least one train and one validation sample
     train, val = split_indices(keep, (1 - valid_frac, valid_frac), seed)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7))[:keep] if subset < 1 else None
     if order is not None:
         train, val = order[train], order[val]
-    return _cap(train, val, max_per_task)
+    return cap_split(train, val, max_per_task)
 
 
-def _cap(train: torch.Tensor, val: torch.Tensor, max_per_task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def cap_split(train: torch.Tensor, val: torch.Tensor, max_per_task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``max_per_task`` training and ``max(1, max_per_task // 4)`` validation samples."""
     if max_per_task is not None:
         train = train[:max_per_task]
@@ -82,7 +83,7 @@ def permuted_stream(data: dict[str, torch.Tensor], num_tasks: int, batch_size: i
     """
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
-    _check_fractions(valid_frac, subset)
+    check_fractions(valid_frac, subset)
     xtr, ytr, xte, yte = _arrays(data)
     mean, std = _stats(xtr)
     xtr, xte = resize_grey(xtr, img_size), resize_grey(xte, img_size)
@@ -91,7 +92,7 @@ def permuted_stream(data: dict[str, torch.Tensor], num_tasks: int, batch_size: i
     if subset < 1 or max_per_task is not None:
         keep = max(1, int(-(-subset * len(train) // 1)))
         train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:keep]]
-        train, val = _cap(train, val, max_per_task)
+        train, val = cap_split(train, val, max_per_task)
     num_classes = int(ytr.max()) + 1
     tasks = []
     for t, perm in enumerate(task_permutations(num_tasks, channels * img_size * img_size, seed)):
@@ -128,7 +129,7 @@ def class_split_stream(data: dict[str, torch.Tensor], class_order: Sequence[Sequ
         raise ValueError(f"splits must hold one (train, validation) pair per task, got {len(splits)} for "
                          f"{len(class_order)} tasks")
     tf = transform
-    if tf is None and xtr.dim() == 3:
+    if tf is None:
         tf = image_transform(img_size, channels, *_stats(xtr, pad_to=img_size))
     tasks = []
     for t, group in enumerate(class_order):
@@ -140,7 +141,7 @@ def class_split_stream(data: dict[str, torch.Tensor], class_order: Sequence[Sequ
             train_pos, val_pos = _train_val(len(in_train), valid_frac, seed + t, max_per_task, subset)
             train_idx, val_idx = in_train[train_pos], in_train[val_pos]
         else:
-            train_idx, val_idx = _cap(*splits[t], max_per_task)
+            train_idx, val_idx = cap_split(*splits[t], max_per_task)
         tasks.append(TaskData(
             name=f"{name}-{t}", num_classes=len(group),
             train=BatchLoader(xtr, ytr, train_idx, batch_size, shuffle_train, tf, label_map, drop_last),

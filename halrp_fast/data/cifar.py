@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .builders import class_split_stream
+from .builders import check_fractions, class_split_stream
 from .stream import TaskData
 from .transforms import color_transform
 
@@ -95,8 +95,7 @@ def _ordered_stream(data: dict, groups: list[list[int]], orders: dict[str, list[
     split of :func:`class_block_splits`, training batches in that fixed order every epoch (no reshuffling)."""
     if order not in orders:
         raise ValueError(f"order must be one of {sorted(orders)}, got {order!r}")
-    if not 0 <= valid_frac < 1 or not 0 < subset <= 1:
-        raise ValueError(f"valid_frac must be in [0, 1) and subset in (0, 1], got {valid_frac}, {subset}")
+    check_fractions(valid_frac, subset)
     ids = orders[order]
     splits = class_block_splits(data["train_labels"], groups, seed, valid_frac, subset)
     tasks = class_split_stream(data, [groups[i] for i in ids], batch_size, seed, name=prefix,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .builders import _cap, class_split_stream
+from .builders import cap_split, check_fractions, class_split_stream
 from .idx import load_mnist_like
 from .stream import TaskData
 from .transforms import BatchLoader, color_transform, image_transform, random_crop_flip
@@ -133,8 +133,7 @@ def multi_dataset_stream(datasets: Sequence[tuple[str, dict, tuple]], batch_size
     grey images ``(N, H, W)`` zero-padded (or resized) to ``img_size``, standardised and made 3-channel.  Validation:
     :func:`seeded_val_split`; ``subset`` keeps a seeded fraction of the training part and ``max_per_task`` caps it;
     training batches reshuffled every epoch, the last partial one dropped (as the authors' loader)."""
-    if not 0 < subset <= 1:
-        raise ValueError(f"subset must be in (0, 1], got {subset}")
+    check_fractions(valid_frac, subset)
     tasks = []
     for name, data, (mean, std) in datasets:
         xtr, ytr = data["train_images"], data["train_labels"].long()
@@ -150,7 +149,7 @@ def multi_dataset_stream(datasets: Sequence[tuple[str, dict, tuple]], batch_size
         train, val = seeded_val_split(len(xtr), valid_frac, seed)
         if subset < 1:
             train = train[: max(1, int(-(-subset * len(train) // 1)))]
-        train, val = _cap(train, val, max_per_task)
+        train, val = cap_split(train, val, max_per_task)
         tasks.append(TaskData(
             name=name, num_classes=int(max(int(ytr.max()), int(yte.max()))) + 1,
             train=BatchLoader(xtr, ytr, train, batch_size, True, tf, drop_last=True),
@@ -214,8 +213,7 @@ def tinyimagenet_stream(data: dict, num_tasks: int, batch_size: int, seed: int =
     """TinyImageNet's classes (sorted wnids) split into ``num_tasks`` equal consecutive groups, as the authors'
     loader: ``valid_frac`` of each class for validation, training images randomly cropped (padding 4) and flipped,
     ImageNet's normalisation; ``subset`` keeps a seeded fraction of each task's training part."""
-    if not 0 <= valid_frac < 1 or not 0 < subset <= 1:
-        raise ValueError(f"valid_frac must be in [0, 1) and subset in (0, 1], got {valid_frac}, {subset}")
+    check_fractions(valid_frac, subset)
     n = data.get("num_classes", int(data["train_labels"].max()) + 1)
     if n % num_tasks:
         raise ValueError(f"{n} classes do not split into {num_tasks} equal tasks")
