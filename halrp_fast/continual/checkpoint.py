@@ -2,14 +2,19 @@
 
 Layout of a checkpoint directory::
 
-    manifest.json            format, versions, head name, classes per task, ranks, per-file sha256
-                             and tensor shapes, plus whatever the caller adds (config, reports, ...)
-    task_0000.safetensors    the base (task 0) and all shared state
-    task_0001.safetensors    task 1's r, s, U, V, biases, BatchNorm and head
+    manifest.json                   format, versions, head name, classes per task, ranks, per-file sha256
+                                    and tensor shapes, whatever the caller adds (config, reports, ...), and
+                                    the sha256 of all of that (``checksum``)
+    task_0000-<sha256[:16]>.safetensors   the base (task 0) and all shared state
+    task_0001-<sha256[:16]>.safetensors   task 1's r, s, U, V, biases, BatchNorm and head
     ...
 
-A task file is rewritten only when its content changed.  Loading verifies every file's sha256 and every
-tensor's shape against the manifest before anything is copied into a model.
+Crash consistency: task files are named by their content, so a save writes only files whose content is new
+(identical tensors give identical bytes), never over a file the current manifest names; then it replaces the
+manifest (write to a temporary file, fsync, rename, fsync the directory), and only then removes the files no
+manifest names and the temporary files of interrupted saves.  A process killed at any instant leaves the
+previous checkpoint or the new one, complete.  Loading verifies the manifest's checksum, every file's sha256
+and every tensor's shape before anything is copied into a model.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -26,16 +32,33 @@ from .._version import __version__
 from ..nn import TaskModel
 
 FORMAT = "halrp_fast-checkpoint"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: fixed file names, no manifest checksum
 MANIFEST = "manifest.json"
+_TASK_FILE = re.compile(r"task_\d{4}(-[0-9a-f]{16})?\.safetensors")
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupted or does not match the model."""
 
 
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename: a reader sees the
+    old content or the new one, never a part."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -48,40 +71,55 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_directory(path.parent)
 
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def task_file(t: int) -> str:
-    return f"task_{t:04d}.safetensors"
+def task_file(t: int, sha256: str) -> str:
+    """The name of task ``t``'s file with content hash ``sha256`` (hex)."""
+    return f"task_{t:04d}-{sha256[:16]}.safetensors"
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its ``checksum`` field."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _serialise(t: int, tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict]:
+    """Task ``t``'s safetensors bytes (the same tensors always give the same bytes: one metadata key, as
+    safetensors writes several in a varying order) and its manifest entry without the file name."""
+    from safetensors.torch import save as st_save
+
+    payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    data = st_save(payload, metadata={FORMAT: str(t)})
+    shapes = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in payload.items()}
+    return data, {"task": t, "sha256": hashlib.sha256(data).hexdigest(), "tensors": shapes}
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    return path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
 
 
 def save_checkpoint(directory: str | os.PathLike, model: TaskModel, extra: dict | None = None) -> dict:
-    """Write ``model`` (all tasks; lazily added ones are read first) to ``directory``; returns the manifest."""
-    from safetensors.torch import save as st_save
+    """Write ``model`` (all tasks; lazily added ones are read first) to ``directory``; returns the manifest.
 
+    Crash-consistent (see the module docstring): unchanged task files are kept as they are, new ones written
+    before the manifest that names them, and leftovers of this or an interrupted earlier save removed last.
+    """
     model.ensure_loaded()
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    previous = {}
-    if (directory / MANIFEST).exists():
-        try:
-            previous = {e["file"]: e["sha256"] for e in read_manifest(directory)["tasks"]}
-        except CheckpointError:
-            previous = {}
     entries = []
     for t, tensors in model.split_state_dict().items():
-        payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        data = st_save(payload, metadata={"format": FORMAT, "task": str(t)})
-        sha = hashlib.sha256(data).hexdigest()
-        name = task_file(t)
-        if previous.get(name) != sha or not (directory / name).exists():
+        data, entry = _serialise(t, tensors)
+        name = task_file(t, entry["sha256"])
+        if not _holds(directory / name, entry["sha256"]):
             atomic_write_bytes(directory / name, data)
-        shapes = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in payload.items()}
-        entries.append({"task": t, "file": name, "sha256": sha, "tensors": shapes})
+        entries.append({"task": t, "file": name, "sha256": entry["sha256"], "tensors": entry["tensors"]})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -93,8 +131,22 @@ def save_checkpoint(directory: str | os.PathLike, model: TaskModel, extra: dict 
         "tasks": entries,
         **(extra or {}),
     }
+    manifest["checksum"] = manifest_checksum(manifest)
     atomic_write_json(directory / MANIFEST, manifest)
+    remove_leftovers(directory, {e["file"] for e in entries})
     return manifest
+
+
+def remove_leftovers(directory: Path, keep: set[str]) -> None:
+    """Delete task files not in ``keep`` and temporary files of interrupted writes of this directory."""
+    for path in directory.iterdir():
+        name = path.name
+        stale_tmp = name.startswith((".task_", f".{MANIFEST}.")) and name.endswith(".tmp")
+        if stale_tmp or (_TASK_FILE.fullmatch(name) and name not in keep):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -107,15 +159,32 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not valid JSON (corrupted checkpoint): {exc}") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a halrp_fast checkpoint (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')}, this library reads {VERSION}")
+    if manifest.get("version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')}, this library reads "
+                              f"{READABLE_VERSIONS}")
+    if manifest["version"] >= 2 and manifest.get("checksum") != manifest_checksum(manifest):
+        raise CheckpointError(f"{path} was modified or corrupted (its checksum does not match its content); "
+                              f"start over with --no-resume or restore the file")
     for key in ("head_name", "num_classes", "tasks"):
         if key not in manifest:
             raise CheckpointError(f"{path} lacks the field {key!r}")
     if len(manifest["tasks"]) != len(manifest["num_classes"]):
         raise CheckpointError(f"{path} lists {len(manifest['tasks'])} task files for "
                               f"{len(manifest['num_classes'])} tasks")
+    _check_heads(path, manifest)
     return manifest
+
+
+def _check_heads(path: Path, manifest: dict) -> None:
+    """Each task's head (a ``heads.<t>.weight`` tensor, where the head stores one) has ``num_classes[t]`` rows."""
+    for entry in manifest["tasks"]:
+        t = entry.get("task")
+        if not isinstance(t, int) or not 0 <= t < len(manifest["num_classes"]):
+            raise CheckpointError(f"{path}: task file entry {entry.get('file')!r} has task {t!r}")
+        for key, (shape, _) in entry.get("tensors", {}).items():
+            if key.endswith(f".heads.{t}.weight") and shape and shape[0] != manifest["num_classes"][t]:
+                raise CheckpointError(f"{path}: task {t} has num_classes {manifest['num_classes'][t]} but its head "
+                                      f"{key} has {shape[0]} rows")
 
 
 def read_task_file(directory: str | os.PathLike, entry: dict) -> dict[str, torch.Tensor]:
