@@ -148,12 +148,12 @@ def _run_one(args: argparse.Namespace) -> int:
             _, results = run_stream_task_parallel(make_learner, tasks, ctx, out, log=log, meta=meta)
         else:
             _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
-                                    log=log, meta=meta, dist=ctx)
+                                    log=log, meta=meta, dist=ctx, allow_changes=args.allow_change or ())
         if not ctx.is_main:
             return 0
     else:
         _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
-                                log=log, meta=meta)
+                                log=log, meta=meta, allow_changes=args.allow_change or ())
     results["meta"]["wall_seconds"] = time.perf_counter() - tic
     from .continual.checkpoint import atomic_write_json
 
@@ -214,6 +214,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--max-per-task", dest="max_per_task", type=int, help="cap the training samples per task")
     p.add_argument("--subset", type=float, help="use this fraction (0, 1] of each task's training data")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--allow-change", dest="allow_change", action="append", metavar="FIELD",
+                   help="resume a checkpoint although FIELD of the run changed (as the refusal names it, e.g. "
+                   "config.epochs); repeatable")
     p.add_argument("--no-progress", dest="no_progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
     par = p.add_mutually_exclusive_group()

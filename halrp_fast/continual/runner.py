@@ -15,6 +15,7 @@ from .._version import __version__
 from ..data import TaskData
 from . import checkpoint
 from .distributed import DistContext, barrier
+from .identity import compare, run_identity, task_fingerprint
 from .learner import HALRPLearner, TaskReport
 
 CHECKPOINT_DIR = "checkpoint"
@@ -35,12 +36,16 @@ def _acc_from_json(rows, T: int) -> np.ndarray:
 
 def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskData], out_dir: str | Path | None = None,
                resume: bool = True, progress: bool = False, log: Callable[[str], None] = print,
-               meta: dict | None = None, dist: DistContext | None = None) -> tuple[HALRPLearner, dict | None]:
+               meta: dict | None = None, dist: DistContext | None = None,
+               allow_changes: Sequence[str] = ()) -> tuple[HALRPLearner, dict | None]:
     """Learn ``tasks`` in order; after task ``i`` evaluate tasks ``0..i`` (``A[i, j]``).
 
     With ``out_dir``, the learner is checkpointed to ``out_dir/checkpoint`` after every task and, with
     ``resume``, a run that stopped continues from its last completed task (same result as an uninterrupted
-    run on CPU: every task's randomness is seeded from the config seed and the task index).
+    run on CPU: every task's randomness is seeded from the config seed and the task index).  A checkpoint of
+    another run (:func:`~halrp_fast.continual.identity.run_identity`: stream, network, config, ``meta``'s
+    benchmark, order, data seed and batch size, library version) is refused with an error naming every
+    difference, except the fields in ``allow_changes``; the resumed learner takes the current config.
     Returns the learner and the results dictionary (also written to ``out_dir/results.json``).
 
     ``dist`` (an active :class:`~halrp_fast.continual.distributed.DistContext`): every process of a ``torchrun``
@@ -53,15 +58,27 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
         raise ValueError("the task stream is empty")
     A = np.full((T, T), np.nan)
     ckpt = Path(out_dir) / CHECKPOINT_DIR if out_dir is not None else None
-    learner = None
+    fresh = make_learner()
+    fingerprints = [task_fingerprint(task) for task in tasks]
+
+    def identity(learned: int) -> dict:
+        return run_identity(fresh.config, fingerprints[:learned], getattr(fresh.model.model, "_halrp_spec", None), meta)
+
+    learner = fresh
     if ckpt is not None and resume and (ckpt / checkpoint.MANIFEST).exists():
-        learner = HALRPLearner.load(ckpt, device=dist.device if dist is not None else None)
+        manifest = checkpoint.read_manifest(ckpt)
+        learned = len(manifest["num_classes"])
+        if learned > T:
+            raise checkpoint.CheckpointError(f"{ckpt} holds {learned} tasks, the stream has {T}")
+        stored = manifest.get("identity")
+        if stored is None:
+            raise checkpoint.CheckpointError(f"{ckpt} records no run identity (written by an older version): start "
+                                             f"over with --no-resume or another --out")
+        compare(stored, identity(learned), allow_changes, str(ckpt))
+        learner = HALRPLearner.load(ckpt, device=dist.device if dist is not None else fresh.config.device)
+        learner.config = dataclasses.replace(fresh.config, device=learner.config.device)
         A = _acc_from_json(learner.manifest.get("acc_matrix", []), T)
-        if learner.num_learned > T:
-            raise checkpoint.CheckpointError(f"{ckpt} holds {learner.num_learned} tasks, the stream has {T}")
         log(f"resuming from {ckpt}: {learner.num_learned} task(s) done")
-    if learner is None:
-        learner = make_learner()
     learner.dist = dist
     start = learner.num_learned
     iterator = range(start, T)
@@ -74,7 +91,8 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
         report = learner.learn_task(task.train, task.val, task.num_classes)
         evaluate_row(learner, tasks, A, report, log)
         if ckpt is not None and main:
-            learner.save(ckpt, extra={"acc_matrix": _acc_to_json(A[: t + 1, : t + 1]), "meta": meta or {}})
+            learner.save(ckpt, extra={"acc_matrix": _acc_to_json(A[: t + 1, : t + 1]), "meta": meta or {},
+                                      "identity": identity(t + 1)})
         barrier(dist)
     if not main:
         return learner, None

@@ -1,0 +1,108 @@
+"""What defines a run, so that a resume never continues a different one.
+
+A run is the stream (its tasks' names, classes, sizes and a fingerprint of their data), the network, every
+:class:`~halrp_fast.continual.HALRPConfig` field that changes results, the caller's description (benchmark,
+order, data seed, batch size, ...) and the library version.  The runner stores it in every checkpoint and, on
+resume, compares it field by field.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from .._version import __version__
+from .config import HALRPConfig
+
+#: config fields that change how a run executes but not its result (beyond floating-point summation order)
+RESULT_NEUTRAL = frozenset({"device", "progress", "channels_last"})
+
+
+class RunMismatch(ValueError):
+    """A checkpoint belongs to another run; ``fields`` lists ``(name, stored, current)``."""
+
+    def __init__(self, where: str, fields: list[tuple[str, object, object]]) -> None:
+        self.fields = fields
+        shown = "; ".join(f"{name} {_short(a)} ≠ {_short(b)}" for name, a, b in fields)
+        names = " ".join(f"--allow-change {name}" for name, _, _ in fields)
+        super().__init__(f"{where} holds another run: {shown}. Start over with --no-resume or another --out, or "
+                         f"continue it deliberately with {names}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _update(h, value) -> None:
+    h.update(repr(value).encode())
+
+
+def _loader_fingerprint(h, loader) -> None:
+    """Size and, for a loader that can be iterated again (not a one-shot iterator), its first batch."""
+    if loader is None:
+        _update(h, None)
+        return
+    size = getattr(loader, "dataset_size", None)
+    if size is None and hasattr(loader, "dataset"):
+        size = len(loader.dataset)
+    if size is None and hasattr(loader, "__len__"):
+        size = len(loader)
+    _update(h, size)
+    if not hasattr(loader, "__len__") or iter(loader) is loader:
+        return
+    for batch in loader:
+        for part in batch if isinstance(batch, (tuple, list)) else (batch,):
+            if isinstance(part, torch.Tensor):
+                _update(h, (tuple(part.shape), str(part.dtype)))
+                h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        break
+
+
+def task_fingerprint(task) -> str:
+    """sha256 over a task's name, classes, loader sizes and first test batch (test loaders are not shuffled,
+    so this reads the same data whatever the random state)."""
+    h = hashlib.sha256()
+    _update(h, (task.name, task.num_classes))
+    for loader in (task.train, task.val):
+        size = getattr(loader, "dataset_size", None)
+        _update(h, size if size is not None else (len(loader) if hasattr(loader, "__len__") else None))
+    _loader_fingerprint(h, task.test)
+    return h.hexdigest()
+
+
+def run_identity(config: HALRPConfig, fingerprints: Sequence[str], model_spec: Mapping | None,
+                 meta: Mapping | None) -> dict:
+    """The fields that define a run (flat names, as :class:`RunMismatch` reports them); ``fingerprints``: those of
+    the tasks learned so far (a run may be continued with more tasks, never with other ones)."""
+    identity = {f"config.{k}": v for k, v in config.to_dict().items() if k not in RESULT_NEUTRAL}
+    identity["stream"] = list(fingerprints)
+    identity["model_spec"] = dict(model_spec) if model_spec else None
+    identity["halrp_fast"] = __version__
+    for key, value in (meta or {}).items():
+        if key in ("benchmark", "model", "order", "data_seed", "batch_size"):
+            identity[key] = value
+    return identity
+
+
+def compare(stored: Mapping, current: Mapping, allow: Iterable[str], where: str) -> None:
+    """Raise :class:`RunMismatch` naming every field that differs and is not in ``allow``."""
+    allow = set(allow)
+    unknown = allow - set(stored) - set(current)
+    if unknown:
+        raise ValueError(f"--allow-change names no field of a run: {sorted(unknown)}; fields: "
+                         f"{sorted(set(stored) | set(current))}")
+    fields = [(k, stored.get(k), current.get(k)) for k in sorted(set(stored) | set(current))
+              if k not in allow and _normal(stored.get(k)) != _normal(current.get(k))]
+    if fields:
+        raise RunMismatch(where, fields)
+
+
+def _normal(value):
+    """JSON round trip: tuples are stored as lists."""
+    if isinstance(value, (tuple, list)):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,89 @@
+"""The command line refuses what it cannot do correctly with one line, ``halrp-fast: error: …``, and exit 2."""
+import json
+
+import pytest
+
+from halrp_fast.cli import main
+
+SMALL = ["--tasks", "2", "--epochs", "2", "--max-per-task", "200", "--batch-size", "32", "--no-progress", "--quiet"]
+
+
+def run(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("halrp-fast: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["demo", "--out", str(out), *SMALL]) == 0
+    return out
+
+
+@pytest.mark.parametrize("change,field", [
+    (["--seed", "1"], "config.seed 0 ≠ 1"),
+    (["--lr", "0.002"], "config.lr 0.001 ≠ 0.002"),
+    (["--prune-value", "1e-5", "0.5"], "config.prune_value"),
+    (["--data-seed", "3"], "data_seed 0 ≠ 3"),
+    (["--scalings", "authors"], "config.scalings 'least_squares' ≠ 'authors'"),
+])
+def test_resume_refuses_another_run_naming_every_difference(finished_run, tmp_path, capsys, change, field):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    rc, err = run(capsys, "demo", "--out", str(out), *SMALL, *change)
+    line = one_error_line(err)
+    assert rc == 2 and field in line and "--no-resume" in line and "holds another run" in line
+
+
+def test_resume_refuses_other_data(finished_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    args = [a if a != "200" else "150" for a in ["demo", "--out", str(out), *SMALL]]
+    rc, err = run(capsys, *args)
+    assert rc == 2 and "stream" in one_error_line(err)
+
+
+def test_the_same_command_resumes_and_a_deliberate_change_continues(finished_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    before = json.loads((out / "results.json").read_text())
+    rc = main(["demo", "--out", str(out), *SMALL])
+    assert rc == 0 and json.loads((out / "results.json").read_text())["acc_matrix"] == before["acc_matrix"]
+    more = ["demo", "--out", str(out), *SMALL, "--epochs", "3", "--tasks", "3"]
+    rc, err = run(capsys, *more)
+    assert rc == 2 and "config.epochs 2 ≠ 3" in one_error_line(err)
+    rc, err = run(capsys, *more, "--allow-change", "config.epochs")
+    assert rc == 0, err
+    after = json.loads((out / "results.json").read_text())
+    assert after["acc_matrix"][1][:2] == before["acc_matrix"][1][:2] and len(after["acc_matrix"]) == 3
+    assert after["config"]["epochs"] == 3
+    rc, err = run(capsys, *more, "--allow-change", "config.nonsense")
+    assert rc == 2 and "--allow-change names no field" in one_error_line(err)
+
+
+def test_a_checkpoint_without_identity_is_refused(finished_run, tmp_path, capsys):
+    import shutil
+
+    from halrp_fast.continual.checkpoint import MANIFEST, atomic_write_json, manifest_checksum
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    manifest = json.loads((out / "checkpoint" / MANIFEST).read_text())
+    del manifest["identity"], manifest["checksum"]
+    manifest["checksum"] = manifest_checksum(manifest)
+    atomic_write_json(out / "checkpoint" / MANIFEST, manifest)
+    rc, err = run(capsys, "demo", "--out", str(out), *SMALL)
+    assert rc == 2 and "records no run identity" in one_error_line(err)
