@@ -171,3 +171,24 @@ def test_load_state_dict_mismatch(model):
     other.add_task(2)
     with pytest.raises(ValueError, match="holds tasks with classes"):
         other.load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("task_ids", [0, 1, "mixed"])
+def test_images_of_the_wrong_size_name_the_layer(task_ids):
+    model = hf.convert(hf.models.lenet(3, 32, 10))
+    model.add_task(10)
+    model.eval()
+    ids = torch.tensor([0, 1]) if task_ids == "mixed" else task_ids
+    with pytest.raises(ValueError, match=r"layer 'features.9' takes inputs with 3200 features .* got shape \(2, 2450\)"):
+        model(torch.randn(2, 3, 28, 28), ids)
+    with pytest.raises(ValueError, match=r"layer 'features.0' takes inputs with 3 channels"):
+        model(torch.randn(2, 1, 32, 32), ids)
+
+
+def test_an_empty_mixed_batch_is_one_clear_error():
+    model = hf.convert(hf.models.lenet(3, 32, 10))
+    model.add_task(4)
+    model.eval()
+    with pytest.raises(ValueError, match="the batch is empty, so task_ids names no task"):
+        model(torch.randn(0, 3, 32, 32), torch.tensor([], dtype=torch.long))
+    assert model(torch.randn(0, 3, 32, 32), 1).shape == (0, 4)

@@ -187,7 +187,8 @@ def select_tasks(task_ids, batch: int, num_tasks: int, device: torch.device | No
     if device is not None:
         task_ids = task_ids.to(device)
     if batch == 0:
-        return TaskSelection(tasks=[], local_ids=task_ids, groups=[], restore=task_ids)
+        raise ValueError("the batch is empty, so task_ids names no task: pass an int task id for an empty batch "
+                         "(its output has that task's classes)")
     tasks_t, local_ids, counts = torch.unique(task_ids, sorted=True, return_inverse=True, return_counts=True)
     tasks = tasks_t.tolist()
     if tasks[0] < 0 or tasks[-1] >= num_tasks:

@@ -57,6 +57,8 @@ class TaskModel(nn.Module):
         self.grouped_mixed_batches = grouped_mixed_batches
         self.model = model
         self._ctx = ctx
+        for name, layer in self.perturbed_layers().items():
+            layer.layer_name = name
         self.head_name = head_name
         self._lazy: dict[int, Callable[[], Mapping[str, torch.Tensor]]] = {}
         self._lazy_device = torch.device("cpu")

@@ -210,15 +210,28 @@ class PerturbedLayer(TaskModule):
         selection of the enclosing :class:`TaskModel`)."""
         sel = self._selection(task_ids, x)
         if sel.single is not None:
+            self._check_input(x)
             return self._forward_single(x, sel.single)
-        if sel.holds_grouped(x):
-            out = self._forward_grouped(x, sel)
-            if out is not None:
-                return out
-            out = self._forward_mixed(sel.grouped.ungroup(x), sel)
-            # A conv's output goes back into the grouped layout, so that both branches of a residual sum agree.
-            return sel.grouped.group(out) if self._keeps_grouped_layout else out
-        return self._forward_mixed(x, sel)
+        if not sel.holds_grouped(x):
+            self._check_input(x)
+            return self._forward_mixed(x, sel)
+        out = self._forward_grouped(x, sel)
+        if out is not None:
+            return out
+        out = self._forward_mixed(sel.grouped.ungroup(x), sel)
+        # A conv's output goes back into the grouped layout, so that both branches of a residual sum agree.
+        return sel.grouped.group(out) if self._keeps_grouped_layout else out
+
+    #: the layer's qualified name in its TaskModel (for errors), set by the model
+    layer_name = ""
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """A ValueError naming the layer when ``x`` cannot be its input (instead of a bare matmul/conv error)."""
+
+    def _input_error(self, x: torch.Tensor, expected: str) -> ValueError:
+        where = f"layer {self.layer_name!r}" if self.layer_name else type(self).__name__
+        return ValueError(f"{where} takes inputs with {expected}, got shape {tuple(x.shape)}: is the input the size "
+                          f"(and channel count) the network was built for?")
 
     def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
         if t == 0:
@@ -308,6 +321,10 @@ class TaskLinear(PerturbedLayer):
     def _plain(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
+    def _check_input(self, x):
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise self._input_error(x, f"{self.in_features} features in the last dimension")
+
     def _op(self, x, r, s, U, V, bias):
         return perturbed_linear(x, self.weight, r, s, U, V, bias)
 
@@ -377,6 +394,10 @@ class TaskConv2d(PerturbedLayer):
 
     def _plain(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def _check_input(self, x):
+        if x.dim() != 4 or x.shape[1] != self.in_features:
+            raise self._input_error(x, f"{self.in_features} channels, (N, C, H, W)")
 
     def _op(self, x, r, s, U, V, bias):
         return perturbed_conv2d(x, self.weight, r, s, U, V, bias, self.stride, self.padding, self.dilation)
