@@ -7,9 +7,35 @@ which the real kernels call.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """A finite real number (no bool, NaN or ±inf) within the bounds, else an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "-∞" if low is None else f"{low:g}"
+        hi = "∞" if high is None else f"{high:g}"
+        raise ValueError(f"{name} must be in {'(' if low_open or low is None else '['}{lo}, {hi}"
+                         f"{')' if high_open or high is None else ']'}, got {value}")
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None, high_name: str | None = None) -> None:
+    """An int (no bool) within ``[low, high]``, else an error naming ``name`` (and ``high_name``, the bound's)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        hi = "∞" if high is None else (f"{high_name}={high}" if high_name else str(high))
+        raise ValueError(f"{name} must be in [{'-∞' if low is None else low}, {hi}], got {value}")
 
 
 def _desc(t: torch.Tensor) -> str:

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from ._cli_checks import Parser, check_device, integer, interrupted_message, number, prepare_out_dir
 from .cpu_allocator import add_option as add_allocator_option
 from .cpu_allocator import apply_choice as apply_allocator_choice
 from .cpu_allocator import cpu_allocator_state
@@ -56,8 +57,25 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: the output directory of the run in progress (for the message after Ctrl-C)
+_CURRENT_OUT: list[str | None] = [None]
+
+
+def _check_orders(args: argparse.Namespace) -> None:
+    from .data import benchmarks
+
+    bench = benchmarks.get(args.benchmark)
+    asked = (args.order or "") + (args.orders or "")
+    if asked and not bench.orders:
+        raise ValueError(f"--order/--orders: the {bench.name} stream has no task orders (the CIFAR-100 benchmarks "
+                         f"have A–E)")
+    if args.orders and (set(args.orders) - set(bench.orders) or not args.orders):
+        raise ValueError(f"--orders {args.orders!r}: choose letters among {bench.orders}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     """One run, or one per seed (``--repeats``) and task order (``--orders``), each in its own directory."""
+    _check_orders(args)
     apply_allocator_choice(args.cpu_allocator)
     seeds = [args.seed or 0] if not args.repeats else [(args.seed or 0) + i for i in range(args.repeats)]
     orders = list(args.orders) if args.orders else [args.order]
@@ -108,6 +126,10 @@ def _run_one(args: argparse.Namespace) -> int:
 
     bench = benchmarks.get(args.benchmark)
     cfg = _config_from_args(bench, args)
+    check_device(args.device)
+    out = Path(args.out)
+    prepare_out_dir(out)
+    _CURRENT_OUT[0] = args.out
     torch.manual_seed(cfg.seed)
     batch = args.batch_size or bench.batch_size
     extra = {"order": args.order} if args.order else {}
@@ -117,10 +139,10 @@ def _run_one(args: argparse.Namespace) -> int:
     tasks = bench.build(batch_size=batch, seed=data_seed, max_per_task=args.max_per_task, data_dir=args.data_dir,
                         **extra)
     if args.tasks is not None:
+        if args.tasks > len(tasks):
+            raise ValueError(f"--tasks {args.tasks}: the {bench.name} stream has {len(tasks)} tasks")
         tasks = tasks[: args.tasks]
     model_name = args.model or bench.model
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"benchmark": bench.name, "model": model_name, "batch_size": batch, "order": args.order,
             "data_seed": data_seed,
             "task_names": [t.name for t in tasks], "command": sys.argv, "cpu_allocator": cpu_allocator_state()}
@@ -175,27 +197,27 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
         p.add_argument("--benchmark", required=True, choices=sorted(benchmarks.BENCHMARKS))
     p.add_argument("--model", choices=["lenet", "alexnet", "resnet18"], help="network (default: the benchmark's)")
     p.add_argument("--out", default="runs/demo" if demo else None, required=not demo, help="output directory")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--epochs", type=integer(1))
+    p.add_argument("--lr", type=number(0, low_open=True))
     p.add_argument("--schedule", choices=["paper", "epoch"], help="learning-rate decay: the paper's per-iteration "
                    "ExponentialLR (default) or --lr-decay per epoch")
-    p.add_argument("--lr-decay", dest="lr_decay", type=float, help="per-epoch decay with --schedule epoch")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--approx-rate", dest="approx_rate", type=float)
-    p.add_argument("--upper-rank", dest="upper_rank", type=int)
+    p.add_argument("--lr-decay", dest="lr_decay", type=number(0, low_open=True), help="per-epoch decay with --schedule epoch")
+    p.add_argument("--batch-size", dest="batch_size", type=integer(1))
+    p.add_argument("--approx-rate", dest="approx_rate", type=number(0, 1, low_open=True))
+    p.add_argument("--upper-rank", dest="upper_rank", type=integer(1))
     p.add_argument("--rank-mode", dest="rank_mode", choices=["hessian", "flat"])
-    p.add_argument("--est-rank-epochs", dest="est_rank_epochs", type=int)
+    p.add_argument("--est-rank-epochs", dest="est_rank_epochs", type=integer(0))
     p.add_argument("--scalings", choices=list(SCALINGS), help="fit of r, s to the free model: least_squares (default) "
                    "or authors (the authors' code, bit for bit)")
-    p.add_argument("--l1", type=float)
-    p.add_argument("--wd", type=float)
+    p.add_argument("--l1", type=number(0))
+    p.add_argument("--wd", type=number(0))
     p.add_argument("--optimizer", choices=["adam", "sgd"])
     p.add_argument("--prune", choices=[*MODES, "none"])
-    p.add_argument("--prune-value", dest="prune_value", type=float, nargs="+")
+    p.add_argument("--prune-value", dest="prune_value", type=number(0), nargs="+")
     p.add_argument("--prune-bound", dest="prune_bound", action="store_true", help="bound growth over all tasks")
     p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
-    p.add_argument("--seed", type=int, help="seeds the network, the batch order and (unless --data-seed) the data")
-    p.add_argument("--data-seed", dest="data_seed", type=int, help="seeds the data (permutations, splits); "
+    p.add_argument("--seed", type=integer(), help="seeds the network, the batch order and (unless --data-seed) the data")
+    p.add_argument("--data-seed", dest="data_seed", type=integer(), help="seeds the data (permutations, splits); "
                    "--repeats keeps it at the first seed, as the paper's repeats do")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
@@ -208,11 +230,11 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
                    "the benchmark list); nothing is downloaded")
     p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")
     p.add_argument("--orders", help="run several task orders, e.g. ABCDE, and report OPD / AOPD / MOPD")
-    p.add_argument("--repeats", type=int, help="run R network seeds (seed, seed+1, ...) on one data draw and report "
+    p.add_argument("--repeats", type=integer(1), help="run R network seeds (seed, seed+1, ...) on one data draw and report "
                    "mean ± std")
-    p.add_argument("--tasks", type=int, help="use only the first N tasks")
-    p.add_argument("--max-per-task", dest="max_per_task", type=int, help="cap the training samples per task")
-    p.add_argument("--subset", type=float, help="use this fraction (0, 1] of each task's training data")
+    p.add_argument("--tasks", type=integer(1), help="use only the first N tasks")
+    p.add_argument("--max-per-task", dest="max_per_task", type=integer(1), help="cap the training samples per task")
+    p.add_argument("--subset", type=number(0, 1, low_open=True), help="use this fraction (0, 1] of each task's training data")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--allow-change", dest="allow_change", action="append", metavar="FIELD",
                    help="resume a checkpoint although FIELD of the run changed (as the refusal names it, e.g. "
@@ -229,7 +251,7 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="halrp-fast", description="HALRP continual learning with fused kernels")
+    parser = Parser(prog="halrp-fast", description="HALRP continual learning with fused kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     env = sub.add_parser("env", help="which implementation serves each op on each device, and why")
     env.set_defaults(func=_cmd_env)
@@ -248,12 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a usage or data error (one line), 1 an I/O failure during a run (one line), 130
+    interrupted (one line saying what was saved and how to resume)."""
     args = build_parser().parse_args(argv)
+    _CURRENT_OUT[0] = None
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"halrp-fast: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"halrp-fast: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted_message(_CURRENT_OUT[0]), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

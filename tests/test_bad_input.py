@@ -192,3 +192,75 @@ def test_an_empty_mixed_batch_is_one_clear_error():
     with pytest.raises(ValueError, match="the batch is empty, so task_ids names no task"):
         model(torch.randn(0, 3, 32, 32), torch.tensor([], dtype=torch.long))
     assert model(torch.randn(0, 3, 32, 32), 1).shape == (0, 4)
+
+
+def _tiny_learner(**over):
+    from halrp_fast.continual import HALRPConfig, HALRPLearner
+
+    return HALRPLearner(hf.models.lenet(1, 8, 3), HALRPConfig(**{"epochs": 2, "upper_rank": 4, **over}))
+
+
+def _batches(n=3, nan_at=None):
+    g = torch.Generator().manual_seed(0)
+    out = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+    if nan_at is not None:
+        out[nan_at][0][0, 0, 3, 3] = float("nan")
+    return out
+
+
+def test_training_on_nothing_or_on_garbage_stops_with_task_epoch_and_batch():
+    with pytest.raises(ValueError, match="task 0, epoch 1: the training loader yielded no batch"):
+        _tiny_learner().learn_task([], None, 3)
+    with pytest.raises(ValueError, match=r"task 0, epoch 1, batch 2: the loss is nan; non-finite inputs"):
+        _tiny_learner().learn_task(_batches(nan_at=1), None, 3)
+    learner = _tiny_learner()
+    learner.learn_task(_batches(), None, 3)
+    with pytest.raises(ValueError, match=r"task 1 \(free model\), epoch 1, batch 3: the loss is nan"):
+        learner.learn_task(_batches(nan_at=2), _batches(), 3)
+    one_shot = (b for b in _batches())  # a generator: the second epoch would read nothing
+    with pytest.raises(ValueError, match="task 0, epoch 2: the training loader yielded no batch .* one-shot"):
+        _tiny_learner().learn_task(one_shot, None, 3)
+    with pytest.raises(ValueError, match=r"task 0, epoch 1, batch 1: the loss is nan"):  # inf pixels: nan after BN
+        _tiny_learner(lr=1e-3).learn_task([(torch.full((8, 1, 8, 8), float("inf")), torch.zeros(8, dtype=torch.long))],
+                                          None, 3)
+
+
+NUMBERS = ["lr", "lr_decay", "adam_eps", "momentum", "schedule_data_size", "train_frac", "valid_frac", "approx_rate",
+           "l1", "wd"]
+INTEGERS = ["epochs", "est_rank_epochs", "upper_rank", "seed", "n_tasks"]
+
+
+@pytest.mark.parametrize("field", NUMBERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_every_numeric_config_field_refuses_non_finite_values(field, bad):
+    from halrp_fast.continual import HALRPConfig
+
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number, got"):
+        HALRPConfig(**{field: bad})
+
+
+@pytest.mark.parametrize("field", INTEGERS)
+@pytest.mark.parametrize("bad", [1.5, True, "3"])
+def test_every_integer_config_field_refuses_non_integers(field, bad):
+    from halrp_fast.continual import HALRPConfig
+
+    with pytest.raises(TypeError, match=f"^{field} must be an int, got"):
+        HALRPConfig(**{field: bad})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=0.0), r"lr must be in \(0, ∞\)"), (dict(momentum=1.0), r"momentum must be in \[0, 1\)"),
+    (dict(train_frac=0.0), r"train_frac must be in \(0, 1\]"), (dict(valid_frac=1.0), r"valid_frac must be in \[0, 1\)"),
+    (dict(approx_rate=1.5), r"approx_rate must be in \(0, 1\]"), (dict(l1=-1e-6), r"l1 must be in \[0, ∞\)"),
+    (dict(epochs=0), r"epochs must be in \[1, ∞\]"), (dict(epochs=2, est_rank_epochs=3), r"est_rank_epochs .*epochs=2"),
+    (dict(upper_rank=0), r"upper_rank must be in \[1, ∞\]"), (dict(n_tasks=0), r"n_tasks must be in \[1, ∞\]"),
+    (dict(prune_value=(float("nan"), 0.4)), "absolute prune threshold must be a finite number"),
+    (dict(prune_value=(1e-5, float("inf"))), "prune rate must be a finite number"),
+    (dict(prune_value=(1e-5, 1.5)), r"prune rate must be in \[0, 1\]"),
+    (dict(paper_schedule=1), "paper_schedule must be True or False"),
+])
+def test_config_ranges_name_the_field(kwargs, match):
+    from halrp_fast.continual import HALRPConfig
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        HALRPConfig(**kwargs)

@@ -87,3 +87,49 @@ def test_a_checkpoint_without_identity_is_refused(finished_run, tmp_path, capsys
     atomic_write_json(out / "checkpoint" / MANIFEST, manifest)
     rc, err = run(capsys, "demo", "--out", str(out), *SMALL)
     assert rc == 2 and "records no run identity" in one_error_line(err)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    (["--lr", "0"], r"argument --lr: must be in (0, ∞), got 0.0"),
+    (["--l1", "nan"], "argument --l1: must be a finite number, got nan"),
+    (["--prune-value", "nan", "0.4"], "argument --prune-value: must be a finite number, got nan"),
+    (["--prune-value", "1e-5", "1.5"], "prune rate must be in [0, 1], got 1.5"),
+    (["--tasks", "-1"], "argument --tasks: must be in [1, ∞], got -1"),
+    (["--tasks", "11"], "--tasks 11: the pdigits stream has 10 tasks"),
+    (["--max-per-task", "-5"], "argument --max-per-task: must be in [1, ∞], got -5"),
+    (["--batch-size", "0"], "argument --batch-size: must be in [1, ∞], got 0"),
+    (["--repeats", "0"], "argument --repeats: must be in [1, ∞], got 0"),
+    (["--epochs", "abc"], "argument --epochs: expected an integer, got 'abc'"),
+    (["--subset", "0"], "argument --subset: must be in (0, 1], got 0.0"),
+    (["--approx-rate", "2"], "argument --approx-rate: must be in (0, 1], got 2.0"),
+    (["--order", "A"], "--order/--orders: the pdigits stream has no task orders"),
+    (["--device", "cuda:7"], "--device cuda:7: "),
+    (["--device", "tpu"], "--device 'tpu' is not a device name"),
+    (["--max-per-task", "100"], "100 samples make no full batch of batch_size=128"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    import torch
+
+    if args[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    try:
+        rc, err = run(capsys, "demo", "--out", str(tmp_path / "o"), "--no-progress", "--quiet", *args)
+    except SystemExit as exc:  # argparse's errors exit from inside main
+        rc, err = exc.code, capsys.readouterr().err
+    assert rc == 2 and message in one_error_line(err)
+
+
+def test_out_must_be_a_writable_directory(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc, err = run(capsys, "demo", "--out", str(f))
+    assert rc == 2 and "is an existing file, not a directory" in one_error_line(err)
+    rc, err = run(capsys, "demo", "--out", str(f / "sub"))
+    assert rc == 2 and "cannot write there (Not a directory)" in one_error_line(err)
+
+
+def test_orders_must_be_the_benchmarks(tmp_path, capsys):
+    rc, err = run(capsys, "run", "--benchmark", "cifar100-splits", "--out", str(tmp_path), "--orders", "AZ")
+    assert rc == 2 and "--orders 'AZ': choose letters among ABCDE" in one_error_line(err)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import check_int, check_number
 from ..linalg.scalings import SCALINGS
 from .pruning import MODES, parse_value
 
@@ -82,31 +83,33 @@ class HALRPConfig:
     def __post_init__(self) -> None:
         if isinstance(self.prune_value, list):
             self.prune_value = tuple(self.prune_value)
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be ≥ 1, got {self.epochs}")
-        if not 0 <= self.est_rank_epochs <= self.epochs:
-            raise ValueError(f"est_rank_epochs must be in [0, epochs={self.epochs}], got {self.est_rank_epochs}")
-        if self.lr <= 0 or self.lr_decay <= 0:
-            raise ValueError(f"lr and lr_decay must be > 0, got {self.lr}, {self.lr_decay}")
-        if not self.adam_eps > 0:
-            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
-        if not 0 < self.train_frac <= 1 or not 0 <= self.valid_frac < 1:
-            raise ValueError(f"train_frac must be in (0, 1] and valid_frac in [0, 1), got {self.train_frac}, "
-                             f"{self.valid_frac}")
+        for name in ("paper_schedule", "prune_bound_all_tasks", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_int("epochs", self.epochs, low=1)
+        check_int("est_rank_epochs", self.est_rank_epochs, low=0, high=self.epochs, high_name="epochs")
+        check_int("upper_rank", self.upper_rank, low=1)
+        check_int("seed", self.seed)
+        if self.n_tasks is not None:
+            check_int("n_tasks", self.n_tasks, low=1)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("lr_decay", self.lr_decay, low=0, low_open=True)
+        check_number("adam_eps", self.adam_eps, low=0, low_open=True)
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_number("schedule_data_size", self.schedule_data_size, low=0, low_open=True)
+        check_number("train_frac", self.train_frac, low=0, high=1, low_open=True)
+        check_number("valid_frac", self.valid_frac, low=0, high=1, high_open=True)
+        check_number("approx_rate", self.approx_rate, low=0, high=1, low_open=True)
+        check_number("l1", self.l1, low=0)
+        check_number("wd", self.wd, low=0)
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not 0 < self.approx_rate <= 1:
-            raise ValueError(f"approx_rate must be in (0, 1], got {self.approx_rate}")
-        if self.upper_rank < 1:
-            raise ValueError(f"upper_rank must be ≥ 1, got {self.upper_rank}")
         if self.scalings not in SCALINGS:
             raise ValueError(f"scalings must be one of {SCALINGS}, got {self.scalings!r}")
         if self.svd not in ("rsvd", "exact"):
             raise ValueError(f"svd must be 'rsvd' or 'exact', got {self.svd!r}")
         if self.rank_mode not in ("hessian", "flat"):
             raise ValueError(f"rank_mode must be 'hessian' or 'flat', got {self.rank_mode!r}")
-        if self.l1 < 0 or self.wd < 0:
-            raise ValueError(f"l1 and wd must be ≥ 0, got {self.l1}, {self.wd}")
         if self.prune is not None:
             if self.prune not in MODES:
                 raise ValueError(f"prune must be None or one of {MODES}, got {self.prune!r}")
@@ -115,6 +118,8 @@ class HALRPConfig:
             raise TypeError(f"channels_last must be None (auto), True or False, got {self.channels_last!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
         if self.paper_schedule and not self.n_tasks:
             raise ValueError("paper_schedule needs n_tasks (the number of tasks of the stream)")
 

@@ -174,7 +174,7 @@ class HALRPLearner:
         free = free_model(model, t).to(cfg.device, memory_format=self.layout)
         with synced_batchnorm(free, self._parallel):
             train(self._ddp(free), list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
-                  desc=f"task {t} estimate", dist=self.dist)
+                  desc=f"task {t} (free model)", dist=self.dist)
             seconds["free_training"] = time.perf_counter() - tic
             est = estimate_and_initialise(model, t, free, val_loader if val_loader is not None else loader,
                                           cfg.approx_rate, cfg.upper_rank, cfg.rank_mode, cfg.device, cfg.svd,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._checks import check_number
 from ..nn import TaskModel
 from .accounting import paper_parameter_count
 
@@ -74,10 +75,10 @@ def parse_value(mode: str, value) -> tuple[float | None, float | None]:
         if isinstance(v, (tuple, list)):
             raise ValueError(f"prune mode {mode} needs one prune_value, got {value!r}")
         a, p = (float(v), None) if mode == "absolute" else (None, float(v))
-    if p is not None and not 0 <= p <= 1:
-        raise ValueError(f"prune rate must be in [0, 1], got {p}")
-    if a is not None and a < 0:
-        raise ValueError(f"absolute prune threshold must be ≥ 0, got {a}")
+    if p is not None:
+        check_number("prune rate", p, low=0, high=1)
+    if a is not None:
+        check_number("absolute prune threshold", a, low=0)
     return a, p
 
 

@@ -1,6 +1,7 @@
 """Mini-batch training and evaluation loops shared by every phase."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -63,8 +64,8 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
                                                    cfg.lr_decay)
     losses = []
     world = dist.world_size if dist is not None else 1
-    for _ in _progress(range(epochs), cfg.progress and (dist is None or dist.is_main), desc):
-        total, count = 0.0, 0
+    for epoch in _progress(range(epochs), cfg.progress and (dist is None or dist.is_main), desc):
+        total, count, batches = 0.0, 0, 0
         for x, y in loader:
             x, y, n = shard(*batch_to(x, y, cfg.device, cfg.torch_dtype), dist)
             if per_iter and not batch_size:
@@ -72,17 +73,35 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
                 sched.gamma = cfg.schedule_gamma(n)
             ce = F.cross_entropy(forward(x), y, reduction="sum") * (world / n)
             loss = ce + penalty() if penalty is not None else ce
+            value = _checked_loss(loss, dist, f"{desc}, epoch {epoch + 1}, batch {batches + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if per_iter:
                 sched.step()
-            total += float(loss.detach()) * n / world
+            total += value * n / world
             count += n
+            batches += 1
+        if batches == 0:
+            raise ValueError(f"{desc}, epoch {epoch + 1}: the training loader yielded no batch (an empty loader, or a "
+                             f"one-shot iterator that cannot be read again for another epoch)")
         if not per_iter:
             sched.step()
         losses.append(_global_mean(total, count, world, dist))
     return losses
+
+
+def _checked_loss(loss: torch.Tensor, dist: DistContext | None, where: str) -> float:
+    """The loss as a float (one sync per step; with an active ``dist`` every process checks every process's loss,
+    so all stop together), or a ValueError saying where it stopped being finite."""
+    value = loss.detach()
+    if dist is not None and dist.active:
+        value = all_reduce_sum_(value.reshape(1).double().clone(), dist)[0]
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: the loss is {value}; non-finite inputs (NaN or inf in the data) or a learning rate "
+                         f"that is too large stop training here")
+    return float(loss.detach()) if dist is not None and dist.active else value
 
 
 def _global_mean(total: float, count: int, world: int, dist: DistContext | None) -> float:

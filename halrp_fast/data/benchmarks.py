@@ -36,6 +36,8 @@ class Benchmark:
     batch_size: int
     config: dict = field(default_factory=dict)
     model_config: dict[str, dict] = field(default_factory=dict)
+    #: the task orders ``build(order=...)`` takes (the paper's A–E), or "" for a stream with one order
+    orders: str = ""
 
     def config_for(self, model: str | None = None) -> dict:
         """The benchmark's settings for ``model`` (default: its own network)."""
@@ -150,7 +152,7 @@ def _register_cifar100(name: str, title: str, stream, tasks: int, classes: int) 
         build=lambda batch_size, seed, max_per_task=None, data_dir=None, order="A", subset=1.0: stream(
             _cifar100(data_dir), batch_size, seed, order, valid_frac=0.2, max_per_task=max_per_task, subset=subset),
         model="lenet", model_kwargs={"in_channels": 3, "img_size": 32, "num_classes": classes}, batch_size=128,
-        config=dict(PAPER_CIFAR, n_tasks=tasks),
+        config=dict(PAPER_CIFAR, n_tasks=tasks), orders="ABCDE",
     ))
 
 

@@ -1,0 +1,102 @@
+"""Checks of the command line's arguments: each failure is one line ``halrp-fast: error: …`` and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ._checks import check_int, check_number
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (no usage dump) and exit 2."""
+
+    def error(self, message: str):
+        print(f"halrp-fast: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def integer(low: int | None = None):
+    """``type=`` for an int flag ≥ ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            check_int("it", value, low=low)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
+        return value
+
+    return parse
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """``type=`` for a finite float flag within the bounds."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            check_number("it", value, low, high, low_open, high_open)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
+        return value
+
+    return parse
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``--out`` and check that files can be written there, before any training."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def check_device(device: str | None) -> None:
+    """``--device`` names a device this machine has."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device "
+                             f"cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu and cuda devices are supported")
+
+
+def interrupted_message(out: str | None) -> str:
+    """What a Ctrl-C left: the completed tasks in ``out``'s checkpoint and how to continue."""
+    if out is None:
+        return "halrp-fast: interrupted"
+    from .continual.checkpoint import MANIFEST, CheckpointError, read_manifest
+
+    directory = Path(out) / "checkpoint"
+    try:
+        done = len(read_manifest(directory)["num_classes"]) if (directory / MANIFEST).exists() else 0
+    except CheckpointError:
+        done = 0
+    if done:
+        return (f"halrp-fast: interrupted; {directory} holds {done} completed task(s): rerun the same command to "
+                f"resume from there")
+    return f"halrp-fast: interrupted before a task was completed; rerun the same command to start again ({out})"
