@@ -264,3 +264,48 @@ def test_config_ranges_name_the_field(kwargs, match):
 
     with pytest.raises((ValueError, TypeError), match=match):
         HALRPConfig(**kwargs)
+
+
+class _Payload:
+    """Pickles as a call of ``os.system`` (what a planted data file would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("loader", ["cifar100", "cifar10"])
+def test_data_pickles_cannot_run_code(tmp_path, loader):
+    import pickle
+
+    import numpy as np
+
+    from halrp_fast.data.cifar import load_cifar100
+    from halrp_fast.data.multi import load_cifar10
+
+    marker = tmp_path / "ran"
+    root = tmp_path / "data"
+    root.mkdir()
+    names = ["train", "test"] if loader == "cifar100" else [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        blob = {"data": _Payload(marker), "fine_labels": [0], "coarse_labels": [0], "labels": [0]}
+        with open(root / name, "wb") as f:
+            pickle.dump(blob, f)
+    load = load_cifar100 if loader == "cifar100" else load_cifar10
+    with pytest.raises(ValueError, match=r"cannot read CIFAR-10+ pickle .*refers to (posix|os|nt)\.system"):
+        load(root)
+    assert not marker.exists()
+    # real files (numpy arrays in pickle protocols 2 and 5) still load
+    for protocol, name in zip((2, 5), names):
+        blob = {"data": np.zeros((2, 3072), dtype=np.uint8), "fine_labels": [0, 1], "coarse_labels": [0, 1],
+                "labels": [0, 1], "filenames": [b"a", b"b"]}
+        with open(root / name, "wb") as f:
+            pickle.dump(blob, f, protocol=protocol)
+    for name in names[2:]:
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": np.zeros((2, 3072), dtype=np.uint8), "labels": [0, 1]}, f, protocol=2)
+    assert load(root)["train_images"].shape[1:] == (3, 32, 32)

@@ -1,12 +1,12 @@
 """CIFAR-100 from the official python pickles, and the paper's task splits and task orders A–E."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import safe_pickle
 from .builders import check_fractions, class_split_stream
 from .stream import TaskData
 from .transforms import color_transform
@@ -33,11 +33,10 @@ SUPERCLASS_ORDERS = {
 
 
 def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
-        raise ValueError(f"cannot read CIFAR-100 pickle {path}: {exc}") from None
+    d = safe_pickle.load(path, "CIFAR-100 pickle")
+    if not isinstance(d, dict):
+        raise ValueError(f"cannot read CIFAR-100 pickle {path}: it holds a {type(d).__name__}, not a dict")
+    return d
 
 
 def load_cifar100(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -2,13 +2,13 @@
 on them: 5-Datasets (each dataset one task) and TinyImageNet split into 20 or 40 tasks."""
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import safe_pickle
 from .builders import cap_split, check_fractions, class_split_stream
 from .idx import load_mnist_like
 from .stream import TaskData
@@ -31,8 +31,10 @@ def load_cifar10(directory: str | Path) -> dict[str, torch.Tensor]:
     for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
         xs, ys = [], []
         for name in names:
-            with open(root / name, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
+            d = safe_pickle.load(root / name, "CIFAR-10 pickle")
+            if not isinstance(d, dict) or "data" not in d or "labels" not in d:
+                raise ValueError(f"cannot read CIFAR-10 pickle {root / name}: expected a dict with 'data' and "
+                                 f"'labels'")
             xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.extend(d["labels"])
         out[f"{split}_images"] = torch.from_numpy(np.concatenate(xs))
