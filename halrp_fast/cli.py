@@ -106,7 +106,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .continual.checkpoint import atomic_write_bytes
     from .report import build_report
 
-    markdown, table_csv, _ = build_report(args.dirs)
+    markdown, table_csv, summary = build_report(args.dirs)
+    for entry in summary["skipped"]:
+        print(f"halrp-fast: warning: left out {entry['file']}: {entry['why']}", file=sys.stderr)
     print(markdown)
     if args.csv:
         atomic_write_bytes(Path(args.csv), table_csv.encode())

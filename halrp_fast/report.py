@@ -65,9 +65,25 @@ def order_robustness(rows: list[dict]) -> dict | None:
     return result
 
 
+def read_rows(paths: list[Path]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The table rows of the readable ``results.json`` files, and ``(file, why)`` for every one left out."""
+    rows, skipped = [], []
+    for p in paths:
+        try:
+            rows.append(_row(p, json.loads(p.read_text())))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            skipped.append((str(p), f"unreadable: {exc}"))
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            skipped.append((str(p), f"not a halrp-fast results file ({type(exc).__name__}: {exc})"))
+    return rows, skipped
+
+
 def build_report(paths: list[str | Path]) -> tuple[str, str, dict]:
-    """``(markdown, csv, summary)`` for the runs under ``paths``."""
-    rows = [_row(p, json.loads(p.read_text())) for p in find_results(paths)]
+    """``(markdown, csv, summary)`` for the runs under ``paths``; files that cannot be read are left out and listed
+    in ``summary["skipped"]`` (an error when none can be read)."""
+    rows, skipped = read_rows(find_results(paths))
+    if not rows:
+        raise ValueError("no readable results.json: " + "; ".join(f"{f}: {why}" for f, why in skipped))
     fmt = {"ACC": "{:.2f}", "BWT": "{:.2f}", "forgetting": "{:.2f}", "growth %": "{:.1f}", "MB stored": "{:.2f}",
            "wall s": "{:.1f}"}
 
@@ -80,7 +96,7 @@ def build_report(paths: list[str | Path]) -> tuple[str, str, dict]:
     groups = defaultdict(list)
     for r in rows:
         groups[(r["benchmark"], r["model"], r["order"])].append(r)
-    summary: dict = {"runs": len(rows), "groups": {}}
+    summary: dict = {"runs": len(rows), "groups": {}, "skipped": [{"file": f, "why": w} for f, w in skipped]}
     md += ["", "| benchmark | model | order | runs | ACC | BWT | forgetting | growth % |", "|" + "---|" * 8]
     for (bench, model, order), rs in groups.items():
         stats = {c: (float(np.mean([r[c] for r in rs])), float(np.std([r[c] for r in rs])))

@@ -133,3 +133,23 @@ def test_out_must_be_a_writable_directory(tmp_path, capsys):
 def test_orders_must_be_the_benchmarks(tmp_path, capsys):
     rc, err = run(capsys, "run", "--benchmark", "cifar100-splits", "--out", str(tmp_path), "--orders", "AZ")
     assert rc == 2 and "--orders 'AZ': choose letters among ABCDE" in one_error_line(err)
+
+
+def test_report_leaves_out_broken_results_naming_them(finished_run, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished_run, runs / "good")
+    (runs / "broken").mkdir()
+    (runs / "broken" / "results.json").write_text("{not json")
+    (runs / "other").mkdir()
+    (runs / "other" / "results.json").write_text('{"a": 1}')
+    capsys.readouterr()
+    assert main(["report", str(runs)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line]
+    assert len(warnings) == 2 and all(w.startswith("halrp-fast: warning: left out ") for w in warnings)
+    assert "broken/results.json: unreadable" in captured.err and "other/results.json: not a halrp-fast" in captured.err
+    assert "good" in captured.out
+    rc, err = run(capsys, "report", str(runs / "broken"))
+    assert rc == 2 and "no readable results.json" in one_error_line(err) and "broken/results.json" in err

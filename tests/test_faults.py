@@ -129,3 +129,131 @@ def test_eager_and_lazy_loads_refuse_classes_that_disagree_with_the_head(tmp_pat
     atomic_write_json(tmp_path / MANIFEST, manifest)
     with pytest.raises(CheckpointError, match="task 2 has num_classes 7 but its head .* has 10 rows"):
         load_into(hf.convert(hf.models.lenet(1, 8, 10)), tmp_path, lazy=lazy)
+
+
+# --------------------------------------------------------------------------- a whole run, killed and resumed
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = ["demo", "--tasks", "2", "--epochs", "2", "--max-per-task", "200", "--batch-size", "32", "--no-progress",
+        "--quiet"]
+
+
+def cli(out, fault=None, fsize=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("FAULT", "FSIZE")}
+    if fault:
+        env["FAULT"] = fault
+    if fsize:
+        env["FSIZE"] = str(fsize)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_driver.py"), *DEMO, "--out", str(out)],
+                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def results(out) -> dict:
+    r = json.loads((out / "results.json").read_text())
+    return {k: r[k] for k in ("acc_matrix", "ranks", "params", "ACC", "BWT")}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    done = cli(out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(finished):
+    return results(finished)
+
+
+# 12 optimiser steps per task; evaluations: 1 after task 0, 2 after task 1; writes: the base's file and the
+# manifest, task 1's file and the manifest, results.json
+@pytest.mark.parametrize("fault", ["training:5", "training:20", "evaluation:2", "evaluation:3", "save:1", "save:3",
+                                   "save:4"])
+def test_a_run_killed_anywhere_resumes_to_the_same_result(reference, tmp_path, fault):
+    """Killed (SIGKILL) in training, in evaluation, or between the files of a checkpoint save: the next run of the
+    same command resumes from the last complete checkpoint and ends with the uninterrupted run's results."""
+    killed = cli(tmp_path, fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = cli(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert results(tmp_path) == reference
+
+
+def test_ctrl_c_says_what_was_saved_and_rerunning_resumes(reference, tmp_path):
+    stopped = cli(tmp_path, "interrupt:20")  # the 20th optimiser step: in task 1, task 0 saved
+    lines = [line for line in stopped.stderr.splitlines() if line.strip()]
+    assert stopped.returncode == 130 and len(lines) == 1, stopped.stderr
+    assert lines[0] == (f"halrp-fast: interrupted; {tmp_path / 'checkpoint'} holds 1 completed task(s): rerun the "
+                        f"same command to resume from there")
+    assert cli(tmp_path).returncode == 0 and results(tmp_path) == reference
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(reference, tmp_path):
+    full = cli(tmp_path, fsize=1_000_000)  # the base's file (2.4 MB) cannot be written
+    lines = [line for line in full.stderr.splitlines() if line.strip()]
+    assert full.returncode == 1 and len(lines) == 1 and "File too large" in lines[0], full.stderr
+    assert not [p.name for p in (tmp_path / "checkpoint").iterdir()]  # neither a task file nor a temporary one
+    assert cli(tmp_path).returncode == 0 and results(tmp_path) == reference
+
+
+def test_a_read_only_output_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import halrp_fast._cli_checks as checks
+    from halrp_fast.cli import main
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(checks.tempfile, "mkstemp", read_only)
+    tic = time.perf_counter()
+    assert main([*DEMO, "--out", str(tmp_path / "out")]) == 2
+    assert "cannot write there (Read-only file system)" in capsys.readouterr().err
+    assert time.perf_counter() - tic < 5  # refused before any training
+
+
+@pytest.mark.parametrize("kind", ["task file", "manifest truncated", "manifest edited", "task file missing"])
+def test_a_corrupted_checkpoint_is_one_clear_error_with_the_way_out(finished, reference, tmp_path, kind, capsys):
+    import shutil
+
+    from halrp_fast.cli import main
+
+    done = tmp_path / "done"
+    shutil.copytree(finished, done)
+    ckpt = done / "checkpoint"
+    task_file = sorted(ckpt.glob("task_0001-*.safetensors"))[0]
+    if kind == "task file":
+        data = bytearray(task_file.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        task_file.write_bytes(bytes(data))
+        expected = "is corrupted (sha256 differs from the manifest)"
+    elif kind == "task file missing":
+        task_file.unlink()
+        expected = "is missing"
+    elif kind == "manifest truncated":
+        text = (ckpt / MANIFEST).read_text()
+        (ckpt / MANIFEST).write_text(text[: len(text) // 2])
+        expected = "is not valid JSON"
+    else:
+        m = json.loads((ckpt / MANIFEST).read_text())
+        m["ranks"]["1"] = {k: v + 1 for k, v in m["ranks"]["1"].items()}
+        (ckpt / MANIFEST).write_text(json.dumps(m))
+        expected = "was modified or corrupted"
+    capsys.readouterr()
+    assert main([*DEMO, "--out", str(done)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "--no-resume" in lines[0]
+    if kind == "task file":  # the way out works
+        assert main([*DEMO, "--out", str(done), "--no-resume"]) == 0
+        assert results(done) == reference
+
+
+def test_a_corrupted_data_file_is_one_clear_error(tmp_path):
+    from halrp_fast.data.cifar import load_cifar100
+
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    for name in ("train", "test"):
+        (root / name).write_bytes(os.urandom(1000))
+    with pytest.raises(ValueError, match="cannot read CIFAR-100 pickle .*train"):
+        load_cifar100(tmp_path)

@@ -13,21 +13,21 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from .._version import __version__
+from .checkpoint import CheckpointError
 from .config import HALRPConfig
 
 #: config fields that change how a run executes but not its result (beyond floating-point summation order)
 RESULT_NEUTRAL = frozenset({"device", "progress", "channels_last"})
 
 
-class RunMismatch(ValueError):
+class RunMismatch(CheckpointError):
     """A checkpoint belongs to another run; ``fields`` lists ``(name, stored, current)``."""
 
     def __init__(self, where: str, fields: list[tuple[str, object, object]]) -> None:
         self.fields = fields
         shown = "; ".join(f"{name} {_short(a)} ≠ {_short(b)}" for name, a, b in fields)
         names = " ".join(f"--allow-change {name}" for name, _, _ in fields)
-        super().__init__(f"{where} holds another run: {shown}. Start over with --no-resume or another --out, or "
-                         f"continue it deliberately with {names}")
+        super().__init__(f"{where} holds another run: {shown}. Continue it deliberately with {names}")
 
 
 def _short(value: object) -> str:

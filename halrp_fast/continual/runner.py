@@ -66,18 +66,10 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
 
     learner = fresh
     if ckpt is not None and resume and (ckpt / checkpoint.MANIFEST).exists():
-        manifest = checkpoint.read_manifest(ckpt)
-        learned = len(manifest["num_classes"])
-        if learned > T:
-            raise checkpoint.CheckpointError(f"{ckpt} holds {learned} tasks, the stream has {T}")
-        stored = manifest.get("identity")
-        if stored is None:
-            raise checkpoint.CheckpointError(f"{ckpt} records no run identity (written by an older version): start "
-                                             f"over with --no-resume or another --out")
-        compare(stored, identity(learned), allow_changes, str(ckpt))
-        learner = HALRPLearner.load(ckpt, device=dist.device if dist is not None else fresh.config.device)
-        learner.config = dataclasses.replace(fresh.config, device=learner.config.device)
-        A = _acc_from_json(learner.manifest.get("acc_matrix", []), T)
+        try:
+            learner, A = _resume(ckpt, fresh, identity, allow_changes, T, dist)
+        except checkpoint.CheckpointError as exc:
+            raise checkpoint.CheckpointError(f"{exc} (to start over: --no-resume, or another --out)") from None
         log(f"resuming from {ckpt}: {learner.num_learned} task(s) done")
     learner.dist = dist
     start = learner.num_learned
@@ -100,6 +92,22 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
     if out_dir is not None:
         checkpoint.atomic_write_json(Path(out_dir) / "results.json", results)
     return learner, results
+
+
+def _resume(ckpt: Path, fresh: HALRPLearner, identity: Callable[[int], dict], allow_changes: Sequence[str], T: int,
+            dist: DistContext | None) -> tuple[HALRPLearner, np.ndarray]:
+    """The learner and accuracy matrix of the checkpoint ``ckpt``, once its run is known to be this one."""
+    manifest = checkpoint.read_manifest(ckpt)
+    learned = len(manifest["num_classes"])
+    if learned > T:
+        raise checkpoint.CheckpointError(f"{ckpt} holds {learned} tasks, the stream has {T}")
+    stored = manifest.get("identity")
+    if stored is None:
+        raise checkpoint.CheckpointError(f"{ckpt} records no run identity (written by an older version)")
+    compare(stored, identity(learned), allow_changes, str(ckpt))
+    learner = HALRPLearner.load(ckpt, device=dist.device if dist is not None else fresh.config.device)
+    learner.config = dataclasses.replace(fresh.config, device=learner.config.device)
+    return learner, _acc_from_json(learner.manifest.get("acc_matrix", []), T)
 
 
 def evaluate_row(learner: HALRPLearner, tasks: Sequence[TaskData], A: np.ndarray, report: TaskReport,
