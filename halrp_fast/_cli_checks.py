@@ -18,8 +18,8 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def integer(low: int | None = None):
-    """``type=`` for an int flag ≥ ``low``."""
+def integer(low: int | None = None, high: int | None = None):
+    """``type=`` for an int flag in ``[low, high]``."""
 
     def parse(text: str) -> int:
         try:
@@ -27,7 +27,7 @@ def integer(low: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         try:
-            check_int("it", value, low=low)
+            check_int("it", value, low=low, high=high)
         except (TypeError, ValueError) as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
         return value

@@ -218,8 +218,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--prune-value", dest="prune_value", type=number(0), nargs="+")
     p.add_argument("--prune-bound", dest="prune_bound", action="store_true", help="bound growth over all tasks")
     p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
-    p.add_argument("--seed", type=integer(), help="seeds the network, the batch order and (unless --data-seed) the data")
-    p.add_argument("--data-seed", dest="data_seed", type=integer(), help="seeds the data (permutations, splits); "
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), help="seeds the network, the batch order and (unless --data-seed) the data")
+    p.add_argument("--data-seed", dest="data_seed", type=integer(0, 2**32 - 1), help="seeds the data (permutations, splits); "
                    "--repeats keeps it at the first seed, as the paper's repeats do")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",

@@ -89,7 +89,7 @@ class HALRPConfig:
         check_int("epochs", self.epochs, low=1)
         check_int("est_rank_epochs", self.est_rank_epochs, low=0, high=self.epochs, high_name="epochs")
         check_int("upper_rank", self.upper_rank, low=1)
-        check_int("seed", self.seed)
+        check_int("seed", self.seed, low=0, high=2**32 - 1)
         if self.n_tasks is not None:
             check_int("n_tasks", self.n_tasks, low=1)
         check_number("lr", self.lr, low=0, low_open=True)

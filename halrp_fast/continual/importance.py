@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import DistContext, all_reduce_sum_
-from .training import batch_to, shard
+from .training import batch_to, check_labels, shard
 
 
 def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader: Iterable,
@@ -30,7 +30,9 @@ def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader:
     try:
         for x, y in loader:
             x, y, n = shard(*batch_to(x, y, device, dtype), dist)
-            loss = F.cross_entropy(model(x), y, reduction="sum") / n
+            logits = model(x)
+            check_labels(y, logits.shape[-1], f"importance, batch {batches + 1}")
+            loss = F.cross_entropy(logits, y, reduction="sum") / n
             grads = torch.autograd.grad(loss, list(weights.values()))
             for (name, _), g in zip(weights.items(), grads, strict=True):
                 sums[name] += all_reduce_sum_(g.double(), dist).pow(2).mean() * n

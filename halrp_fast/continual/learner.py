@@ -160,7 +160,7 @@ class HALRPLearner:
         net = self._ddp(model)
         with synced_batchnorm(model, self._parallel):
             losses = train(lambda x: net(x, 0), params, loader, cfg.epochs, cfg, penalty if cfg.wd else None,
-                           modules=[model], desc="task 0", dist=self.dist)
+                           modules=[model], desc="task 0", dist=self.dist, num_classes=model.num_classes[0])
         return TaskReport(task=0, num_classes=model.num_classes[0], train_loss=losses,
                           seconds={"training": time.perf_counter() - tic})
 
@@ -174,7 +174,7 @@ class HALRPLearner:
         free = free_model(model, t).to(cfg.device, memory_format=self.layout)
         with synced_batchnorm(free, self._parallel):
             train(self._ddp(free), list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
-                  desc=f"task {t} (free model)", dist=self.dist)
+                  desc=f"task {t} (free model)", dist=self.dist, num_classes=num_classes)
             seconds["free_training"] = time.perf_counter() - tic
             est = estimate_and_initialise(model, t, free, val_loader if val_loader is not None else loader,
                                           cfg.approx_rate, cfg.upper_rank, cfg.rank_mode, cfg.device, cfg.svd,
@@ -196,7 +196,7 @@ class HALRPLearner:
         with synced_batchnorm(model, self._parallel):
             losses = train(lambda x: net(x, t), model.task_parameters(t), loader, cfg.epochs - cfg.est_rank_epochs,
                            cfg, penalty if (cfg.l1 or cfg.wd) else None, modules=[model], desc=f"task {t}",
-                           dist=self.dist)
+                           dist=self.dist, num_classes=num_classes)
         seconds["training"] = time.perf_counter() - tic
         return TaskReport(task=t, num_classes=num_classes, ranks=model.ranks(t), explained=est.explained,
                           importance=est.importance, train_loss=losses, seconds=seconds)
@@ -214,7 +214,7 @@ class HALRPLearner:
         try:
             with synced_batchnorm(self.model, self._parallel):
                 return accuracy(lambda x: self.model(x, task_id), loader, self.config.device, self.dist,
-                                self.config.torch_dtype)
+                                self.config.torch_dtype, self.model.num_classes[task_id])
         finally:
             self.model.train(was_training)
 

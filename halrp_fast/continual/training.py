@@ -44,12 +44,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: HALRPConfig) -> torch.
 
 def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn.Parameter], loader: Iterable,
           epochs: int, cfg: HALRPConfig, penalty: Callable[[], torch.Tensor] | None = None,
-          modules: Iterable[torch.nn.Module] = (), desc: str = "train", dist: DistContext | None = None) -> list[float]:
+          modules: Iterable[torch.nn.Module] = (), desc: str = "train", dist: DistContext | None = None,
+          num_classes: int | None = None) -> list[float]:
     """Train ``params`` for ``epochs`` on ``CE(forward(x), y) + penalty()``; returns the mean loss per epoch.
 
     ``modules`` are put in train mode.  The learning rate decays by ``cfg.lr_decay`` per epoch, or per
     iteration with the paper's schedule (``γ`` from the loader's ``batch_size``, else from the size of its first
-    batch).  With an active ``dist``, every process takes its part of each global batch and ``forward`` is a DistributedDataParallel module: the local loss is scaled so that the
+    batch).  Labels on the CPU are checked against ``num_classes``.  With an active ``dist``, every process takes
+    its part of each global batch and ``forward`` is a DistributedDataParallel module: the local loss is scaled so that the
     averaged gradient is the global batch's.
     """
     if epochs == 0:
@@ -67,11 +69,16 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
     for epoch in _progress(range(epochs), cfg.progress and (dist is None or dist.is_main), desc):
         total, count, batches = 0.0, 0, 0
         for x, y in loader:
+            check_labels(y, num_classes, f"{desc}, epoch {epoch + 1}, batch {batches + 1}")
             x, y, n = shard(*batch_to(x, y, cfg.device, cfg.torch_dtype), dist)
             if per_iter and not batch_size:
                 batch_size = n
                 sched.gamma = cfg.schedule_gamma(n)
-            ce = F.cross_entropy(forward(x), y, reduction="sum") * (world / n)
+            try:
+                logits = forward(x)
+            except ValueError as exc:  # e.g. BatchNorm given a batch of one sample, an input of the wrong size
+                raise ValueError(f"{desc}, epoch {epoch + 1}, batch {batches + 1} ({n} samples): {exc}") from None
+            ce = F.cross_entropy(logits, y, reduction="sum") * (world / n)
             loss = ce + penalty() if penalty is not None else ce
             value = _checked_loss(loss, dist, f"{desc}, epoch {epoch + 1}, batch {batches + 1}")
             opt.zero_grad(set_to_none=True)
@@ -89,6 +96,18 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
             sched.step()
         losses.append(_global_mean(total, count, world, dist))
     return losses
+
+
+def check_labels(y: torch.Tensor, num_classes: int | None, where: str) -> None:
+    """Labels of a CPU batch within ``0..num_classes−1`` (a cross-entropy on CUDA would assert on the device)."""
+    if num_classes is None or y.device.type != "cpu" or y.numel() == 0:
+        return
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"{where}: labels must be integers, got dtype {y.dtype}")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"{where}: labels must be in 0..{num_classes - 1} (the task has {num_classes} classes), "
+                         f"got {lo if lo < 0 else hi}")
 
 
 def _checked_loss(loss: torch.Tensor, dist: DistContext | None, where: str) -> float:
@@ -115,11 +134,13 @@ def _global_mean(total: float, count: int, world: int, dist: DistContext | None)
 
 @torch.no_grad()
 def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: str = "cpu",
-             dist: DistContext | None = None, dtype: torch.dtype | None = None) -> float:
+             dist: DistContext | None = None, dtype: torch.dtype | None = None,
+             num_classes: int | None = None) -> float:
     """Top-1 accuracy in percent (with an active ``dist``: each process scores its part of every batch);
     floating-point inputs are cast to ``dtype`` unless it is ``None``."""
     correct = total = 0
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
+        check_labels(y, num_classes, f"evaluation batch {i + 1}")
         x, y, n = shard(*batch_to(x, y, device, dtype), dist)
         correct += int((forward(x).argmax(-1) == y).sum())
         total += n
