@@ -153,3 +153,16 @@ def test_report_leaves_out_broken_results_naming_them(finished_run, tmp_path, ca
     assert "good" in captured.out
     rc, err = run(capsys, "report", str(runs / "broken"))
     assert rc == 2 and "no readable results.json" in one_error_line(err) and "broken/results.json" in err
+
+
+def test_the_stream_fingerprint_sees_another_split_of_the_same_sizes(tmp_path):
+    from test_data import write_cifar100
+
+    from halrp_fast.continual.identity import task_fingerprint
+    from halrp_fast.data.cifar import cifar100_splits, load_cifar100
+
+    data = load_cifar100(write_cifar100(tmp_path, n_train=1000))
+    a, b = (cifar100_splits(data, 16, seed=s)[0] for s in (0, 1))
+    assert a.train.dataset_size == b.train.dataset_size
+    assert task_fingerprint(a) != task_fingerprint(b)
+    assert task_fingerprint(a) == task_fingerprint(cifar100_splits(data, 16, seed=0)[0])

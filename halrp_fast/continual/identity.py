@@ -60,14 +60,26 @@ def _loader_fingerprint(h, loader) -> None:
         break
 
 
+def _sample_indices(loader):
+    """The sample indices a loader draws from, where it exposes them (BatchLoader, a DataLoader over a Subset)."""
+    indices = getattr(loader, "indices", None)
+    if indices is None:
+        indices = getattr(getattr(loader, "dataset", None), "indices", None)
+    return None if indices is None else torch.as_tensor(indices)
+
+
 def task_fingerprint(task) -> str:
-    """sha256 over a task's name, classes, loader sizes and first test batch (test loaders are not shuffled,
-    so this reads the same data whatever the random state)."""
+    """sha256 over a task's name, classes, its training and validation loaders' sizes and sample indices (where
+    they expose them) and its first test batch (test loaders are not shuffled, so this reads the same data
+    whatever the random state)."""
     h = hashlib.sha256()
     _update(h, (task.name, task.num_classes))
     for loader in (task.train, task.val):
         size = getattr(loader, "dataset_size", None)
         _update(h, size if size is not None else (len(loader) if hasattr(loader, "__len__") else None))
+        indices = _sample_indices(loader)
+        if indices is not None:
+            h.update(indices.numpy().tobytes())
     _loader_fingerprint(h, task.test)
     return h.hexdigest()
 
