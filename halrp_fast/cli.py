@@ -192,8 +192,8 @@ def _run_one(args: argparse.Namespace) -> int:
 def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     from .continual.config import CHANNELS_LAST_CHOICES, DTYPES
     from .continual.pruning import MODES
-    from .linalg.scalings import SCALINGS
     from .data import benchmarks
+    from .linalg.scalings import SCALINGS
 
     if not demo:
         p.add_argument("--benchmark", required=True, choices=sorted(benchmarks.BENCHMARKS))
@@ -203,7 +203,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--lr", type=number(0, low_open=True))
     p.add_argument("--schedule", choices=["paper", "epoch"], help="learning-rate decay: the paper's per-iteration "
                    "ExponentialLR (default) or --lr-decay per epoch")
-    p.add_argument("--lr-decay", dest="lr_decay", type=number(0, low_open=True), help="per-epoch decay with --schedule epoch")
+    p.add_argument("--lr-decay", dest="lr_decay", type=number(0, low_open=True),
+                   help="per-epoch decay with --schedule epoch")
     p.add_argument("--batch-size", dest="batch_size", type=integer(1))
     p.add_argument("--approx-rate", dest="approx_rate", type=number(0, 1, low_open=True))
     p.add_argument("--upper-rank", dest="upper_rank", type=integer(1))
@@ -218,9 +219,11 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--prune-value", dest="prune_value", type=number(0), nargs="+")
     p.add_argument("--prune-bound", dest="prune_bound", action="store_true", help="bound growth over all tasks")
     p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
-    p.add_argument("--seed", type=integer(0, 2**32 - 1), help="seeds the network, the batch order and (unless --data-seed) the data")
-    p.add_argument("--data-seed", dest="data_seed", type=integer(0, 2**32 - 1), help="seeds the data (permutations, splits); "
-                   "--repeats keeps it at the first seed, as the paper's repeats do")
+    p.add_argument("--seed", type=integer(0, 2**32 - 1),
+                   help="seeds the network, the batch order and (unless --data-seed) the data")
+    p.add_argument("--data-seed", dest="data_seed", type=integer(0, 2**32 - 1),
+                   help="seeds the data (permutations, splits); --repeats keeps it at the first seed, as the paper's "
+                   "repeats do")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
                    help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
@@ -232,11 +235,12 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
                    "the benchmark list); nothing is downloaded")
     p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")
     p.add_argument("--orders", help="run several task orders, e.g. ABCDE, and report OPD / AOPD / MOPD")
-    p.add_argument("--repeats", type=integer(1), help="run R network seeds (seed, seed+1, ...) on one data draw and report "
-                   "mean ± std")
+    p.add_argument("--repeats", type=integer(1),
+                   help="run R network seeds (seed, seed+1, ...) on one data draw and report mean ± std")
     p.add_argument("--tasks", type=integer(1), help="use only the first N tasks")
     p.add_argument("--max-per-task", dest="max_per_task", type=integer(1), help="cap the training samples per task")
-    p.add_argument("--subset", type=number(0, 1, low_open=True), help="use this fraction (0, 1] of each task's training data")
+    p.add_argument("--subset", type=number(0, 1, low_open=True),
+                   help="use this fraction (0, 1] of each task's training data")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--allow-change", dest="allow_change", action="append", metavar="FIELD",
                    help="resume a checkpoint although FIELD of the run changed (as the refusal names it, e.g. "

@@ -1,9 +1,12 @@
 """Bad input gets an early ValueError/TypeError that names the argument and what was expected."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import halrp_fast as hf
+from halrp_fast.continual import HALRPConfig, HALRPLearner
 from halrp_fast.nn import TaskLinear
 
 
@@ -179,7 +182,7 @@ def test_images_of_the_wrong_size_name_the_layer(task_ids):
     model.add_task(10)
     model.eval()
     ids = torch.tensor([0, 1]) if task_ids == "mixed" else task_ids
-    with pytest.raises(ValueError, match=r"layer 'features.9' takes inputs with 3200 features .* got shape \(2, 2450\)"):
+    with pytest.raises(ValueError, match=r"layer 'features.9' takes inputs with 3200 features .* shape \(2, 2450\)"):
         model(torch.randn(2, 3, 28, 28), ids)
     with pytest.raises(ValueError, match=r"layer 'features.0' takes inputs with 3 channels"):
         model(torch.randn(2, 1, 32, 32), ids)
@@ -200,9 +203,9 @@ def _tiny_learner(**over):
     return HALRPLearner(hf.models.lenet(1, 8, 3), HALRPConfig(**{"epochs": 2, "upper_rank": 4, **over}))
 
 
-def _batches(n=3, nan_at=None):
+def _batches(n=3, nan_at=None, size=8):
     g = torch.Generator().manual_seed(0)
-    out = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+    out = [(torch.randn(8, 1, size, size, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
     if nan_at is not None:
         out[nan_at][0][0, 0, 3, 3] = float("nan")
     return out
@@ -250,7 +253,8 @@ def test_every_integer_config_field_refuses_non_integers(field, bad):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(lr=0.0), r"lr must be in \(0, ∞\)"), (dict(momentum=1.0), r"momentum must be in \[0, 1\)"),
-    (dict(train_frac=0.0), r"train_frac must be in \(0, 1\]"), (dict(valid_frac=1.0), r"valid_frac must be in \[0, 1\)"),
+    (dict(train_frac=0.0), r"train_frac must be in \(0, 1\]"),
+    (dict(valid_frac=1.0), r"valid_frac must be in \[0, 1\)"),
     (dict(approx_rate=1.5), r"approx_rate must be in \(0, 1\]"), (dict(l1=-1e-6), r"l1 must be in \[0, ∞\)"),
     (dict(epochs=0), r"epochs must be in \[1, ∞\]"), (dict(epochs=2, est_rank_epochs=3), r"est_rank_epochs .*epochs=2"),
     (dict(upper_rank=0), r"upper_rank must be in \[1, ∞\]"), (dict(n_tasks=0), r"n_tasks must be in \[1, ∞\]"),
@@ -309,3 +313,79 @@ def test_data_pickles_cannot_run_code(tmp_path, loader):
         with open(root / name, "wb") as f:
             pickle.dump({"data": np.zeros((2, 3072), dtype=np.uint8), "labels": [0, 1]}, f, protocol=2)
     assert load(root)["train_images"].shape[1:] == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------- a battery of bad API calls
+# Each must end in a ValueError, TypeError or FileNotFoundError with a message, never another exception or a silent
+# acceptance.
+def _learned():
+    learner = _tiny_learner(epochs=1)
+    learner.learn_task(_batches(), None, 3)
+    return learner
+
+
+def _learn_one_batch(x, y):
+    return _tiny_learner(epochs=1).learn_task([(x, y)], None, 3)
+
+
+def _model():
+    model = hf.convert(hf.models.lenet(1, 8, 3))
+    model.add_task(3)
+    return model.eval()
+
+
+API_BAD = {
+    "config lr string": lambda: HALRPConfig(lr="0.1"),
+    "config epochs float": lambda: HALRPConfig(epochs=2.0),
+    "config prune mode": lambda: HALRPConfig(prune="magic"),
+    "config optimizer": lambda: HALRPConfig(optimizer="rmsprop"),
+    "config dtype": lambda: HALRPConfig(dtype="float16"),
+    "config channels_last": lambda: HALRPConfig(channels_last="yes"),
+    "config device": lambda: HALRPConfig(device=0),
+    "config nan lr": lambda: HALRPConfig(lr=math.nan),
+    "config inf wd": lambda: HALRPConfig(wd=math.inf),
+    "config negative seed": lambda: HALRPConfig(seed=-1),
+    "config prune value shape": lambda: HALRPConfig(prune="mixAR", prune_value=0.1),
+    "config unknown field": lambda: HALRPConfig.from_dict({"lr": 1e-3, "learning_rate": 1}),
+    "learn empty loader": lambda: _tiny_learner(epochs=1).learn_task([], None, 3),
+    "learn NaN pixel": lambda: _learn_one_batch(torch.full((8, 1, 8, 8), math.nan), torch.zeros(8).long()),
+    "learn labels out of range": lambda: _learn_one_batch(torch.randn(8, 1, 8, 8), torch.full((8,), 3)),
+    "learn negative labels": lambda: _learn_one_batch(torch.randn(8, 1, 8, 8), torch.full((8,), -1)),
+    "learn float labels": lambda: _learn_one_batch(torch.randn(8, 1, 8, 8), torch.zeros(8)),
+    "learn wrong image size": lambda: _tiny_learner(epochs=1).learn_task(_batches(size=12), None, 3),
+    "learn batch of one": lambda: _learn_one_batch(torch.randn(1, 1, 8, 8), torch.zeros(1).long()),
+    "learn base class mismatch": lambda: _tiny_learner(epochs=1).learn_task(_batches(), None, 5),
+    "learn task 1 without classes": lambda: _learned().learn_task(_batches(), None),
+    "learn base twice": lambda: HALRPLearner(_learned().model, HALRPConfig(epochs=1)).learn_task(_batches(), None, 3),
+    "evaluate unlearned task": lambda: _tiny_learner(epochs=1).evaluate(_batches(), 0),
+    "evaluate labels out of range": lambda: _learned().evaluate([(torch.randn(4, 1, 8, 8), torch.full((4,), 7))], 0),
+    "export unlearned task": lambda: _tiny_learner(epochs=1).export_task(2),
+    "load nowhere": lambda: HALRPLearner.load("/nonexistent/checkpoint"),
+    "forward task out of range": lambda: _model()(torch.randn(2, 1, 8, 8), 5),
+    "forward negative task": lambda: _model()(torch.randn(2, 1, 8, 8), -1),
+    "forward float task ids": lambda: _model()(torch.randn(2, 1, 8, 8), torch.tensor([0.0, 1.0])),
+    "forward task ids shape": lambda: _model()(torch.randn(2, 1, 8, 8), torch.tensor([0, 1, 1])),
+    "forward bool task": lambda: _model()(torch.randn(2, 1, 8, 8), True),
+    "forward not a tensor": lambda: _model()([[1.0]], 0),
+    "forward empty mixed": lambda: _model()(torch.randn(0, 1, 8, 8), torch.tensor([], dtype=torch.long)),
+    "add task zero classes": lambda: _model().add_task(0),
+    "set rank wrong shape": lambda: _model().set_rank(1, "features.9", torch.randn(3, 2), torch.randn(5, 2)),
+    "set rank unknown layer": lambda: _model().set_rank(1, "features.99", torch.randn(800, 2), torch.randn(200, 2)),
+    "convert unknown head": lambda: hf.convert(hf.models.lenet(1, 8, 3), head="classifier"),
+    "permuted stream no tasks": lambda: hf.data.permuted_digits(num_tasks=0),
+    "digits subset 0": lambda: hf.data.permuted_digits(num_tasks=1, subset=0.0),
+    "digits no full batch": lambda: hf.data.permuted_digits(num_tasks=1, batch_size=4096),
+    "model too small image": lambda: hf.models.alexnet(3, 16, 10),
+    "model zero classes": lambda: hf.models.lenet(3, 32, 0),
+    "model float size": lambda: hf.models.resnet18(3, 32.0, 10),
+}
+
+
+@pytest.mark.parametrize("case", list(API_BAD))
+def test_bad_api_calls(case):
+    try:
+        API_BAD[case]()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        assert str(exc), case
+    else:
+        pytest.fail(f"{case}: accepted")

@@ -9,8 +9,12 @@ SMALL = ["--tasks", "2", "--epochs", "2", "--max-per-task", "200", "--batch-size
 
 
 def run(capsys, *args) -> tuple[int, str]:
+    """Exit status and standard error of ``halrp-fast args`` (argparse's errors exit from inside main)."""
     capsys.readouterr()
-    rc = main(list(args))
+    try:
+        rc = main(list(args))
+    except SystemExit as exc:
+        rc = exc.code
     return rc, capsys.readouterr().err
 
 
@@ -114,10 +118,7 @@ def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, args, message):
 
     if args[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
         pytest.skip("this machine has 8 GPUs")
-    try:
-        rc, err = run(capsys, "demo", "--out", str(tmp_path / "o"), "--no-progress", "--quiet", *args)
-    except SystemExit as exc:  # argparse's errors exit from inside main
-        rc, err = exc.code, capsys.readouterr().err
+    rc, err = run(capsys, "demo", "--out", str(tmp_path / "o"), "--no-progress", "--quiet", *args)
     assert rc == 2 and message in one_error_line(err)
 
 
@@ -166,3 +167,83 @@ def test_the_stream_fingerprint_sees_another_split_of_the_same_sizes(tmp_path):
     assert a.train.dataset_size == b.train.dataset_size
     assert task_fingerprint(a) != task_fingerprint(b)
     assert task_fingerprint(a) == task_fingerprint(cifar100_splits(data, 16, seed=0)[0])
+
+
+# --------------------------------------------------------------------------- a battery of bad flags and paths
+# Each must end in one clear error: exit status 2 (1 for an I/O failure) with exactly one line
+# ``halrp-fast: error: …``; each awkward but valid flag set must run.
+FAST = ["--no-progress", "--quiet"]
+TINY = ["--tasks", "1", "--epochs", "1", "--max-per-task", "64", "--batch-size", "32", *FAST]
+
+# flag → (valid kind, bad values)
+FLOAT_BAD = ["nan", "inf", "-inf", "abc", ""]
+FLAGS = {
+    "--epochs": ["0", "-1", "1.5", "abc", "nan"],
+    "--lr": FLOAT_BAD + ["0", "-0.001"],
+    "--lr-decay": FLOAT_BAD + ["0", "-1"],
+    "--batch-size": ["0", "-4", "2.5", "abc"],
+    "--approx-rate": FLOAT_BAD + ["0", "1.01", "-0.5"],
+    "--upper-rank": ["0", "-3", "1.5"],
+    "--est-rank-epochs": ["-1", "0.5", "abc"],
+    "--l1": FLOAT_BAD + ["-1e-6"],
+    "--wd": FLOAT_BAD + ["-1"],
+    "--seed": ["-1", "4294967296", "1.5", "abc"],
+    "--data-seed": ["-2", "1e3", "abc"],
+    "--repeats": ["0", "-1", "abc"],
+    "--tasks": ["0", "-1", "11", "abc"],
+    "--max-per-task": ["0", "-5", "100", "abc"],
+    "--subset": FLOAT_BAD + ["0", "1.5", "-0.2"],
+}
+CLI_BAD = [[flag, value] for flag, values in FLAGS.items() for value in values]
+CLI_BAD += [
+    ["--prune-value", "nan", "0.4"], ["--prune-value", "inf", "0.4"], ["--prune-value", "1e-5", "nan"],
+    ["--prune-value", "1e-5", "1.5"], ["--prune-value", "-1", "0.4"], ["--prune-value", "0.1"],
+    ["--prune", "absolute", "--prune-value", "1", "2"], ["--prune", "magic"],
+    ["--epochs", "2", "--est-rank-epochs", "3"], ["--order", "A"], ["--orders", "AB"],
+    ["--device", "cuda:9"], ["--device", "tpu"], ["--device", "cpu:x"], ["--model", "resnet18"], ["--model", "alexnet"],
+    ["--model", "vgg"], ["--dtype", "float16"], ["--scalings", "best"], ["--channels-last", "maybe"],
+    ["--rank-mode", "magic"], ["--optimizer", "rmsprop"], ["--schedule", "cosine"], ["--cpu-allocator", "jemalloc"],
+    ["--bogus"], ["--lr"], ["--data-dir"],
+]
+
+
+def _clear_cli_error(rc, err) -> bool:
+    lines = [line for line in err.splitlines() if line.strip()]
+    return rc in (1, 2) and len(lines) == 1 and lines[0].startswith("halrp-fast: error: ") and len(lines[0]) > 25
+
+
+@pytest.mark.parametrize("args", CLI_BAD, ids=lambda a: " ".join(a) or "empty")
+def test_bad_flags(args, tmp_path, capsys):
+    rc, err = run(capsys, *["demo", "--out", str(tmp_path / "o"), *FAST, *args])
+    assert _clear_cli_error(rc, err), (rc, err)
+
+
+def test_bad_paths(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    cases = [
+        ["demo", "--out", str(f), *FAST], ["demo", "--out", str(f / "sub"), *FAST],
+        ["run", "--benchmark", "pmnist", "--out", str(tmp_path / "o"), *FAST],
+        ["run", "--benchmark", "pmnist", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *FAST],
+        ["run", "--benchmark", "pfmnist", "--data-dir", str(f), "--out", str(tmp_path / "o"), *FAST],
+        ["run", "--benchmark", "cifar100-splits", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), *FAST],
+        ["run", "--benchmark", "five-datasets", "--out", str(tmp_path / "o"), *FAST],
+        ["run", "--benchmark", "tinyimagenet-20", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), *FAST],
+        ["run", "--benchmark", "nope", "--out", str(tmp_path / "o")],
+        ["run", "--out", str(tmp_path / "o")],
+        ["report", str(tmp_path / "missing")], ["report", str(tmp_path)],
+    ]
+    for args in cases:
+        rc, err = run(capsys, *args)
+        assert _clear_cli_error(rc, err), (args, rc, err)
+
+
+VALID_CLI = [[], ["--max-per-task", "32"], ["--subset", "1.0"], ["--est-rank-epochs", "0"], ["--approx-rate", "1"],
+             ["--prune", "none"], ["--l1", "0", "--wd", "0"], ["--seed", "4294967295"], ["--upper-rank", "100000"],
+             ["--schedule", "epoch", "--lr-decay", "1"], ["--dtype", "float64"], ["--channels-last", "off"]]
+
+
+@pytest.mark.parametrize("args", VALID_CLI, ids=lambda a: " ".join(a) or "defaults")
+def test_awkward_but_valid_flags_work(args, tmp_path, capsys):
+    rc, err = run(capsys, *["demo", "--out", str(tmp_path / "o"), *TINY, *args])
+    assert rc == 0, err

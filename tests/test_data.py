@@ -220,10 +220,9 @@ def test_orders_and_repeats_give_opd_and_a_merged_report(tmp_path):
     summary = json.loads((out / "report.json").read_text())
     assert summary["runs"] == 4 and summary["groups"]["cifar100-splits/lenet/A"]["runs"] == 2
     # the repeats share one data draw (the authors' repeats vary the network seed only)
-    metas = [json.loads((out / d / "results.json").read_text())["meta"] for d in ("order_A_seed_0", "order_A_seed_1")]
-    assert [m["data_seed"] for m in metas] == [0, 0]
-    configs = [json.loads((out / d / "results.json").read_text())["config"] for d in ("order_A_seed_0", "order_A_seed_1")]
-    assert [c["seed"] for c in configs] == [0, 1]
+    repeats = [json.loads((out / d / "results.json").read_text()) for d in ("order_A_seed_0", "order_A_seed_1")]
+    assert [r["meta"]["data_seed"] for r in repeats] == [0, 0]
+    assert [r["config"]["seed"] for r in repeats] == [0, 1]
     rob = summary["order_robustness"]["cifar100-splits"]
     # orders A and B share no task among their first two (A: splits 0, 1; B: splits 1, 7) except split 1
     assert set(rob["OPD"]) == {"cifar100-split1"}

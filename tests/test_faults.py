@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import halrp_fast as hf
-from halrp_fast.continual.checkpoint import (MANIFEST, CheckpointError, load_into, read_manifest,
-                                             save_checkpoint)
+from halrp_fast.continual.checkpoint import MANIFEST, CheckpointError, load_into, read_manifest, save_checkpoint
 
 
 def model_with_tasks(tasks: int = 3) -> hf.TaskModel:

@@ -164,7 +164,8 @@ def test_paper_schedule_gamma():
 def test_cli_demo_small(tmp_path):
     from halrp_fast.cli import main
 
-    rc = main(["demo", "--out", str(tmp_path), "--tasks", "2", "--epochs", "2", "--max-per-task", "100", "--batch-size", "32",
+    rc = main(["demo", "--out", str(tmp_path), "--tasks", "2", "--epochs", "2", "--max-per-task", "100",
+               "--batch-size", "32",
                "--no-progress", "--quiet"])
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -46,10 +46,10 @@ BNS = [1, 6, 9]
 def stream(tasks: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     out = []
-    for t in range(tasks):
+    for _ in range(tasks):
         proj = torch.randn(3 * 8 * 8, 4, generator=g, dtype=torch.float64)
 
-        def batches(n):
+        def batches(n, proj=proj):
             x = torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64)
             y = (x.flatten(1) @ proj).argmax(1)
             return [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, n, BATCH)]
@@ -247,7 +247,7 @@ def test_learner_is_the_authors_agent_step_for_step(scalings):
         return t
 
     model.add_task = add_task_and_record
-    for t, (train, val, test) in enumerate(data):
+    for t, (train, val, _) in enumerate(data):
         report = learner.learn_task(train, val, 4)
         if t == 0:
             theirs.learn_base(train)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from ..nn import TaskModel
 
-
 #: an entry of ``U`` or ``V`` counts as a parameter when its magnitude exceeds this (the authors' count)
 NONZERO = 1e-8
 

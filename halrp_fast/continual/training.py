@@ -51,8 +51,8 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
     ``modules`` are put in train mode.  The learning rate decays by ``cfg.lr_decay`` per epoch, or per
     iteration with the paper's schedule (``γ`` from the loader's ``batch_size``, else from the size of its first
     batch).  Labels on the CPU are checked against ``num_classes``.  With an active ``dist``, every process takes
-    its part of each global batch and ``forward`` is a DistributedDataParallel module: the local loss is scaled so that the
-    averaged gradient is the global batch's.
+    its part of each global batch and ``forward`` is a DistributedDataParallel module: the local loss is scaled so
+    that the averaged gradient is the global batch's.
     """
     if epochs == 0:
         return []

@@ -89,7 +89,7 @@ def random_crop_flip(transform: Callable[[torch.Tensor], torch.Tensor],
         top = torch.randint(0, 2 * pad + 1, (b,)).tolist()
         left = torch.randint(0, 2 * pad + 1, (b,)).tolist()
         flip = (torch.rand(b) < 0.5).tolist()
-        out = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(top, left))])
+        out = torch.stack([padded[i, :, y:y + h, x:x + w] for i, (y, x) in enumerate(zip(top, left, strict=True))])
         if any(flip):
             out[flip] = out[flip].flip(-1)
         return transform(out)
