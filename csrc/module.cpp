@@ -1,5 +1,5 @@
 // Python module entry of halrp_fast._C.  The module defines no Python functions: importing it loads the
-// shared library, whose static TORCH_LIBRARY_IMPL blocks register the kernels with the dispatcher.
+// shared library, whose static TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL blocks register the private _halrp_C ops.
 #include <Python.h>
 
 PyMODINIT_FUNC PyInit__C(void) {

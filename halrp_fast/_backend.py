@@ -1,15 +1,14 @@
-"""Which implementation serves each op on each device, and why.
+"""The router: which provider serves each op on each device, and why.
 
-Every op in :mod:`halrp_fast.ops` has one schema and one registered kernel that asks
-:func:`select` for a *provider* (``reference`` = the pure-PyTorch math of
-:mod:`halrp_fast.reference`; further providers such as compiled or Triton kernels register here
-with the ops they implement and the device types they serve).  Providers are checked lazily: an
-optional dependency is imported on the first call that could use it, never at
-``import halrp_fast``.
+Every call of an op of :mod:`halrp_fast.ops` — eager, through ``torch.ops.halrp`` or under ``torch.compile`` —
+asks :func:`select` for its *provider*; nothing else chooses.  Providers: ``reference`` (the pure-PyTorch math
+of :mod:`halrp_fast.reference`), ``triton`` (the kernels in ``kernels/``), ``cpp`` / ``cuda_ext`` (the compiled
+kernels of :mod:`halrp_fast._ext`), and any provider registered with :func:`register_provider`.  They are loaded
+lazily: an optional dependency is imported on the first call that could use it, never at ``import halrp_fast``.
 
-The environment variable ``HALRP_FAST_BACKEND`` picks a provider for every op it implements
-(``auto`` — the default —, ``reference``, or any registered provider name); ops that provider does
-not implement fall back to ``reference`` and :func:`env_report` says so.
+The environment variable ``HALRP_FAST_BACKEND`` (read here only, by :func:`requested`, on every selection)
+picks a provider for every op it implements (``auto`` — the default —, ``reference``, or any registered provider
+name); ops or dtypes that provider does not implement fall back to ``reference`` and :func:`env_report` says so.
 """
 from __future__ import annotations
 
@@ -125,7 +124,7 @@ register_provider(
 def _load_compiled(device_type: str) -> dict[str, Callable]:
     from . import _ext
 
-    return _ext.provider_impls(device_type, OPS)
+    return _ext.provider_impls(device_type)
 
 
 register_provider(Provider(name="cpp", devices=("cpu",), load=lambda: _load_compiled("cpu"), priority=5))
@@ -134,7 +133,11 @@ register_provider(Provider(name="cuda_ext", devices=("cuda",), load=lambda: _loa
 
 
 def requested() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    """The provider ``HALRP_FAST_BACKEND`` asks for (``"auto"`` when unset)."""
+    raw = os.environ.get(ENV_VAR)
+    if raw is None:
+        return "auto"
+    value = raw.strip().lower() or "auto"
     if value != "auto" and value not in _PROVIDERS:
         raise ValueError(
             f"{ENV_VAR}={value!r} names no provider; choose 'auto' or one of {sorted(_PROVIDERS)}"
@@ -170,27 +173,23 @@ def _choose(op: str, device_type: str, want: str, dtype: str | None) -> tuple[st
     raise RuntimeError(f"no provider implements {op} on {device_type}")
 
 
-def select(op: str, device_type: str, dtype: str | None = None) -> tuple[str, Callable]:
-    """``(provider name, implementation)`` serving ``op`` for tensors of ``device_type`` and floating-point
-    type ``dtype`` (a name such as ``"float64"``; ``None``: any)."""
+def select(op: str, device_type: str, dtype=None) -> tuple[str, Callable]:
+    """``(provider name, implementation)`` serving ``op`` for tensors of ``device_type`` and floating-point type
+    ``dtype`` (a ``torch.dtype`` or its name such as ``"float64"``; ``None``: any)."""
     want = requested()
     key = (op, device_type, want, dtype)
     hit = _SELECTION.get(key)
     if hit is None:
-        hit = _SELECTION[key] = _choose(op, device_type, want, dtype)
+        hit = _SELECTION[key] = _choose(op, device_type, want, dtype if dtype is None else dtype_name(dtype))
     return hit
 
 
-def dtype_name(t) -> str:
-    """``"float32"`` for a float32 tensor (the names :attr:`Provider.dtypes` uses)."""
-    return str(t.dtype).removeprefix("torch.")
-
-
-def call(op: str, device_type: str, *args):
-    """Run ``op`` on ``args`` with the provider for ``device_type`` and the dtype of ``args[0]`` (every op's first
-    argument is a floating-point tensor: ``x``, the output gradient or ``W_free``)."""
-    dtype = dtype_name(args[0]) if args and hasattr(args[0], "dtype") else None
-    return select(op, device_type, dtype)[1](*args)
+def dtype_name(dtype) -> str:
+    """``"float32"`` for ``torch.float32``, a float32 tensor or the name itself (the names :attr:`Provider.dtypes`
+    uses)."""
+    if isinstance(dtype, str):
+        return dtype
+    return str(getattr(dtype, "dtype", dtype)).removeprefix("torch.")
 
 
 def env_report(devices: tuple[str, ...] | None = None) -> str:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._math import conv_out_hw
+
 
 def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
                  high_open: bool = False) -> None:
@@ -105,7 +107,20 @@ def _check_linear_core(x, weight, rows: str, min_dim: int) -> tuple[int, int]:
 
 
 def check_linear(x, weight, r, s, U, V, bias) -> None:
-    """Single-task linear: x (..., in), weight (out, in), r (out,), s (in,), U (out, k), V (in, k)."""
+    """Single-task linear: x (..., in), weight (out, in), r (out,), s (in,), U (out, k), V (in, k), bias (out,)."""
+    try:  # the common case in one expression; the messages come from the step-by-step checks below
+        dt, dev = x.dtype, x.device
+        out, inp = weight.shape
+        k = U.shape[-1]
+        if (x.is_floating_point() and x.shape[-1] == inp and weight.dtype == dt and r.dtype == dt
+                and s.dtype == dt and U.dtype == dt and V.dtype == dt and r.shape == (out,) and s.shape == (inp,)
+                and U.shape == (out, k) and V.shape == (inp, k) and weight.device == dev and r.device == dev
+                and s.device == dev and U.device == dev and V.device == dev
+                and (bias is None or (bias.dtype == dt and bias.shape == (out,) and bias.device == dev))):
+            return
+    except (AttributeError, TypeError, ValueError, IndexError):
+        pass
+    check_tensors(("bias",), x=x, weight=weight, r=r, s=s, U=U, V=V, bias=bias)
     out, inp = _check_linear_core(x, weight, "..., ", 1)
     _check_task_tensors(x, r, s, U, V, bias, out, inp, "out", "in")
 
@@ -145,9 +160,27 @@ def check_task_id_range(task_ids: torch.Tensor, num_tasks: int) -> None:
 
 def check_linear_mt(x, task_ids, weight, R, S, U, V, B) -> None:
     """Mixed-task linear: x (M, ..., in), task_ids (M,), banks R (T, out), S (T, in), U (T, out, k), ..."""
+    try:  # the common case in one expression; the messages come from the step-by-step checks below
+        dt, dev = x.dtype, x.device
+        out, inp = weight.shape
+        T, k = R.shape[0], U.shape[-1]
+        if (x.is_floating_point() and x.dim() >= 2 and x.shape[-1] == inp and task_ids.dtype == torch.int64
+                and task_ids.shape == (x.shape[0],) and _banks_ok(dt, dev, weight, R, S, U, V, B, T, out, inp, k)
+                and task_ids.device == dev):
+            return
+    except (AttributeError, TypeError, ValueError, IndexError):
+        pass
+    check_tensors(("B",), x=x, task_ids=task_ids, weight=weight, R=R, S=S, U=U, V=V, B=B)
     out, inp = _check_linear_core(x, weight, "M, ..., ", 2)
     check_task_ids(task_ids, x.shape[0], x.device)
     _check_banks(x, R, S, U, V, B, out, inp)
+
+
+def _banks_ok(dt, dev, weight, R, S, U, V, B, T: int, out: int, inp: int, k: int) -> bool:
+    return (weight.dtype == dt and R.dtype == dt and S.dtype == dt and U.dtype == dt and V.dtype == dt
+            and R.shape == (T, out) and S.shape == (T, inp) and U.shape == (T, out, k) and V.shape == (T, inp, k)
+            and weight.device == dev and R.device == dev and S.device == dev and U.device == dev
+            and V.device == dev and (B is None or (B.dtype == dt and B.shape == (T, out) and B.device == dev)))
 
 
 def _check_banks(x, R, S, U, V, B, out: int, inp: int) -> int:
@@ -184,14 +217,6 @@ def conv_geometry(stride, padding, dilation) -> tuple[tuple[int, int], tuple[int
     return st, pd, dl
 
 
-def conv_out_hw(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, int]:
-    H, W = x.shape[-2], x.shape[-1]
-    kh, kw = weight.shape[-2], weight.shape[-1]
-    ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return ho, wo
-
-
 def _check_conv_core(x, weight, stride, padding, dilation) -> tuple[int, int]:
     check_floating("x", x)
     if x.dim() != 4:
@@ -215,11 +240,14 @@ def _check_conv_core(x, weight, stride, padding, dilation) -> tuple[int, int]:
 
 def check_conv(x, weight, r, s, U, V, bias, stride, padding, dilation) -> None:
     """Single-task conv: x (N, C_in, H, W), weight (C_out, C_in, kh, kw), r (C_out,), s (C_in,), U, V."""
+    check_tensors(("bias",), x=x, weight=weight, r=r, s=s, U=U, V=V, bias=bias)
     out, inp = _check_conv_core(x, weight, stride, padding, dilation)
     _check_task_tensors(x, r, s, U, V, bias, out, inp, "C_out", "C_in")
 
 
 def check_conv_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation) -> None:
+    """Mixed-task conv: x (N, C_in, H, W), task_ids (N,), banks R (T, C_out), S (T, C_in), U, V, B."""
+    check_tensors(("B",), x=x, task_ids=task_ids, weight=weight, R=R, S=S, U=U, V=V, B=B)
     out, inp = _check_conv_core(x, weight, stride, padding, dilation)
     check_task_ids(task_ids, x.shape[0], x.device)
     _check_banks(x, R, S, U, V, B, out, inp)

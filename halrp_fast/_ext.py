@@ -1,11 +1,10 @@
 """The compiled extension ``halrp_fast._C``: loading it, and saying why it is absent.
 
-Importing ``halrp_fast._C`` loads a shared library whose ``TORCH_LIBRARY_IMPL`` blocks add C++ (and, when
-built with CUDA, CUDA) kernels to the ``halrp`` ops defined in :mod:`halrp_fast.ops` — no second schema.
-Each compiled kernel is routed per call by ``HALRP_FAST_BACKEND`` (``csrc/common.cpp``): it runs when the
-compiled provider is wanted (CPU: ``auto`` or ``cpp``; CUDA: ``cuda_ext`` only) and otherwise hands the call
-to the op's Python kernel, so the choice of provider is the same on the eager path, through ``torch.ops``
-and under ``torch.compile``.  ``HALRP_FAST_NO_EXT=1`` keeps the library from loading at all.
+Importing ``halrp_fast._C`` loads a shared library that registers each compiled kernel as a private op of its
+own, ``torch.ops._halrp_C.<kernel>``, taking the arguments of the ``halrp`` op it serves in the same order.
+The kernels choose nothing: :mod:`halrp_fast._backend` offers them as the ``cpp`` (CPU) and ``cuda_ext`` (CUDA)
+providers and alone decides, per call, who serves — the same on the eager path, through ``torch.ops.halrp`` and
+under ``torch.compile``.  ``HALRP_FAST_NO_EXT=1`` keeps the library from loading at all.
 """
 from __future__ import annotations
 
@@ -17,10 +16,14 @@ from collections.abc import Callable
 import torch
 
 NO_EXT_VAR = "HALRP_FAST_NO_EXT"
-_NAMESPACE = "halrp"
-# Forward conv ops take (…, B, save, stride, padding, dilation) in their schema but (…, B, stride, padding,
-# dilation, save) as provider implementations (the convention of halrp_fast.reference).
-_GEOMETRY_BEFORE_SAVE = ("perturbed_conv2d", "perturbed_conv2d_mt")
+_NAMESPACE = "_halrp_C"
+#: the compiled kernel of each halrp op, per device type
+KERNELS = {
+    "cpu": {"perturbed_linear_mt": "linear_mt_cpu", "perturbed_conv2d_mt": "conv2d_mt_cpu",
+            "fit_scalings": "fit_scalings_cpu"},
+    "cuda": {"perturbed_linear_mt": "linear_mt_cuda"},
+}
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 _state: dict[str, object] = {}
 
@@ -50,32 +53,25 @@ def load() -> str | None:
 
 
 def has_kernel(op: str, device_type: str) -> bool:
-    """True when the extension registered a kernel of ``halrp::op`` for ``device_type`` tensors."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return load() is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NAMESPACE}::{op}", key)
+    """True when the extension is loaded and holds a kernel of ``halrp::op`` for ``device_type`` tensors."""
+    name = KERNELS.get(device_type, {}).get(op)
+    if name is None or load() is not None:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"{_NAMESPACE}::{name}", _DISPATCH_KEYS[device_type])
+    except RuntimeError:  # the op is not registered at all (the extension was built without that device)
+        return False
 
 
-def provider_impls(device_type: str, ops: tuple[str, ...]) -> dict[str, Callable]:
-    """``{op: implementation}`` of the compiled kernels for ``device_type`` (provider convention of
-    :mod:`halrp_fast._backend`); raises ``ImportError`` saying why when there are none."""
+def provider_impls(device_type: str) -> dict[str, Callable]:
+    """``{halrp op: compiled kernel}`` for ``device_type`` tensors (each called straight at its dispatch key, with
+    the op's arguments); raises ``ImportError`` saying why when there are none."""
     why = load()
     if why is not None:
         raise ImportError(f"halrp_fast._C {why}")
-    key = getattr(torch._C.DispatchKey, {"cpu": "CPU", "cuda": "CUDA"}[device_type])
-    impls = {}
-    for op in ops:
-        if not has_kernel(op, device_type):
-            continue
-        call = functools.partial(getattr(torch.ops.halrp, op).default._op_dk, key)
-        impls[op] = _reorder_save(call) if op in _GEOMETRY_BEFORE_SAVE else call
+    key = getattr(torch._C.DispatchKey, _DISPATCH_KEYS[device_type])
+    impls = {op: functools.partial(getattr(torch.ops._halrp_C, name).default._op_dk, key)
+             for op, name in KERNELS.get(device_type, {}).items() if has_kernel(op, device_type)}
     if not impls:
         raise ImportError(f"halrp_fast._C was built without {device_type} kernels")
     return impls
-
-
-def _reorder_save(call: Callable) -> Callable:
-    def run(*args):
-        *head, stride, padding, dilation, save = args
-        return call(*head, save, stride, padding, dilation)
-
-    return run

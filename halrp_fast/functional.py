@@ -16,44 +16,39 @@ Shapes (``k`` = rank, may be 0; ``T`` = number of tasks in the banks):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks, ops
-
-
-def _traced(op, args: tuple, geo: tuple = ()) -> torch.Tensor:
-    """Under torch.compile: the registered op (no graph break), saving intermediates when a backward follows."""
-    return op(*args, ops.needs_grad(args), *geo)[0]
+from ._math import merge_conv_weight
 
 
 def perturbed_linear(x, weight, r, s, U, V, bias=None) -> torch.Tensor:
     """``r ⊙ ((s ⊙ x) weightᵀ) + (x V) Uᵀ + bias``."""
-    _checks.check_tensors(("bias",), x=x, weight=weight, r=r, s=s, U=U, V=V, bias=bias)
-    if torch.compiler.is_compiling():
-        return _traced(ops.perturbed_linear, (x, weight, r, s, U, V, bias))
-    return ops.eager_apply("perturbed_linear", (x, weight, r, s, U, V, bias))
+    return ops.apply(ops.LINEAR, (x, weight, r, s, U, V, bias))
 
 
 def perturbed_linear_mt(x, task_ids, weight, R, S, U, V, B=None) -> torch.Tensor:
     """Row ``m`` of ``x (M, ..., in)`` equals :func:`perturbed_linear` with task ``task_ids[m]``."""
-    _checks.check_tensors(("B",), x=x, task_ids=task_ids, weight=weight, R=R, S=S, U=U, V=V, B=B)
-    if torch.compiler.is_compiling():
-        return _traced(ops.perturbed_linear_mt, (x, task_ids, weight, R, S, U, V, B))
-    return ops.eager_apply("perturbed_linear_mt", (x, task_ids, weight, R, S, U, V, B))
+    return ops.apply(ops.LINEAR_MT, (x, task_ids, weight, R, S, U, V, B))
 
 
-def perturbed_conv2d(x, weight, r, s, U, V, bias=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
-    """``r ⊙ conv(s ⊙ x, weight) + U · Σ_window(Vᵀ · x) + bias`` (zero padding, groups = 1)."""
-    _checks.check_tensors(("bias",), x=x, weight=weight, r=r, s=s, U=U, V=V, bias=bias)
+def perturbed_conv2d(x, weight, r, s, U, V, bias=None, stride=1, padding=0, dilation=1, *,
+                     merged: bool = False) -> torch.Tensor:
+    """``r ⊙ conv(s ⊙ x, weight) + U · Σ_window(Vᵀ · x) + bias`` (zero padding, groups = 1).
+
+    ``merged=True`` computes the same as one convolution by the merged weight ``r ⊙ W ⊙ s + U Vᵀ``, with the
+    gradients of ``r, s, U, V`` through that weight (plain PyTorch autograd): cheaper than the factored op for
+    wide layers on large images on CPU (:func:`halrp_fast._math.merged_conv_is_cheaper`, which
+    :class:`~halrp_fast.nn.TaskConv2d` consults).
+    """
     geo = _checks.conv_geometry(stride, padding, dilation)
-    if torch.compiler.is_compiling():
-        return _traced(ops.perturbed_conv2d, (x, weight, r, s, U, V, bias), geo)
-    return ops.eager_apply("perturbed_conv2d", (x, weight, r, s, U, V, bias), geo)
+    if merged:
+        _checks.check_conv(x, weight, r, s, U, V, bias, *geo)
+        return F.conv2d(x, merge_conv_weight(weight, r, s, U, V), bias, *geo)
+    return ops.apply(ops.CONV2D, (x, weight, r, s, U, V, bias), geo)
 
 
 def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """Image ``n`` of ``x (N, C_in, H, W)`` equals :func:`perturbed_conv2d` with task ``task_ids[n]``."""
-    _checks.check_tensors(("B",), x=x, task_ids=task_ids, weight=weight, R=R, S=S, U=U, V=V, B=B)
-    geo = _checks.conv_geometry(stride, padding, dilation)
-    if torch.compiler.is_compiling():
-        return _traced(ops.perturbed_conv2d_mt, (x, task_ids, weight, R, S, U, V, B), geo)
-    return ops.eager_apply("perturbed_conv2d_mt", (x, task_ids, weight, R, S, U, V, B), geo)
+    return ops.apply(ops.CONV2D_MT, (x, task_ids, weight, R, S, U, V, B),
+                     _checks.conv_geometry(stride, padding, dilation))

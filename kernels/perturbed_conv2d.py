@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from halrp_fast.reference import lowrank_pool, per_channel, task_groups
+from halrp_fast._math import lowrank_pool, per_channel, task_groups
 
 from ._common import next_pow2
 
@@ -92,7 +92,7 @@ def conv_epilogue(c: torch.Tensor, pooled: torch.Tensor, R: torch.Tensor, U: tor
     return y
 
 
-def perturbed_conv2d(x, weight, r, s, U, V, bias, stride, padding, dilation, save=False):
+def perturbed_conv2d(x, weight, r, s, U, V, bias, save, stride, padding, dilation):
     """Provider entry for ``halrp::perturbed_conv2d``: base conv by the library, fused epilogue here."""
     c = F.conv2d(x * per_channel(s), weight, None, stride, padding, dilation)
     pooled = lowrank_pool(x, V, weight.shape[-2:], stride, padding, dilation) if U.shape[1] else \
@@ -101,7 +101,7 @@ def perturbed_conv2d(x, weight, r, s, U, V, bias, stride, padding, dilation, sav
     return (y, c, pooled) if save else (y, x.new_empty(0), x.new_empty(0))
 
 
-def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, stride, padding, dilation, save=False):
+def perturbed_conv2d_mt(x, task_ids, weight, R, S, U, V, B, save, stride, padding, dilation):
     """Provider entry for ``halrp::perturbed_conv2d_mt``: the low-rank pooling loops over distinct tasks."""
     c = F.conv2d(x * per_channel(S[task_ids]), weight, None, stride, padding, dilation)
     k = U.shape[2]

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import add_task_products, next_pow2, row_tasks, row_tile
+from halrp_fast._math import rows_by_task
+
+from ._common import add_task_products, next_pow2, row_tile
 
 # Above this rank, an x V accumulator of BLOCK_M × rank fp32 values would spill registers (64 × 64 = 4096
 # values = 32 per thread with 4 warps), so x V comes from a separate GEMM instead.
@@ -133,7 +135,7 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
     R, S = R.contiguous(), S.contiguous()
     B = None if B is None else B.contiguous()
     if banked:
-        rows, tids = row_tasks(task_ids, M // max(x.shape[0], 1))
+        rows, tids = rows_by_task(task_ids, M // max(x.shape[0], 1))
     else:
         rows = tids = x2  # unused (HAS_TASKS = False)
     fused = rank <= FUSED_RANK_MAX

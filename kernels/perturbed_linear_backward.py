@@ -19,7 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import add_task_products, next_pow2, row_tasks, row_tile
+from halrp_fast._math import rows_by_task
+
+from ._common import add_task_products, next_pow2, row_tile
 from .perturbed_linear import FUSED_RANK_MAX
 
 
@@ -94,7 +96,7 @@ def _segments(tids: torch.Tensor) -> list[tuple[int, int, int]]:
 def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, task_ids=None):
     """Gradients ``(dx, dweight, dR, dS, dU, dV, dB)``; single task when ``task_ids`` is None (then R, S, U, V
     are the task's own ``r (out,)``, ``s (in,)``, ``U (out, k)``, ``V (in, k)`` and so are the gradients)."""
-    from halrp_fast.reference import is_saved
+    from halrp_fast._math import is_saved
 
     nx, nw, nr, ns, nU, nV, nb = needs
     N, K = weight.shape
@@ -106,7 +108,7 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
     g = grad.reshape(-1, N).contiguous()
     M = x2.shape[0]
     if banked:
-        rows, tids = row_tasks(task_ids, M // max(x.shape[0], 1))
+        rows, tids = rows_by_task(task_ids, M // max(x.shape[0], 1))
         row_task = task_ids_rows(task_ids, M, x)  # the task of every row, in row order
     else:
         rows = torch.arange(M, device=x.device)

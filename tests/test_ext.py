@@ -1,11 +1,12 @@
-"""The compiled extension halrp_fast._C: its C++ CPU kernels against the float64 oracle, opcheck, the per-call
-routing by HALRP_FAST_BACKEND, and its argument checks.  Skipped when the extension is not built (the rest of
-the suite then runs on the Python providers)."""
+"""The compiled extension halrp_fast._C: its C++ CPU kernels (provider "cpp") against the float64 oracle,
+opcheck, the routing by HALRP_FAST_BACKEND, and the validation that guards them.  Skipped when the extension is
+not built (the rest of the suite then runs on the Python providers)."""
 import pytest
 import torch
 from oracle import assert_close, assert_low_precision, conv_mt, linear_mt
 from torch.library import opcheck
 
+import halrp_fast as hf
 from halrp_fast import _backend, _ext, reference
 
 if _ext.load() is not None:
@@ -111,7 +112,7 @@ def test_linear_mt_low_precision(dtype):
     low = [t.to(dtype) if t is not None else None for t in (x, W, *bk)]
     y, _, _ = LINEAR(low[0], ids, low[1], *low[2:], False)
     assert y.dtype == dtype
-    baseline = reference.perturbed_linear_mt(low[0], ids, low[1], *low[2:])[0]
+    baseline = reference.perturbed_linear_mt(low[0], ids, low[1], *low[2:], False)[0]
     assert_low_precision(y, baseline, expected)
 
 
@@ -136,7 +137,7 @@ def test_conv_mt_matches_oracle(case, k, geo, save, layout):
     if layout == "channels_last" and len(ids):
         assert y.is_contiguous(memory_format=torch.channels_last)
     if save:
-        _, c_ref, p_ref = reference.perturbed_conv2d_mt(x, ids, W, *bk, *geo, True)
+        _, c_ref, p_ref = reference.perturbed_conv2d_mt(x, ids, W, *bk, True, *geo)
         assert_close(c, c_ref, torch.float64)
         assert_close(pooled, p_ref, torch.float64)
 
@@ -161,7 +162,7 @@ def test_conv_mt_low_precision(dtype, layout):
     low = [t.to(dtype) for t in (x, W, *bk)]
     y, _, _ = CONV(low[0], ids, low[1], *low[2:], False, [1, 1], [1, 1], [1, 1])
     assert y.dtype == dtype
-    baseline = reference.perturbed_conv2d_mt(low[0], ids, low[1], *low[2:], [1, 1], [1, 1], [1, 1])[0]
+    baseline = reference.perturbed_conv2d_mt(low[0], ids, low[1], *low[2:], False, [1, 1], [1, 1], [1, 1])[0]
     assert_low_precision(y, baseline, expected)
 
 
@@ -225,20 +226,33 @@ def test_routing_follows_the_environment(monkeypatch):
     assert calls == [1]
 
 
-def test_bad_input_from_the_compiled_kernels():
+def test_bad_input_bound_for_the_compiled_kernels_is_refused_before_they_run(monkeypatch):
+    """The compiled kernels trust their arguments: the op's one validation refuses bad ones first, through
+    torch.ops as well as the public functions, and the kernel is never reached."""
+    cpp = _backend._PROVIDERS["cpp"]
+    cpp.impls()
+    calls = []
+    for op in ("perturbed_linear_mt", "perturbed_conv2d_mt", "fit_scalings"):
+        monkeypatch.setitem(cpp._impls, op, lambda *a, _op=op: calls.append(_op) or getattr(reference, _op)(*a))
+    _backend._SELECTION.clear()
     ids = torch.tensor([0, 2])
     x, W = torch.randn(2, 4), torch.randn(3, 4)
     bk = banks(2, 4, 3, 2)
     with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\).*found 2"):
         LINEAR(x, ids, W, *bk, False)
-    with pytest.raises(TypeError, match="task_ids must be an int64 tensor"):
+    with pytest.raises(ValueError, match=r"task_ids must lie in \[0, 2\).*found 2"):
+        hf.perturbed_linear_mt(x, ids, W, *bk)
+    with pytest.raises(TypeError, match="task_ids must be int64"):
         LINEAR(x, ids.int(), W, *bk, False)
     with pytest.raises(TypeError, match="weight must have the dtype of x"):
         LINEAR(x, torch.tensor([0, 1]), W.double(), *bk, False)
-    with pytest.raises(ValueError, match=r"V must have shape \[2, 4, 2\]"):
+    with pytest.raises(ValueError, match=r"V must have shape \(2, 4, 2\)"):
         LINEAR(x, torch.tensor([0, 1]), W, *bk[:3], bk[3][:, :3], bk[4], False)
     with pytest.raises(ValueError, match="W_free must have the shape of W"):
         SCALINGS(torch.randn(3, 4), torch.randn(4, 3))
-    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+    with pytest.raises(ValueError, match="too small for kernel"):
         CONV(torch.randn(1, 4, 2, 2), torch.tensor([0]), torch.randn(3, 4, 3, 3), *banks(1, 4, 3, 1), False,
              [1, 1], [0, 0], [1, 1])
+    assert calls == []
+    LINEAR(x, torch.tensor([0, 1]), W, *bk, False)
+    assert calls == ["perturbed_linear_mt"]

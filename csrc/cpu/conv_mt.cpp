@@ -1,4 +1,5 @@
-// halrp::perturbed_conv2d_mt on CPU: images of a batch through the conv layer of their own task.
+// _halrp_C::conv2d_mt_cpu, the kernel of halrp::perturbed_conv2d_mt for the "cpp" provider: images of a batch
+// through the conv layer of their own task (arguments validated by halrp_fast.ops).
 //
 //   y[n] = R[t] ⊙ conv(S[t] ⊙ x[n], W) + U[t] · Σ_window(V[t]ᵀ · x[n]) + B[t],   t = task_ids[n]
 //
@@ -224,23 +225,10 @@ Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
                                 const at::Tensor& R, const at::Tensor& S, const at::Tensor& U, const at::Tensor& V,
                                 const std::optional<at::Tensor>& B, bool save, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
-  HALRP_CHECK_TYPE(x.is_floating_point(), "x must be a floating-point tensor, got ", describe(x));
-  HALRP_CHECK_VALUE(x.dim() == 4, "x must have shape (N, C_in, H, W), got ", describe(x));
-  check_like("weight", weight, x);
-  HALRP_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == x.size(1), "weight must have shape (C_out, C_in=",
-                    x.size(1), ", kh, kw), got ", describe(weight));
-  HALRP_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-                    "stride, padding and dilation must have two entries each");
   const Geometry g{weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]};
-  HALRP_CHECK_VALUE(g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 && g.ph >= 0 && g.pw >= 0,
-                    "stride and dilation must be positive and padding non-negative, got stride ", stride, ", padding ",
-                    padding, ", dilation ", dilation);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Co = weight.size(0);
   const int64_t Ho = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   const int64_t Wo = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  HALRP_CHECK_VALUE(Ho > 0 && Wo > 0, "x of spatial size (", H, ", ", W, ") is smaller than the dilated kernel");
-  const int64_t T = check_banks(x, R, S, U, V, B, Co, C);
-  check_task_ids(task_ids, N, T, x);
   const int64_t k = U.size(2);
 
   const at::Tensor ids = task_ids.contiguous();
@@ -327,9 +315,11 @@ Outputs perturbed_conv2d_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(halrp, CPU, m) {
-  register_routed(m, "perturbed_conv2d_mt",
-                  c10::KernelFunction::makeFromUnboxedFunction(TORCH_FN(perturbed_conv2d_mt_cpu)), c10::DeviceType::CPU);
+TORCH_LIBRARY_FRAGMENT(_halrp_C, m) {
+  m.def("conv2d_mt_cpu(Tensor x, Tensor task_ids, Tensor weight, Tensor R, Tensor S, Tensor U, Tensor V, Tensor? B, "
+        "bool save, int[] stride, int[] padding, int[] dilation) -> (Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(_halrp_C, CPU, m) { m.impl("conv2d_mt_cpu", TORCH_FN(perturbed_conv2d_mt_cpu)); }
 
 }  // namespace halrp

@@ -1,4 +1,5 @@
-// halrp::perturbed_linear_mt on CPU: rows of a batch through the layer of their own task.
+// _halrp_C::linear_mt_cpu, the kernel of halrp::perturbed_linear_mt for the "cpp" provider: rows of a batch through
+// the layer of their own task (arguments validated by halrp_fast.ops).
 //
 //   y[m] = R[t] ⊙ ((S[t] ⊙ x[m]) Wᵀ) + (x[m] V[t]) U[t]ᵀ + B[t],   t = task_ids[m]
 //
@@ -192,16 +193,7 @@ void linear_mt_kernel(const at::Tensor& x, const RowGroups& g, const at::Tensor&
 Outputs perturbed_linear_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight,
                                 const at::Tensor& R, const at::Tensor& S, const at::Tensor& U, const at::Tensor& V,
                                 const std::optional<at::Tensor>& B, bool save) {
-  HALRP_CHECK_TYPE(x.is_floating_point(), "x must be a floating-point tensor, got ", describe(x));
-  HALRP_CHECK_VALUE(x.dim() >= 2, "x must have shape (M, ..., in), got ", describe(x));
-  check_like("weight", weight, x);
-  HALRP_CHECK_VALUE(weight.dim() == 2, "weight must have shape (out, in), got ", describe(weight));
   const int64_t out = weight.size(0), in = weight.size(1);
-  HALRP_CHECK_VALUE(x.size(-1) == in, "x must have shape (M, ..., in=", in, ") to match weight ", weight.sizes(),
-                    ", got ", describe(x));
-  const int64_t T = check_banks(x, R, S, U, V, B, out, in);
-  check_task_ids(task_ids, x.size(0), T, x);
-
   const int64_t batch = x.size(0), k = U.size(2);
   const int64_t rows = batch == 0 ? 0 : x.numel() / in;
   std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
@@ -230,9 +222,11 @@ Outputs perturbed_linear_mt_cpu(const at::Tensor& x, const at::Tensor& task_ids,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(halrp, CPU, m) {
-  register_routed(m, "perturbed_linear_mt", c10::KernelFunction::makeFromUnboxedFunction(TORCH_FN(perturbed_linear_mt_cpu)),
-                  c10::DeviceType::CPU);
+TORCH_LIBRARY_FRAGMENT(_halrp_C, m) {
+  m.def("linear_mt_cpu(Tensor x, Tensor task_ids, Tensor weight, Tensor R, Tensor S, Tensor U, Tensor V, Tensor? B, "
+        "bool save) -> (Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(_halrp_C, CPU, m) { m.impl("linear_mt_cpu", TORCH_FN(perturbed_linear_mt_cpu)); }
 
 }  // namespace halrp

@@ -1,4 +1,5 @@
-// halrp::fit_scalings on CPU: the least-squares fit W_free ≈ diag(r) W diag(s) in one pass over the weights.
+// _halrp_C::fit_scalings_cpu, the kernel of halrp::fit_scalings for the "cpp" provider: the least-squares fit
+// W_free ≈ diag(r) W diag(s) in one pass over the weights (arguments validated by halrp_fast.ops).
 //
 //   r_j = Σ_i P_ji / max(Σ_i Q_ji, ε),   s_i = Σ_j r_j P_ji / max(Σ_j r_j² Q_ji, ε)
 //
@@ -66,12 +67,6 @@ void accumulate_columns(acc_t rj, const acc_t* prow, const acc_t* qrow, int64_t 
 }
 
 std::tuple<at::Tensor, at::Tensor> fit_scalings_cpu(const at::Tensor& W_free, const at::Tensor& W) {
-  HALRP_CHECK_TYPE(W.is_floating_point(), "W must be a floating-point tensor, got ", describe(W));
-  check_like("W_free", W_free, W, "W");
-  HALRP_CHECK_VALUE(W_free.sizes() == W.sizes(), "W_free must have the shape of W ", W.sizes(), ", got ",
-                    describe(W_free));
-  HALRP_CHECK_VALUE(W.dim() == 2 || W.dim() == 4, "W must be a linear (out, in) or conv (out, in, kh, kw) weight, got ",
-                    describe(W));
   const int64_t out = W.size(0), in = W.size(1), taps = W.dim() == 4 ? W.size(2) * W.size(3) : 1;
   const at::Tensor Wc = W.contiguous(), Fc = W_free.contiguous();
   at::Tensor r = at::empty({out}, W.options()), s = at::empty({in}, W.options());
@@ -111,9 +106,8 @@ std::tuple<at::Tensor, at::Tensor> fit_scalings_cpu(const at::Tensor& W_free, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(halrp, CPU, m) {
-  register_routed(m, "fit_scalings", c10::KernelFunction::makeFromUnboxedFunction(TORCH_FN(fit_scalings_cpu)),
-                  c10::DeviceType::CPU);
-}
+TORCH_LIBRARY_FRAGMENT(_halrp_C, m) { m.def("fit_scalings_cpu(Tensor W_free, Tensor W) -> (Tensor, Tensor)"); }
+
+TORCH_LIBRARY_IMPL(_halrp_C, CPU, m) { m.impl("fit_scalings_cpu", TORCH_FN(fit_scalings_cpu)); }
 
 }  // namespace halrp

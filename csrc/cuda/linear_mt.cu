@@ -1,6 +1,7 @@
-// halrp::perturbed_linear_mt on CUDA (provider "cuda_ext"): the base product by cuBLAS on the input scaled
-// per row, the low-rank shrink and the expand + epilogue (R ⊙ c + U z + B) by the BGMV kernels of bgmv.cuh.
-// Served only when HALRP_FAST_BACKEND=cuda_ext (the Triton kernels are the default on CUDA).
+// _halrp_C::linear_mt_cuda, the kernel of halrp::perturbed_linear_mt for the "cuda_ext" provider: the base product
+// by cuBLAS on the input scaled per row, the low-rank shrink and the expand + epilogue (R ⊙ c + U z + B) by the
+// BGMV kernels of bgmv.cuh.  Chosen only when HALRP_FAST_BACKEND=cuda_ext (Triton is the default on CUDA);
+// its arguments arrive validated by halrp_fast.ops.
 #include "../halrp.h"
 #include "bgmv.cuh"
 
@@ -20,8 +21,6 @@
 namespace halrp {
 namespace {
 
-#define HALRP_CHECK_CUDA(t, name) \
-  HALRP_CHECK_VALUE((t).is_cuda(), name " must be a CUDA tensor, got ", describe(t))
 #define HALRP_CHECK_LAUNCH(err) TORCH_CHECK((err) == cudaSuccess, "halrp CUDA kernel launch failed: ", \
                                             cudaGetErrorString(err))
 
@@ -58,15 +57,7 @@ void lowrank_epilogue(const at::Tensor& x2, const at::Tensor& ids, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_linear_mt_cuda(
     const at::Tensor& x, const at::Tensor& task_ids, const at::Tensor& weight, const at::Tensor& R, const at::Tensor& S,
     const at::Tensor& U, const at::Tensor& V, const std::optional<at::Tensor>& B, bool save) {
-  HALRP_CHECK_CUDA(x, "x");
-  HALRP_CHECK_TYPE(x.is_floating_point(), "x must be a floating-point tensor, got ", describe(x));
-  HALRP_CHECK_VALUE(x.dim() >= 2, "x must have shape (M, ..., in), got ", describe(x));
-  check_like("weight", weight, x);
-  HALRP_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == x.size(-1), "weight must have shape (out, in=", x.size(-1),
-                    "), got ", describe(weight));
   const int64_t out = weight.size(0), in = weight.size(1);
-  const int64_t T = check_banks(x, R, S, U, V, B, out, in);
-  check_task_ids(task_ids, x.size(0), T, x);
   const c10::DeviceGuard guard(x.device());
 
   const int64_t batch = x.size(0), k = U.size(2);
@@ -109,10 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> perturbed_linear_mt_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(halrp, CUDA, m) {
-  register_routed(m, "perturbed_linear_mt",
-                  c10::KernelFunction::makeFromUnboxedFunction(TORCH_FN(perturbed_linear_mt_cuda)),
-                  c10::DeviceType::CUDA);
+TORCH_LIBRARY_FRAGMENT(_halrp_C, m) {
+  m.def("linear_mt_cuda(Tensor x, Tensor task_ids, Tensor weight, Tensor R, Tensor S, Tensor U, Tensor V, Tensor? B, "
+        "bool save) -> (Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(_halrp_C, CUDA, m) { m.impl("linear_mt_cuda", TORCH_FN(perturbed_linear_mt_cuda)); }
 
 }  // namespace halrp

@@ -13,12 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """``torch.channels_last`` for a 4-D channels-last (and not also contiguous) tensor, else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+from .._math import layout_of
 
 
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -60,7 +55,7 @@ class GroupedLayout:
         """Rows sorted by task ``(M, C, ...)`` → ``(m, G·C, ...)`` (one copy; channels-last stays so)."""
         g, m = self.groups, self.rows
         out_shape = (m, g * x.shape[1], *x.shape[2:])
-        fmt = memory_format_of(x)
+        fmt = layout_of(x)
         if self.padded:
             out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
             self._groups_view(out).index_put_((self.group_of_row, self.slot_of_row), x)
@@ -71,7 +66,7 @@ class GroupedLayout:
 
     def ungroup(self, x: torch.Tensor) -> torch.Tensor:
         """``(m, G·C, ...)`` → rows sorted by task ``(M, C, ...)`` (one copy; channels-last stays so)."""
-        fmt = memory_format_of(x)
+        fmt = layout_of(x)
         grouped = self._groups_view(x)
         if self.padded:
             return grouped[self.group_of_row, self.slot_of_row].contiguous(memory_format=fmt)

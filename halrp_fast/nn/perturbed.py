@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _checks, reference
+from .. import _checks
+from .._math import conv_out_hw, layout_of, merge_conv_weight, merge_linear_weight, merged_conv_is_cheaper
 from ..functional import perturbed_conv2d, perturbed_conv2d_mt, perturbed_linear, perturbed_linear_mt
-from ..ops import layout_of
 from ._cache import DerivedCache, tensor_key
 from ._context import TaskContext, TaskModule, TaskSelection
 
@@ -332,7 +332,7 @@ class TaskLinear(PerturbedLayer):
         return perturbed_linear_mt(x, local_ids, self.weight, R, S, U, V, B)
 
     def _merge(self, weight, r, s, U, V):
-        return reference.merge_linear_weight(weight, r, s, U, V)
+        return merge_linear_weight(weight, r, s, U, V)
 
     def _mixed_costs(self, x, tasks, k):
         rows, n_in, n_out = x.numel() // self.in_features, self.in_features, self.out_features
@@ -367,9 +367,16 @@ class TaskConv2d(PerturbedLayer):
     """Task-aware ``nn.Conv2d`` (groups = 1, zero padding): ``x (N, C_in, H, W)`` → ``(N, C_out, H_out, W_out)``.
 
     The low-rank term ``U Vᵀ`` is the same at every kernel position (the paper's conv form).
+
+    ``train_form`` says how a single task's batch is computed when gradients are needed: ``"factored"`` (the op
+    ``halrp::perturbed_conv2d``: the base conv of ``s ⊙ x``, its low-rank branch), ``"merged"`` (one conv by
+    the merged weight ``r ⊙ W ⊙ s + U Vᵀ``, gradients through it) or ``"auto"`` (the default: merged where
+    :func:`halrp_fast._math.merged_conv_is_cheaper` finds it cheaper, i.e. on CPU for wide layers on large
+    images).  Both give the same values and gradients up to rounding; inference always uses the merged weight.
     """
 
     _keeps_grouped_layout = True
+    train_form: str = "auto"
 
     def __init__(self, weight, bias, stride=1, padding=0, dilation=1, ctx: TaskContext | None = None) -> None:
         super().__init__(weight, bias, ctx)
@@ -400,13 +407,21 @@ class TaskConv2d(PerturbedLayer):
             raise self._input_error(x, f"{self.in_features} channels, (N, C, H, W)")
 
     def _op(self, x, r, s, U, V, bias):
-        return perturbed_conv2d(x, self.weight, r, s, U, V, bias, self.stride, self.padding, self.dilation)
+        return perturbed_conv2d(x, self.weight, r, s, U, V, bias, self.stride, self.padding, self.dilation,
+                                merged=self._trains_merged(x, U.shape[1]))
+
+    def _trains_merged(self, x: torch.Tensor, k: int) -> bool:
+        if self.train_form not in ("auto", "merged", "factored"):
+            raise ValueError(f"train_form must be 'auto', 'merged' or 'factored', got {self.train_form!r}")
+        if self.train_form != "auto":
+            return self.train_form == "merged"
+        return merged_conv_is_cheaper(x, self.weight, k, self.stride, self.padding, self.dilation)
 
     def _op_mt(self, x, local_ids, R, S, U, V, B):
         return perturbed_conv2d_mt(x, local_ids, self.weight, R, S, U, V, B, self.stride, self.padding, self.dilation)
 
     def _merge(self, weight, r, s, U, V):
-        return reference.merge_conv_weight(weight, r, s, U, V)
+        return merge_conv_weight(weight, r, s, U, V)
 
     def _forward_grouped(self, x, sel):
         # Inference: one convolution with groups = G over the task groups' merged weights, stacked along the
@@ -427,7 +442,7 @@ class TaskConv2d(PerturbedLayer):
     def _mixed_costs(self, x, tasks, k):
         n, n_in, n_out = x.shape[0], self.in_features, self.out_features
         (kh, kw), hw_in = self.kernel_size, x.shape[-2] * x.shape[-1]
-        h_out, w_out = _checks.conv_out_hw(x, self.weight, self.stride, self.padding, self.dilation)
+        h_out, w_out = conv_out_hw(x, self.weight, self.stride, self.padding, self.dilation)
         hw_out = max(h_out, 0) * max(w_out, 0)
         merged = tasks * n_out * n_in * (kh * kw + k) + n * (hw_in * n_in + hw_out * n_out)
         lowrank = n * (hw_in * n_in * (k + 1) + hw_out * (k * kh * kw + k * n_out + n_out))
