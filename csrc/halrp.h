@@ -1,7 +1,7 @@
 // Shared declarations of the compiled kernels of halrp_fast (extension halrp_fast._C).
 //
 // Every kernel is a private op of its own in namespace `_halrp_C`, one name per kernel (`linear_mt_cpu`,
-// `conv2d_mt_cpu`, `fit_scalings_cpu`, `linear_mt_cuda`), taking the arguments of the public `halrp` op it serves
+// `linear_backward_cpu`, `conv2d_mt_cpu`, ...), taking the arguments of the public `halrp` op it serves
 // in the same order.  The kernels choose nothing: halrp_fast._backend alone picks the provider (the "cpp" and
 // "cuda_ext" providers are these kernels), and halrp_fast.ops validates the arguments before any provider runs.
 #pragma once

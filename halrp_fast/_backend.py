@@ -72,7 +72,8 @@ class Provider:
 
 
 _PROVIDERS: dict[str, Provider] = {}
-_SELECTION: dict[tuple[str, str, str, str | None], tuple[str, Callable]] = {}
+# (op, device type, dtype, raw HALRP_FAST_BACKEND) → (provider name, implementation)
+_SELECTION: dict[tuple, tuple[str, Callable]] = {}
 
 def register_provider(provider: Provider) -> None:
     """Add (or replace) a provider; clears the selection cache."""
@@ -132,6 +133,18 @@ register_provider(Provider(name="cuda_ext", devices=("cuda",), load=lambda: _loa
                            auto=False))
 
 
+# os.environ's own mapping (encoded keys): a lookup there sees every change made through os.environ (and
+# monkeypatch) at a tenth of the cost of os.environ.get, which matters on a path taken by every op call.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
+def _raw_request():
+    if _ENV_KEY is not None:
+        return _ENV_DATA.get(_ENV_KEY)
+    return os.environ.get(ENV_VAR)
+
+
 def requested() -> str:
     """The provider ``HALRP_FAST_BACKEND`` asks for (``"auto"`` when unset)."""
     raw = os.environ.get(ENV_VAR)
@@ -176,11 +189,10 @@ def _choose(op: str, device_type: str, want: str, dtype: str | None) -> tuple[st
 def select(op: str, device_type: str, dtype=None) -> tuple[str, Callable]:
     """``(provider name, implementation)`` serving ``op`` for tensors of ``device_type`` and floating-point type
     ``dtype`` (a ``torch.dtype`` or its name such as ``"float64"``; ``None``: any)."""
-    want = requested()
-    key = (op, device_type, want, dtype)
+    key = (op, device_type, dtype, _raw_request())
     hit = _SELECTION.get(key)
     if hit is None:
-        hit = _SELECTION[key] = _choose(op, device_type, want, dtype if dtype is None else dtype_name(dtype))
+        hit = _SELECTION[key] = _choose(op, device_type, requested(), dtype if dtype is None else dtype_name(dtype))
     return hit
 
 

@@ -150,9 +150,14 @@ def check_task_ids(task_ids: torch.Tensor, batch: int, device: torch.device) -> 
 
 def check_task_id_range(task_ids: torch.Tensor, num_tasks: int) -> None:
     """Value check (real kernels only): every id in ``[0, num_tasks)``."""
-    if task_ids.numel() == 0:
+    n = task_ids.numel()
+    if n == 0:
         return
-    lo, hi = torch.stack(torch.aminmax(task_ids)).tolist()  # one reduction, one device sync
+    if n <= 256 and task_ids.device.type == "cpu":  # a short list is read faster than reduced
+        ids = task_ids.tolist()
+        lo, hi = min(ids), max(ids)
+    else:
+        lo, hi = torch.stack(torch.aminmax(task_ids)).tolist()  # one reduction, one device sync
     if lo < 0 or hi >= num_tasks:
         bad = lo if lo < 0 else hi
         raise ValueError(f"task_ids must lie in [0, {num_tasks}) (the size of the task banks), found {bad}")

@@ -19,7 +19,8 @@ NO_EXT_VAR = "HALRP_FAST_NO_EXT"
 _NAMESPACE = "_halrp_C"
 #: the compiled kernel of each halrp op, per device type
 KERNELS = {
-    "cpu": {"perturbed_linear_mt": "linear_mt_cpu", "perturbed_conv2d_mt": "conv2d_mt_cpu",
+    "cpu": {"perturbed_linear": "linear_cpu", "perturbed_linear_backward": "linear_backward_cpu",
+            "perturbed_linear_mt": "linear_mt_cpu", "perturbed_conv2d_mt": "conv2d_mt_cpu",
             "fit_scalings": "fit_scalings_cpu"},
     "cuda": {"perturbed_linear_mt": "linear_mt_cuda"},
 }

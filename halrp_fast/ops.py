@@ -113,7 +113,8 @@ def validate(spec: OpSpec, inputs: Sequence, geo: tuple) -> None:
 
 
 def run_forward(spec: OpSpec, inputs: Sequence[Tensor], save: bool, geo: tuple) -> tuple[Tensor, Tensor, Tensor]:
-    """The provider's forward on validated ``inputs``; conv outputs in the layout ``F.conv2d`` gives."""
+    """The provider's forward on validated ``inputs``; conv outputs in the layout ``F.conv2d`` gives.  Without
+    ``save`` the two placeholders may be one tensor."""
     x = inputs[0]
     out = _backend.select(spec.name, x.device.type, x.dtype)[1](*inputs, save, *geo)
     if spec.conv:
@@ -186,7 +187,7 @@ def _register(spec: OpSpec) -> tuple[Callable, Callable]:
     def forward_kernel(*args):
         inputs, save, geo = _split_forward(spec, args)
         validate(spec, inputs, geo)
-        return run_forward(spec, inputs, save, geo)
+        return _distinct(run_forward(spec, inputs, save, geo))
 
     def forward_fake(*args):
         inputs, save, geo = _split_forward(spec, args)
@@ -195,7 +196,7 @@ def _register(spec: OpSpec) -> tuple[Callable, Callable]:
 
     def backward_kernel(*args):
         grad, saved, has_bias, geo, needs = _split_backward(spec, args)
-        return run_backward(spec, grad, saved, has_bias, geo, needs)
+        return _distinct(run_backward(spec, grad, saved, has_bias, geo, needs))
 
     def backward_fake(*args):
         _, saved, has_bias, _, needs = _split_backward(spec, args)
@@ -220,6 +221,17 @@ def _register(spec: OpSpec) -> tuple[Callable, Callable]:
 
     torch.library.register_autograd(qualname, autograd, setup_context=setup_context, lib=_LIB)
     return getattr(torch.ops.halrp, spec.name).default, backward_op
+
+
+def _distinct(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``outputs`` with any tensor repeated (a provider's shared placeholder) replaced by a fresh empty one: an
+    op's outputs must not alias each other."""
+    seen: set[int] = set()
+    out = []
+    for t in outputs:
+        out.append(t.new_empty(0) if id(t) in seen else t)
+        seen.add(id(t))
+    return tuple(out)
 
 
 def _saved(spec: OpSpec, inputs: Sequence, output: Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -258,27 +270,38 @@ fit_scalings = torch.ops.halrp.fit_scalings.default
 # ============================================================================================
 # eager path
 # ============================================================================================
-class _Eager(torch.autograd.Function):
-    """Autograd of one eager call: the forward and backward bodies of the registered op, without the dispatcher."""
+def _eager_function(spec: OpSpec) -> type[torch.autograd.Function]:
+    """Autograd of one eager call of ``spec``: the forward and backward bodies of the registered op, without the
+    dispatcher.  ``apply(*inputs)``, or ``apply(geo, *inputs)`` for a conv (each extra argument of ``apply``
+    costs, so the spec is bound here rather than passed)."""
+    n_leading = 1 if spec.conv else 0
 
-    @staticmethod
-    def forward(ctx, spec, geo, *inputs):
+    def forward(ctx, *args):
+        geo, inputs = (args[0], args[1:]) if spec.conv else ((), args)
         out = run_forward(spec, inputs, True, geo)
         ctx.save_for_backward(*_saved(spec, inputs, out))
-        ctx.spec, ctx.geo, ctx.has_bias = spec, geo, inputs[-1] is not None
+        ctx.geo, ctx.has_bias = geo, inputs[-1] is not None
         return out[0]
 
-    @staticmethod
     def backward(ctx, grad):
-        spec = ctx.spec
-        needs = spec.grad_mask(ctx.needs_input_grad[2:])
+        needs = spec.grad_mask(ctx.needs_input_grad[n_leading:])
         grads = run_backward(spec, grad, ctx.saved_tensors, ctx.has_bias, ctx.geo, needs)
-        return (None, None, *spec.input_grads(grads, needs))
+        return (*(None,) * n_leading, *spec.input_grads(grads, needs))
+
+    return type(f"Eager_{spec.name}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_EAGER = {spec.name: _eager_function(spec) for spec in TABLE}
 
 
 def needs_grad(tensors) -> bool:
     """True when autograd will run a backward through a call on ``tensors`` (``None`` entries allowed)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def apply(spec: OpSpec, inputs: tuple, geo: tuple = ()) -> Tensor:
@@ -286,8 +309,11 @@ def apply(spec: OpSpec, inputs: tuple, geo: tuple = ()) -> Tensor:
     ``torch.compile`` the registered op (no graph break, saving intermediates when a backward follows), else
     validated once and served by the provider, with autograd when needed."""
     if torch.compiler.is_compiling():
-        return _OPS[spec.name][0](*inputs, needs_grad(inputs), *geo)[0]
-    validate(spec, inputs, geo)
+        return _OPS[spec.name][0](*inputs, needs_grad([t for t in inputs if isinstance(t, Tensor)]), *geo)[0]
+    spec.check(*inputs, *geo)
+    if spec.mixed:
+        _checks.check_task_id_range(inputs[1], inputs[3].shape[0])
     if needs_grad(inputs):
-        return _Eager.apply(spec, geo, *inputs)
+        function = _EAGER[spec.name]
+        return function.apply(geo, *inputs) if spec.conv else function.apply(*inputs)
     return run_forward(spec, inputs, False, geo)[0]

@@ -51,58 +51,67 @@ def fit_scalings(W_free: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, t
 # linear, one task
 # --------------------------------------------------------------------------------------------
 def perturbed_linear(x, weight, r, s, U, V, bias, save: bool):
-    """``x (..., in)`` → ``(y (..., out), c (..., out), xV (..., k))`` (the last two empty unless ``save``)."""
+    """``x (..., in)`` → ``(y (..., out), c (..., out), xV (..., k))`` (the last two empty unless ``save``; without
+    ``save`` the two are one placeholder)."""
+    # As few ATen calls as the math allows: at serving sizes each call costs more than its arithmetic.
     out, inp = weight.shape
     k = U.shape[1]
-    flat = x.dim() != 2
-    x2 = x.reshape(-1, inp) if flat else x
+    x2 = x if x.dim() == 2 else x.reshape(-1, inp)
     c = F.linear(x2 * s, weight)
-    if bias is not None:
-        y = torch.addcmul(bias, c, r)  # r ⊙ c + bias in one pass
-    else:
-        y = c * r if save else c.mul_(r)
-    xv = x2 @ V if k or save else None
-    if k:
-        y.addmm_(xv, U.T)
-    if not save:
-        return (y.reshape(*x.shape[:-1], out) if flat else y), none_like(x), none_like(x)
-    if flat:
+    if save:
+        y = c * r if bias is None else torch.addcmul(bias, c, r)
+        xv = torch.mm(x2, V)
+        if k:
+            y.addmm_(xv, U.T)
+        if x2 is x:
+            return y, c, xv
         lead = x.shape[:-1]
         return y.reshape(*lead, out), c.reshape(*lead, out), xv.reshape(*lead, k)
-    return y, c, xv
+    y = c.mul_(r) if bias is None else torch.addcmul(bias, c, r)
+    if k:
+        y = F.linear(torch.mm(x2, V), U, y)  # y + (x V) Uᵀ: linear takes the (M, out) y as its bias (one addmm)
+    empty = none_like(x)
+    return (y if x2 is x else y.reshape(*x.shape[:-1], out)), empty, empty
 
 
 def perturbed_linear_backward(grad, x, weight, r, s, U, V, c, xv, has_bias: bool, needs: Sequence[bool]):
     """Gradients ``(dx, dweight, dr, ds, dU, dV, dbias)``; ``needs`` has the same order; ``c`` and ``xv``
-    are the forward's saved tensors (recomputed when empty)."""
+    are the forward's saved tensors (recomputed when empty).  Gradients not needed share one placeholder."""
     nx, nw, nr, ns, nU, nV, nb = needs
     out, inp = weight.shape
-    g = grad.reshape(-1, out)
-    x2 = x.reshape(-1, inp)
     k = U.shape[1]
-    c = c.reshape(x2.shape[0], out) if is_saved(c, (*x.shape[:-1], out)) else None
-    xv = xv.reshape(x2.shape[0], k) if is_saved(xv, (*x.shape[:-1], k)) else None
-    dx = dw = dr = ds = dU = dV = db = None
+    if x.dim() == 2:  # the common case: no reshapes (a saved tensor is 2-D, the placeholder 1-D)
+        g, x2 = grad, x
+        c = c if c.dim() == 2 else None
+        xv = xv if xv.dim() == 2 else None
+    else:
+        g, x2 = grad.reshape(-1, out), x.reshape(-1, inp)
+        c = c.reshape(x2.shape[0], out) if is_saved(c, (*x.shape[:-1], out)) else None
+        xv = xv.reshape(x2.shape[0], k) if is_saved(xv, (*x.shape[:-1], k)) else None
+    empty = none_like(x)
+    dx = dw = dr = ds = dU = dV = db = empty
+    gr = g * r if nx or ns or nw else None
+    gu = torch.mm(g, U) if k and (nx or nV) else None
     if nx or ns:
-        gx = (g * r) @ weight  # (M, in): gradient w.r.t. s ⊙ x
+        gx = torch.mm(gr, weight)  # (M, in): gradient w.r.t. s ⊙ x
         if ns:
             ds = (gx * x2).sum(0)
         if nx:
             dx = gx.mul_(s)
             if k:
-                dx.addmm_(g @ U, V.T)
+                dx.addmm_(gu, V.T)
             dx = dx.reshape(x.shape)
     if nw:
-        dw = (g * r).T @ (x2 * s)
+        dw = torch.mm(gr.T, x2 * s)
     if nr:
         dr = (g * (c if c is not None else F.linear(x2 * s, weight))).sum(0)
     if nU:
-        dU = g.T @ (xv if xv is not None else x2 @ V)
+        dU = torch.mm(g.T, xv if xv is not None else torch.mm(x2, V))
     if nV:
-        dV = x2.T @ (g @ U)
+        dV = torch.mm(x2.T, gu) if k else torch.zeros_like(V)
     if nb and has_bias:
         db = g.sum(0)
-    return tuple(none_like(x) if t is None else t for t in (dx, dw, dr, ds, dU, dV, db))
+    return dx, dw, dr, ds, dU, dV, db
 
 
 # --------------------------------------------------------------------------------------------

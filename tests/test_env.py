@@ -53,6 +53,43 @@ def test_registered_provider_serves_and_falls_back(monkeypatch):
         _backend._SELECTION.clear()
 
 
+@pytest.mark.parametrize("priority", ["named", "auto"])
+def test_registered_provider_serves_every_path(monkeypatch, priority):
+    """A provider registered through the public API serves the eager call, torch.ops.halrp and torch.compile
+    alike, forward and backward (named in HALRP_FAST_BACKEND, or picked by auto mode for its priority)."""
+    from halrp_fast import reference
+
+    calls = []
+
+    def probe(op):
+        return lambda *args: calls.append(op) or getattr(reference, op)(*args)
+
+    ops = ("perturbed_linear_mt", "perturbed_linear_mt_backward")
+    provider = _backend.Provider(name="probe", devices=("cpu",), load=lambda: {op: probe(op) for op in ops},
+                                 priority=1000, auto=priority == "auto")
+    _backend.register_provider(provider)
+    try:
+        if priority == "named":
+            monkeypatch.setenv(_backend.ENV_VAR, "probe")
+        W, ids = torch.randn(3, 4), torch.tensor([1, 0])
+        banks = (torch.ones(2, 3), torch.ones(2, 4), torch.randn(2, 3, 2), torch.randn(2, 4, 2), torch.randn(2, 3))
+        x = torch.randn(2, 4, requires_grad=True)
+
+        hf.perturbed_linear_mt(x, ids, W, *banks).sum().backward()
+        assert calls == list(ops), "eager"
+        calls.clear()
+        torch.ops.halrp.perturbed_linear_mt(x, ids, W, *banks, True)[0].sum().backward()
+        assert calls == list(ops), "torch.ops"
+        calls.clear()
+        compiled = torch.compile(lambda x: hf.perturbed_linear_mt(x, ids, W, *banks), fullgraph=True,
+                                 backend="aot_eager")
+        compiled(x).sum().backward()
+        assert calls == list(ops), "torch.compile"
+    finally:
+        _backend._PROVIDERS.pop("probe")
+        _backend._SELECTION.clear()
+
+
 @pytest.mark.parametrize("mode", ["auto", "probe"])
 def test_provider_serves_only_its_dtypes(monkeypatch, mode):
     calls = []

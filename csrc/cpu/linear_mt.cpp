@@ -65,24 +65,39 @@ RowGroups group_rows(const int64_t* ids, int64_t batch, int64_t rows_per_item) {
 // (size · k · (in + out)); measured with bench/bench_compiled_cpu.py.
 constexpr int64_t kRowWiseWork = 32768;
 
+// U[t]ᵀ (k, out) of every task in `tasks` (the others left empty): the row-wise expand y += z U[t]ᵀ then runs
+// along contiguous outputs (k vectorised axpys) instead of one short horizontal dot product per output.
+template <typename T>
+std::vector<std::vector<T>> transposed_u(const T* up, const std::vector<char>& tasks, int64_t out, int64_t k) {
+  std::vector<std::vector<T>> ut(tasks.size());
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    if (!tasks[t]) continue;
+    ut[t].resize(static_cast<size_t>(out * k));
+    const T* src = up + static_cast<int64_t>(t) * out * k;
+    T* dst = ut[t].data();
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = 0; j < k; ++j) dst[j * out + o] = src[o * k + j];
+  }
+  return ut;
+}
+
 // Every row in the caller's order: y = R[t] ⊙ c + B[t], plus (x V[t]) U[t]ᵀ for the rows whose task block is
-// small (`rowwise[t]`), with z = x V[t] stored; one pass, fp32+ accumulation.  `y` may alias `c`.
+// small (`rowwise[t]`, with `ut[t]` = U[t]ᵀ), with z = x V[t] stored; one pass, fp32+ accumulation.  `y` may
+// alias `c`.
 template <typename T>
 void epilogue_rows(const T* x, const T* c, const int64_t* tid, const std::vector<char>& rowwise, const T* rp,
-                   const T* bias, const T* vp, const T* up, int64_t rows, int64_t in, int64_t out, int64_t k, T* z,
-                   T* y) {
+                   const T* bias, const T* vp, const std::vector<std::vector<T>>& ut, int64_t rows, int64_t in,
+                   int64_t out, int64_t k, T* z, T* y) {
   using acc_t = at::opmath_type<T>;
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(out + k * (in + out), 1)),
                    [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> zr(k);
+    std::vector<acc_t> zr(k), yacc(out);
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t t = tid[p];
       const T* rr = rp + t * out;
       const T* br = bias ? bias + t * out : nullptr;
       const T* cr = c + p * out;
       T* yr = y + p * out;
-      // Two loops rather than one with the low-rank dot under a branch: the plain loop must stay vectorised, it is
-      // the whole epilogue of the rows of large task blocks.
       if (k == 0 || !rowwise[t]) {
         for (int64_t o = 0; o < out; ++o) {
           acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]);
@@ -101,16 +116,19 @@ void epilogue_rows(const T* x, const T* c, const int64_t* tid, const std::vector
         for (int64_t j = 0; j < k; ++j) zr[j] += xi * static_cast<acc_t>(vrow[j]);
       }
       for (int64_t j = 0; j < k; ++j) z[p * k + j] = static_cast<T>(zr[j]);
-      const T* Ut = up + t * out * k;
+      acc_t* ya = yacc.data();
+#pragma omp simd
       for (int64_t o = 0; o < out; ++o) {
-        const T* urow = Ut + o * k;
-        acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]);
-        if (br) v += static_cast<acc_t>(br[o]);
-        acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < k; ++j) sum += static_cast<acc_t>(urow[j]) * zr[j];
-        yr[o] = static_cast<T>(v + sum);
+        ya[o] = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]) + (br ? static_cast<acc_t>(br[o]) : acc_t(0));
       }
+      const T* Ut = ut[t].data();
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t zj = zr[j];
+        const T* ucol = Ut + j * out;
+#pragma omp simd
+        for (int64_t o = 0; o < out; ++o) ya[o] += zj * static_cast<acc_t>(ucol[o]);
+      }
+      for (int64_t o = 0; o < out; ++o) yr[o] = static_cast<T>(ya[o]);
     }
   });
 }
@@ -182,8 +200,12 @@ void linear_mt_kernel(const at::Tensor& x, const RowGroups& g, const at::Tensor&
   for (const TaskBlock& b : g.blocks)
     if (k > 0 && b.size * k * (in + out) > kRowWiseWork) rowwise[b.task] = 0, large.push_back(&b);
   const at::Tensor Uc = U.contiguous(), Vc = V.contiguous();
-  epilogue_rows<T>(xp, base.const_data_ptr<T>(), tid, rowwise, R.const_data_ptr<T>(), bias, Vc.const_data_ptr<T>(),
-                   Uc.const_data_ptr<T>(), rows, in, out, k, z.mutable_data_ptr<T>(), y.mutable_data_ptr<T>());
+  std::vector<char> rowwise_used(n_tasks, 0);
+  for (const TaskBlock& b : g.blocks)
+    if (k > 0 && rowwise[b.task]) rowwise_used[b.task] = 1;
+  const std::vector<std::vector<T>> ut = transposed_u<T>(Uc.const_data_ptr<T>(), rowwise_used, out, k);
+  epilogue_rows<T>(xp, base.const_data_ptr<T>(), tid, rowwise, R.const_data_ptr<T>(), bias, Vc.const_data_ptr<T>(), ut,
+                   rows, in, out, k, z.mutable_data_ptr<T>(), y.mutable_data_ptr<T>());
   // Blocks write disjoint rows of y and z.
   for_each_block(static_cast<int64_t>(large.size()),
                  [&](int64_t i) { lowrank_block<T>(x, g, *large[i], Uc, Vc, z, y); });

@@ -14,16 +14,11 @@ def tensor_key(tensors: Sequence[torch.Tensor | None]) -> tuple | None:
     change the storage.  ``None`` when a tensor has no version counter (inference tensors): then the
     value is recomputed every time.
     """
-    key = []
-    for t in tensors:
-        if t is None:
-            key.append(None)
-            continue
-        try:
-            key.append((id(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)))
-        except RuntimeError:
-            return None
-    return tuple(key)
+    try:
+        return tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+                     for t in tensors)
+    except RuntimeError:
+        return None
 
 
 class DerivedCache:

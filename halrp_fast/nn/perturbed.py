@@ -236,9 +236,10 @@ class PerturbedLayer(TaskModule):
     def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
         if t == 0:
             return self._plain(x, self.weight, self.bias)
-        r, s, U, V, b = self.task_tensors(t)
-        if self._can_merge((self.weight, r, s, U, V)):
-            return self._plain(x, self.merged_weight(t), b)
+        r, s, U, V, b = self.tensors_of_tasks([t])[0]  # t was checked by the selection
+        sources = (self.weight, r, s, U, V)
+        if self._can_merge(sources):
+            return self._plain(x, self._merged.get(t, sources, lambda: self._merge(*sources)), b)
         return self._op(x, r, s, U, V, b)
 
     def _forward_mixed(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor:

@@ -1,0 +1,105 @@
+// _halrp_C::linear_cpu and _halrp_C::linear_backward_cpu, the kernels of halrp::perturbed_linear and its backward
+// for the "cpp" provider (arguments validated by halrp_fast.ops):
+//
+//   y = r ⊙ ((s ⊙ x) Wᵀ) + (x V) Uᵀ + b
+//
+// The same ATen products, in the same order, as the reference provider (halrp_fast/reference.py): at serving sizes
+// the arithmetic is a few microseconds and the cost is the calls around it, which here are C++ calls.
+#include "../halrp.h"
+
+#include <ATen/ops/addcmul.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <tuple>
+#include <vector>
+
+namespace halrp {
+namespace {
+
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The leading dimensions of x followed by `last`.
+std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(last);
+  return shape;
+}
+
+Outputs linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r, const at::Tensor& s,
+                   const at::Tensor& U, const at::Tensor& V, const std::optional<at::Tensor>& bias, bool save) {
+  const int64_t out = weight.size(0), in = weight.size(1), k = U.size(1);
+  const bool flat = x.dim() != 2;
+  const at::Tensor x2 = flat ? x.reshape({-1, in}) : x;
+  at::Tensor c = at::linear(at::mul(x2, s), weight);
+  at::Tensor y = bias.has_value() ? at::addcmul(*bias, c, r) : (save ? at::mul(c, r) : c.mul_(r));
+  at::Tensor xv;
+  if (k > 0 || save) xv = at::mm(x2, V);
+  if (k > 0) y.addmm_(xv, U.t());
+  if (!save) {
+    const at::Tensor empty = x.new_empty({0});
+    return {flat ? y.reshape(with_last(x, out)) : y, empty, empty};
+  }
+  if (!flat) return {y, c, xv};
+  return {y.reshape(with_last(x, out)), c.reshape(with_last(x, out)), xv.reshape(with_last(x, k))};
+}
+
+// A forward's saved tensor has the shape (..., last) of x's leading dims; the placeholder for "not saved" is (0,).
+bool is_saved(const at::Tensor& t, const at::Tensor& x, int64_t last) {
+  return t.sizes() == at::IntArrayRef(with_last(x, last));
+}
+
+Grads linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r,
+                          const at::Tensor& s, const at::Tensor& U, const at::Tensor& V, const at::Tensor& c_saved,
+                          const at::Tensor& xv_saved, bool has_bias, c10::List<bool> needs) {
+  const bool nx = needs[0], nw = needs[1], nr = needs[2], ns = needs[3], nU = needs[4], nV = needs[5], nb = needs[6];
+  const int64_t out = weight.size(0), in = weight.size(1), k = U.size(1);
+  const bool flat = x.dim() != 2;
+  const at::Tensor g = flat ? grad.reshape({-1, out}) : grad;
+  const at::Tensor x2 = flat ? x.reshape({-1, in}) : x;
+  const int64_t rows = x2.size(0);
+  at::Tensor c, xv;
+  if (is_saved(c_saved, x, out)) c = c_saved.reshape({rows, out});
+  if (is_saved(xv_saved, x, k)) xv = xv_saved.reshape({rows, k});
+
+  const at::Tensor empty = x.new_empty({0});
+  at::Tensor dx = empty, dw = empty, dr = empty, ds = empty, dU = empty, dV = empty, db = empty;
+  const at::Tensor gr = nx || ns || nw ? at::mul(g, r) : at::Tensor();
+  const at::Tensor gu = k > 0 && (nx || nV) ? at::mm(g, U) : at::Tensor();
+  if (nx || ns) {
+    at::Tensor gx = at::mm(gr, weight);  // (M, in): the gradient w.r.t. s ⊙ x
+    if (ns) ds = at::mul(gx, x2).sum(0);
+    if (nx) {
+      gx.mul_(s);
+      if (k > 0) gx.addmm_(gu, V.t());
+      dx = gx.reshape(x.sizes());
+    }
+  }
+  if (nw) dw = at::mm(gr.t(), at::mul(x2, s));
+  if (nr) dr = at::mul(g, c.defined() ? c : at::linear(at::mul(x2, s), weight)).sum(0);
+  if (nU) dU = at::mm(g.t(), xv.defined() ? xv : at::mm(x2, V));
+  if (nV) dV = k > 0 ? at::mm(x2.t(), gu) : at::zeros_like(V);
+  if (nb && has_bias) db = g.sum(0);
+  return {dx, dw, dr, ds, dU, dV, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(_halrp_C, m) {
+  m.def("linear_cpu(Tensor x, Tensor weight, Tensor r, Tensor s, Tensor U, Tensor V, Tensor? bias, bool save) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("linear_backward_cpu(Tensor grad, Tensor x, Tensor weight, Tensor r, Tensor s, Tensor U, Tensor V, "
+        "Tensor saved_base, Tensor saved_lowrank, bool has_bias, bool[] needs) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(_halrp_C, CPU, m) {
+  m.impl("linear_cpu", TORCH_FN(linear_cpu));
+  m.impl("linear_backward_cpu", TORCH_FN(linear_backward_cpu));
+}
+
+}  // namespace halrp
