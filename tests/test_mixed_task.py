@@ -33,7 +33,8 @@ ID_CASES = {
 @pytest.mark.parametrize("case", list(ID_CASES))
 @pytest.mark.parametrize("k", [0, 1, 17, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_linear_mt_matches_oracle(case, k, dtype):
+def test_linear_mt_matches_oracle(case, k, dtype, provider):
+    provider.require("perturbed_linear_mt", dtype)
     ids = torch.tensor(ID_CASES[case], dtype=torch.int64)
     x = torch.randn(len(ids), 13, dtype=dtype)
     W = torch.randn(11, 13, dtype=dtype) / 13**0.5
@@ -43,7 +44,8 @@ def test_linear_mt_matches_oracle(case, k, dtype):
     assert_close(y, linear_mt(x, ids, W, *bk), dtype)
 
 
-def test_linear_mt_rows_equal_single_task_op():
+def test_linear_mt_rows_equal_single_task_op(provider):
+    provider.require("perturbed_linear_mt", torch.float32)
     ids = torch.tensor([2, 0, 2, 1, 0])
     x = torch.randn(5, 3, 9)  # (M, L, in): a task per sample, several rows each
     W = torch.randn(6, 9)
@@ -55,7 +57,8 @@ def test_linear_mt_rows_equal_single_task_op():
 
 @pytest.mark.parametrize("case", ["unsorted", "single", "one_row", "empty"])
 @pytest.mark.parametrize("k", [0, 2, 70])
-def test_conv_mt_matches_oracle(case, k):
+def test_conv_mt_matches_oracle(case, k, provider):
+    provider.require("perturbed_conv2d_mt", torch.float32)
     ids = torch.tensor(ID_CASES[case], dtype=torch.int64)
     x = torch.randn(len(ids), 3, 7, 6)
     W = torch.randn(5, 3, 3, 3) / 5
@@ -68,7 +71,8 @@ def test_conv_mt_matches_oracle(case, k):
         assert y.shape == (0, 5, 4, 6)
 
 
-def test_conv_mt_rows_equal_single_task_op():
+def test_conv_mt_rows_equal_single_task_op(provider):
+    provider.require("perturbed_conv2d_mt", torch.float32)
     ids = torch.tensor([1, 0, 1])
     x = torch.randn(3, 4, 8, 8)
     W = torch.randn(6, 4, 3, 3)
@@ -80,7 +84,8 @@ def test_conv_mt_rows_equal_single_task_op():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_linear_mt(bias):
+def test_gradcheck_linear_mt(bias, provider):
+    provider.require("perturbed_linear_mt", torch.float64)
     ids = torch.tensor([1, 0, 1, 2])
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
@@ -88,7 +93,8 @@ def test_gradcheck_linear_mt(bias):
     assert torch.autograd.gradcheck(lambda x, W, *b: hf.perturbed_linear_mt(x, ids, W, *b), (x, W, *bk))
 
 
-def test_gradcheck_conv_mt():
+def test_gradcheck_conv_mt(provider):
+    provider.require("perturbed_conv2d_mt", torch.float64)
     ids = torch.tensor([1, 0, 1])
     x = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     W = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -97,7 +103,8 @@ def test_gradcheck_conv_mt():
         lambda x, W, *b: hf.perturbed_conv2d_mt(x, ids, W, *b, stride=2, padding=1), (x, W, *bk))
 
 
-def test_mixed_gradients_equal_sum_of_per_task_gradients():
+def test_mixed_gradients_equal_sum_of_per_task_gradients(provider):
+    provider.require("perturbed_linear_mt", torch.float64)
     ids = torch.tensor([0, 2, 0, 2, 2])
     x = torch.randn(5, 7, dtype=torch.float64)
     W = torch.randn(4, 7, dtype=torch.float64)
@@ -112,7 +119,8 @@ def test_mixed_gradients_equal_sum_of_per_task_gradients():
 
 
 @pytest.mark.parametrize("save", [True, False])
-def test_opcheck_mixed(save):
+def test_opcheck_mixed(save, provider):
+    provider.require("perturbed_linear_mt", torch.float64)
     ids = torch.tensor([1, 0, 1])
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(4, 5, dtype=torch.float64)
@@ -135,7 +143,8 @@ def test_opcheck_mixed(save):
             (gc, xc.detach(), ids, Wc, *banks_c[:4], cc, pooled, True, *geo, [True] * 7))
 
 
-def test_mixed_saved_intermediates_match_recomputation():
+def test_mixed_saved_intermediates_match_recomputation(provider):
+    provider.require("perturbed_linear_mt", torch.float64)
     ids = torch.tensor([2, 0, 2, 1])
     x, W = torch.randn(4, 3, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     bk = banks(3, 6, 5, 3, torch.float64)

@@ -23,28 +23,32 @@ def make(M, n_in, n_out, k, dtype=torch.float32, bias=True, lead=()):
 @pytest.mark.parametrize("n_in,n_out", [(13, 11), (31, 37), (64, 5)])
 @pytest.mark.parametrize("k", [0, 1, 3, 17, 100])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forward_matches_oracle(M, n_in, n_out, k, dtype):
+def test_forward_matches_oracle(M, n_in, n_out, k, dtype, provider):
+    provider.require("perturbed_linear", dtype)
     args = make(M, n_in, n_out, k, dtype)
     y = hf.perturbed_linear(*args)
     assert y.shape == (M, n_out) and y.dtype == dtype
     assert_close(y, linear(*args), dtype)
 
 
-def test_no_bias_and_leading_dims():
+def test_no_bias_and_leading_dims(provider):
+    provider.require("perturbed_linear", torch.float32)
     x, W, r, s, U, V, _ = make(5, 9, 4, 2, lead=(3, 2))
     y = hf.perturbed_linear(x, W, r, s, U, V)
     assert y.shape == (3, 2, 5, 4)
     assert_close(y, linear(x, W, r, s, U, V), torch.float32)
 
 
-def test_one_dimensional_input():
+def test_one_dimensional_input(provider):
+    provider.require("perturbed_linear", torch.float32)
     x, W, r, s, U, V, b = make(1, 9, 4, 2)
     y = hf.perturbed_linear(x[0], W, r, s, U, V, b)
     assert y.shape == (4,)
     assert_close(y, linear(x[0], W, r, s, U, V, b), torch.float32)
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(provider):
+    provider.require("perturbed_linear", torch.float32)
     x, W, r, s, U, V, b = make(8, 12, 6, 3)
     xt = torch.randn(12, 16)[:, ::2].T  # (8, 12), strided
     Wt = torch.randn(12, 6).T  # transposed weight
@@ -56,7 +60,8 @@ def test_non_contiguous_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_rule(dtype):
+def test_low_precision_rule(dtype, provider):
+    provider.require("perturbed_linear", dtype)
     args64 = [a.double() for a in make(33, 40, 24, 5, torch.float64)]
     expected = linear(*args64)
     low = [a.to(dtype) for a in args64]
@@ -69,12 +74,14 @@ def test_low_precision_rule(dtype):
 
 @pytest.mark.parametrize("k", [0, 1, 4])
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_float64(k, bias):
+def test_gradcheck_float64(k, bias, provider):
+    provider.require("perturbed_linear", torch.float64)
     args = [None if a is None else a.requires_grad_() for a in make(4, 6, 5, k, torch.float64, bias=bias)]
     assert torch.autograd.gradcheck(lambda *a: hf.perturbed_linear(*a), tuple(args))
 
 
-def test_gradients_match_oracle_autograd():
+def test_gradients_match_oracle_autograd(provider):
+    provider.require("perturbed_linear", torch.float64)
     args = [a.requires_grad_() for a in make(9, 11, 7, 3, torch.float64)]
     g = torch.randn(9, 7, dtype=torch.float64)
     grads = torch.autograd.grad(hf.perturbed_linear(*args), args, g)
@@ -84,7 +91,8 @@ def test_gradients_match_oracle_autograd():
         torch.testing.assert_close(a, e)
 
 
-def test_partial_gradients_frozen_weight():
+def test_partial_gradients_frozen_weight(provider):
+    provider.require("perturbed_linear", torch.float64)
     x, W, r, s, U, V, b = make(6, 8, 5, 2, torch.float64)
     U.requires_grad_()
     x.requires_grad_()
@@ -95,13 +103,15 @@ def test_partial_gradients_frozen_weight():
 
 @pytest.mark.parametrize("k", [0, 3])
 @pytest.mark.parametrize("save", [True, False])
-def test_opcheck(k, save):
+def test_opcheck(k, save, provider):
+    provider.require("perturbed_linear", torch.float64)
     args = [a.requires_grad_() for a in make(5, 7, 4, k, torch.float64)]
     opcheck(torch.ops.halrp.perturbed_linear.default, (*args, save))
     opcheck(torch.ops.halrp.perturbed_linear.default, (*[a.detach() for a in args[:-1]], None, save))
 
 
-def test_opcheck_backward_op():
+def test_opcheck_backward_op(provider):
+    provider.require("perturbed_linear", torch.float64)
     x, W, r, s, U, V, b = make(5, 7, 4, 2, torch.float64)
     g = torch.randn(5, 4, dtype=torch.float64)
     _, c, xv = torch.ops.halrp.perturbed_linear(x, W, r, s, U, V, b, True)
@@ -112,7 +122,8 @@ def test_opcheck_backward_op():
 
 
 @pytest.mark.parametrize("k", [0, 4])
-def test_saved_and_recomputed_intermediates_give_the_same_gradients(k):
+def test_saved_and_recomputed_intermediates_give_the_same_gradients(k, provider):
+    provider.require("perturbed_linear", torch.float64)
     x, W, r, s, U, V, b = make(6, 9, 5, k, torch.float64, lead=(2,))
     g = torch.randn(2, 6, 5, dtype=torch.float64)
     y, c, xv = torch.ops.halrp.perturbed_linear(x, W, r, s, U, V, b, True)
@@ -126,7 +137,8 @@ def test_saved_and_recomputed_intermediates_give_the_same_gradients(k):
         torch.testing.assert_close(a, e)
 
 
-def test_torch_compile_no_graph_break():
+def test_torch_compile_no_graph_break(provider):
+    provider.require("perturbed_linear", torch.float32)
     args = make(6, 8, 5, 2)
     compiled = torch.compile(lambda *a: hf.perturbed_linear(*a), fullgraph=True, backend="aot_eager")
     assert_close(compiled(*args), linear(*args), torch.float32)
