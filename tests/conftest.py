@@ -64,4 +64,5 @@ def provider(request, monkeypatch):
     yield under_test
     _backend._SELECTION.clear()
     providers = {who for _, who in under_test.served}
-    assert name in providers or not under_test.expect_calls, f"no call of this test was served by {name} (served: {sorted(providers)})"
+    assert name in providers or not under_test.expect_calls, \
+        f"no call of this test was served by {name} (served: {sorted(providers)})"
