@@ -196,6 +196,18 @@ def select(op: str, device_type: str, dtype=None) -> tuple[str, Callable]:
     return hit
 
 
+def select_autograd(op: str, device_type: str, dtype) -> Callable | None:
+    """The provider's own autograd of a whole eager call of ``op`` (``"<op>:autograd"``: forward and backward by
+    the same kernels as its ``op`` and ``op_backward``), when the provider serving ``op`` also serves its backward
+    and offers one; else ``None`` (the eager path then wraps the two in a Python autograd function)."""
+    key = (f"{op}:autograd", device_type, dtype, _raw_request())
+    if key not in _SELECTION:
+        name, _ = select(op, device_type, dtype)
+        same = select(f"{op}_backward", device_type, dtype)[0] == name
+        _SELECTION[key] = (name, _PROVIDERS[name].impls().get(f"{op}:autograd") if same else None)
+    return _SELECTION[key][1]
+
+
 def dtype_name(dtype) -> str:
     """``"float32"`` for ``torch.float32``, a float32 tensor or the name itself (the names :attr:`Provider.dtypes`
     uses)."""

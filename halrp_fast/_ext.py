@@ -25,6 +25,9 @@ KERNELS = {
     "cuda": {"perturbed_linear_mt": "linear_mt_cuda"},
 }
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+#: kernels that are a whole eager call with its autograd (forward and backward by the kernels above), offered to
+#: the eager path as "<op>:autograd" (see halrp_fast.ops.apply)
+AUTOGRAD_KERNELS = {"cpu": {"perturbed_linear": "linear_autograd_cpu"}}
 
 _state: dict[str, object] = {}
 
@@ -75,4 +78,8 @@ def provider_impls(device_type: str) -> dict[str, Callable]:
              for op, name in KERNELS.get(device_type, {}).items() if has_kernel(op, device_type)}
     if not impls:
         raise ImportError(f"halrp_fast._C was built without {device_type} kernels")
+    autograd_key = getattr(torch._C.DispatchKey, "Autograd" + _DISPATCH_KEYS[device_type])
+    for op, name in AUTOGRAD_KERNELS.get(device_type, {}).items():
+        if op in impls and hasattr(torch.ops._halrp_C, name):
+            impls[f"{op}:autograd"] = functools.partial(getattr(torch.ops._halrp_C, name).default._op_dk, autograd_key)
     return impls

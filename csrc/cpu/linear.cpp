@@ -14,6 +14,8 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros_like.h>
 
+#include <torch/csrc/autograd/custom_function.h>
+
 #include <tuple>
 #include <vector>
 
@@ -87,15 +89,55 @@ Grads linear_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at:
   return {dx, dw, dr, ds, dU, dV, db};
 }
 
+// The autograd of one eager call served by these kernels, in C++: forward = linear_cpu with save, backward =
+// linear_backward_cpu on the saved tensors with the mask of the inputs that need a gradient — the same kernels the
+// registered op halrp::perturbed_linear runs (halrp_fast/ops.py), without a Python autograd.Function around them
+// (at serving sizes that wrapper costs more than the arithmetic; bench/bench_overhead.py).
+class LinearFunction : public torch::autograd::Function<LinearFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& r, const at::Tensor& s, const at::Tensor& U, const at::Tensor& V,
+                            const std::optional<at::Tensor>& bias) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // the kernels' own ATen calls record no graph
+    auto [y, c, xv] = linear_cpu(x, weight, r, s, U, V, bias, /*save=*/true);
+    ctx->save_for_backward({x, weight, r, s, U, V, c, xv});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    c10::List<bool> needs;  // (x, weight, r, s, U, V, bias); an absent bias is no input of the node
+    for (size_t i = 0; i < 7; ++i) needs.push_back((i < 6 || has_bias) && ctx->needs_input_grad(i));
+    auto [dx, dw, dr, ds, dU, dV, db] = linear_backward_cpu(grads[0].contiguous(), saved[0], saved[1], saved[2],
+                                                            saved[3], saved[4], saved[5], saved[6], saved[7], has_bias,
+                                                            needs);
+    torch::autograd::variable_list out{dx, dw, dr, ds, dU, dV, db};
+    for (size_t i = 0; i < 7; ++i)
+      if (!needs[i]) out[i] = at::Tensor();
+    return out;
+  }
+};
+
+at::Tensor linear_autograd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r, const at::Tensor& s,
+                               const at::Tensor& U, const at::Tensor& V, const std::optional<at::Tensor>& bias) {
+  return LinearFunction::apply(x, weight, r, s, U, V, bias);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(_halrp_C, m) {
+  m.def("linear_autograd_cpu(Tensor x, Tensor weight, Tensor r, Tensor s, Tensor U, Tensor V, Tensor? bias) -> Tensor");
   m.def("linear_cpu(Tensor x, Tensor weight, Tensor r, Tensor s, Tensor U, Tensor V, Tensor? bias, bool save) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("linear_backward_cpu(Tensor grad, Tensor x, Tensor weight, Tensor r, Tensor s, Tensor U, Tensor V, "
         "Tensor saved_base, Tensor saved_lowrank, bool has_bias, bool[] needs) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(_halrp_C, AutogradCPU, m) { m.impl("linear_autograd_cpu", TORCH_FN(linear_autograd_cpu)); }
 
 TORCH_LIBRARY_IMPL(_halrp_C, CPU, m) {
   m.impl("linear_cpu", TORCH_FN(linear_cpu));
