@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <numeric>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace halrp {
@@ -65,40 +66,91 @@ RowGroups group_rows(const int64_t* ids, int64_t batch, int64_t rows_per_item) {
 // (size · k · (in + out)); measured with bench/bench_compiled_cpu.py.
 constexpr int64_t kRowWiseWork = 32768;
 
-// U[t]ᵀ (k, out) of every task in `tasks` (the others left empty): the row-wise expand y += z U[t]ᵀ then runs
-// along contiguous outputs (k vectorised axpys) instead of one short horizontal dot product per output.
+// One row of a small task block: z = x V[t] (stored) and y = R[t] ⊙ c + B[t] + U[t] z, fp32+ accumulation.
 template <typename T>
-std::vector<std::vector<T>> transposed_u(const T* up, const std::vector<char>& tasks, int64_t out, int64_t k) {
-  std::vector<std::vector<T>> ut(tasks.size());
-  for (size_t t = 0; t < tasks.size(); ++t) {
-    if (!tasks[t]) continue;
-    ut[t].resize(static_cast<size_t>(out * k));
-    const T* src = up + static_cast<int64_t>(t) * out * k;
-    T* dst = ut[t].data();
-    for (int64_t o = 0; o < out; ++o)
-      for (int64_t j = 0; j < k; ++j) dst[j * out + o] = src[o * k + j];
+__attribute__((always_inline)) inline void lowrank_row(const T* xr, const T* Vt, const T* Ut, const T* rr, const T* cr,
+                                                       const T* br, int64_t in, int64_t out, int64_t k,
+                                                       at::opmath_type<T>* zr, T* zout, T* yr) {
+  using acc_t = at::opmath_type<T>;
+  for (int64_t j = 0; j < k; ++j) zr[j] = acc_t(0);
+  for (int64_t i = 0; i < in; ++i) {
+    const acc_t xi = static_cast<acc_t>(xr[i]);
+    const T* vrow = Vt + i * k;
+#pragma omp simd
+    for (int64_t j = 0; j < k; ++j) zr[j] += xi * static_cast<acc_t>(vrow[j]);
   }
-  return ut;
+  for (int64_t j = 0; j < k; ++j) zout[j] = static_cast<T>(zr[j]);
+  for (int64_t o = 0; o < out; ++o) {
+    const T* urow = Ut + o * k;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < k; ++j) sum += static_cast<acc_t>(urow[j]) * zr[j];
+    const acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]) + (br ? static_cast<acc_t>(br[o]) : acc_t(0));
+    yr[o] = static_cast<T>(v + sum);
+  }
+}
+
+// lowrank_row with the rank known at compile time: the per-output dot over the k ranks unrolls into a few vector
+// instructions instead of a loop with its own setup, which dominates at small k.
+template <typename T, int K>
+__attribute__((always_inline)) inline void lowrank_row_fixed(const T* xr, const T* Vt, const T* Ut, const T* rr,
+                                                             const T* cr, const T* br, int64_t in, int64_t out, T* zout,
+                                                             T* yr) {
+  using acc_t = at::opmath_type<T>;
+  acc_t zr[K] = {};
+  for (int64_t i = 0; i < in; ++i) {
+    const acc_t xi = static_cast<acc_t>(xr[i]);
+    const T* vrow = Vt + i * K;
+    for (int j = 0; j < K; ++j) zr[j] += xi * static_cast<acc_t>(vrow[j]);
+  }
+  for (int j = 0; j < K; ++j) zout[j] = static_cast<T>(zr[j]);
+  for (int64_t o = 0; o < out; ++o) {
+    const T* urow = Ut + o * K;
+    acc_t sum = 0;
+    for (int j = 0; j < K; ++j) sum += static_cast<acc_t>(urow[j]) * zr[j];
+    const acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]) + (br ? static_cast<acc_t>(br[o]) : acc_t(0));
+    yr[o] = static_cast<T>(v + sum);
+  }
+}
+
+// The float32 row, compiled twice on x86-64 (AVX2/FMA and the baseline), chosen once at load by the CPU it runs on:
+// the baseline build targets SSE2 only.  Ranks up to 16 take the unrolled form.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=haswell", "default")))
+#endif
+void lowrank_row_f32(const float* xr, const float* Vt, const float* Ut, const float* rr, const float* cr,
+                     const float* br, int64_t in, int64_t out, int64_t k, float* zr, float* zout, float* yr) {
+  switch (k) {
+#define HALRP_FIXED_RANK(K) \
+  case K:                   \
+    return lowrank_row_fixed<float, K>(xr, Vt, Ut, rr, cr, br, in, out, zout, yr);
+    HALRP_FIXED_RANK(1) HALRP_FIXED_RANK(2) HALRP_FIXED_RANK(3) HALRP_FIXED_RANK(4) HALRP_FIXED_RANK(5)
+    HALRP_FIXED_RANK(6) HALRP_FIXED_RANK(7) HALRP_FIXED_RANK(8) HALRP_FIXED_RANK(9) HALRP_FIXED_RANK(10)
+    HALRP_FIXED_RANK(11) HALRP_FIXED_RANK(12) HALRP_FIXED_RANK(13) HALRP_FIXED_RANK(14) HALRP_FIXED_RANK(15)
+    HALRP_FIXED_RANK(16)
+#undef HALRP_FIXED_RANK
+    default:
+      lowrank_row<float>(xr, Vt, Ut, rr, cr, br, in, out, k, zr, zout, yr);
+  }
 }
 
 // Every row in the caller's order: y = R[t] ⊙ c + B[t], plus (x V[t]) U[t]ᵀ for the rows whose task block is
-// small (`rowwise[t]`, with `ut[t]` = U[t]ᵀ), with z = x V[t] stored; one pass, fp32+ accumulation.  `y` may
-// alias `c`.
+// small (`rowwise[t]`), with z = x V[t] stored.  `y` may alias `c`.
 template <typename T>
 void epilogue_rows(const T* x, const T* c, const int64_t* tid, const std::vector<char>& rowwise, const T* rp,
-                   const T* bias, const T* vp, const std::vector<std::vector<T>>& ut, int64_t rows, int64_t in,
-                   int64_t out, int64_t k, T* z, T* y) {
+                   const T* bias, const T* vp, const T* up, int64_t rows, int64_t in, int64_t out, int64_t k, T* z,
+                   T* y) {
   using acc_t = at::opmath_type<T>;
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(out + k * (in + out), 1)),
                    [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> zr(k), yacc(out);
+    std::vector<acc_t> zr(k);
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t t = tid[p];
       const T* rr = rp + t * out;
       const T* br = bias ? bias + t * out : nullptr;
       const T* cr = c + p * out;
       T* yr = y + p * out;
-      if (k == 0 || !rowwise[t]) {
+      if (k == 0 || !rowwise[t]) {  // its own loop: the plain epilogue of the rows of large blocks stays vectorised
         for (int64_t o = 0; o < out; ++o) {
           acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]);
           if (br) v += static_cast<acc_t>(br[o]);
@@ -106,29 +158,13 @@ void epilogue_rows(const T* x, const T* c, const int64_t* tid, const std::vector
         }
         continue;
       }
-      const T* xr = x + p * in;
       const T* Vt = vp + t * in * k;
-      std::fill(zr.begin(), zr.end(), acc_t(0));
-      for (int64_t i = 0; i < in; ++i) {
-        const acc_t xi = static_cast<acc_t>(xr[i]);
-        const T* vrow = Vt + i * k;
-#pragma omp simd
-        for (int64_t j = 0; j < k; ++j) zr[j] += xi * static_cast<acc_t>(vrow[j]);
+      const T* Ut = up + t * out * k;
+      if constexpr (std::is_same_v<T, float>) {
+        lowrank_row_f32(x + p * in, Vt, Ut, rr, cr, br, in, out, k, zr.data(), z + p * k, yr);
+      } else {
+        lowrank_row<T>(x + p * in, Vt, Ut, rr, cr, br, in, out, k, zr.data(), z + p * k, yr);
       }
-      for (int64_t j = 0; j < k; ++j) z[p * k + j] = static_cast<T>(zr[j]);
-      acc_t* ya = yacc.data();
-#pragma omp simd
-      for (int64_t o = 0; o < out; ++o) {
-        ya[o] = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]) + (br ? static_cast<acc_t>(br[o]) : acc_t(0));
-      }
-      const T* Ut = ut[t].data();
-      for (int64_t j = 0; j < k; ++j) {
-        const acc_t zj = zr[j];
-        const T* ucol = Ut + j * out;
-#pragma omp simd
-        for (int64_t o = 0; o < out; ++o) ya[o] += zj * static_cast<acc_t>(ucol[o]);
-      }
-      for (int64_t o = 0; o < out; ++o) yr[o] = static_cast<T>(ya[o]);
     }
   });
 }
@@ -200,12 +236,8 @@ void linear_mt_kernel(const at::Tensor& x, const RowGroups& g, const at::Tensor&
   for (const TaskBlock& b : g.blocks)
     if (k > 0 && b.size * k * (in + out) > kRowWiseWork) rowwise[b.task] = 0, large.push_back(&b);
   const at::Tensor Uc = U.contiguous(), Vc = V.contiguous();
-  std::vector<char> rowwise_used(n_tasks, 0);
-  for (const TaskBlock& b : g.blocks)
-    if (k > 0 && rowwise[b.task]) rowwise_used[b.task] = 1;
-  const std::vector<std::vector<T>> ut = transposed_u<T>(Uc.const_data_ptr<T>(), rowwise_used, out, k);
-  epilogue_rows<T>(xp, base.const_data_ptr<T>(), tid, rowwise, R.const_data_ptr<T>(), bias, Vc.const_data_ptr<T>(), ut,
-                   rows, in, out, k, z.mutable_data_ptr<T>(), y.mutable_data_ptr<T>());
+  epilogue_rows<T>(xp, base.const_data_ptr<T>(), tid, rowwise, R.const_data_ptr<T>(), bias, Vc.const_data_ptr<T>(),
+                   Uc.const_data_ptr<T>(), rows, in, out, k, z.mutable_data_ptr<T>(), y.mutable_data_ptr<T>());
   // Blocks write disjoint rows of y and z.
   for_each_block(static_cast<int64_t>(large.size()),
                  [&](int64_t i) { lowrank_block<T>(x, g, *large[i], Uc, Vc, z, y); });
