@@ -93,7 +93,7 @@ def _perturbed_linear_fwd_kernel(
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mn)
 
 
-def _blocks(M: int, N: int, K: int, rank: int, fused: bool) -> tuple[int, int, int, int]:
+def linear_blocks(M: int, N: int, K: int, rank: int, fused: bool) -> tuple[int, int, int, int]:
     """Tile sizes by shape bucket (no autotuning sweep: one fixed config per bucket, no first-call cost).
 
     Small M (decode-like) is memory bound on W: a narrow M tile and wide N/K tiles stream W once.  Large M
@@ -148,7 +148,7 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
                 xv[idx] = x2[idx].float() @ V[t].float()
         else:
             torch.matmul(x2.float(), V[0].float(), out=xv)
-    bm, bn, bk, br = _blocks(M, N, K, rank, fused)
+    bm, bn, bk, br = linear_blocks(M, N, K, rank, fused)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _perturbed_linear_fwd_kernel[grid](
         x2, rows, tids, weight, R, S, U, V, B if B is not None else R, xv, y2,

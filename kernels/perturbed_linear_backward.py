@@ -19,10 +19,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from halrp_fast._math import rows_by_task
+from halrp_fast._math import row_task_ids, rows_by_task
 
-from ._common import add_task_products, next_pow2, row_tile
-from .perturbed_linear import FUSED_RANK_MAX
+from ._common import add_task_products, row_tile
+from .perturbed_linear import FUSED_RANK_MAX, linear_blocks
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
     M = x2.shape[0]
     if banked:
         rows, tids = rows_by_task(task_ids, M // max(x.shape[0], 1))
-        row_task = task_ids_rows(task_ids, M, x)  # the task of every row, in row order
+        row_task = row_task_ids(task_ids, M // max(x.shape[0], 1))  # the task of every row, in row order
     else:
         rows = torch.arange(M, device=x.device)
         tids = row_task = torch.zeros(M, dtype=torch.int64, device=x.device)
@@ -129,9 +129,8 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
             gu[idx] = g[idx].float() @ U[t].float()
         gu_in = gu
     if M and (nx or ns or (nV and rank and fused)):
-        block_m = 16 if M <= 16 else (32 if M <= 64 else 64)
-        block_n, block_k = 32, 64
-        block_r = max(16, next_pow2(min(rank, FUSED_RANK_MAX))) if fused else FUSED_RANK_MAX
+        block_m, _, _, block_r = linear_blocks(M, K, N, rank, fused)
+        block_n, block_k = 32, 64  # dgrad: the weight's rows (N) are the reduction, its columns (K) the output
         grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
         dummy = g
         _perturbed_linear_dgrad_kernel[grid](
@@ -170,12 +169,6 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
     if not banked:
         out = [out[0], out[1]] + [None if t is None else t[0] for t in out[2:]]
     return tuple(x.new_empty(0) if t is None else t for t in out)  # a distinct placeholder per slot
-
-
-def task_ids_rows(task_ids: torch.Tensor, M: int, x: torch.Tensor) -> torch.Tensor:
-    """The task of every row of ``x`` flattened to ``(M, in)``."""
-    per = M // max(x.shape[0], 1)
-    return task_ids if per == 1 else task_ids.repeat_interleave(per)
 
 
 def perturbed_linear_backward(grad, x, weight, r, s, U, V, c, xv, has_bias, needs):
