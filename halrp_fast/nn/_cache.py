@@ -8,15 +8,15 @@ import torch
 
 
 def tensor_key(tensors: Sequence[torch.Tensor | None]) -> tuple | None:
-    """Identity of the current *values* of ``tensors``: object, storage, in-place version, dtype, device.
+    """Identity of the current *values* of ``tensors``: object, storage, in-place version, shape.
 
-    In-place updates (optimiser steps, ``load_state_dict``) bump ``_version``; ``.to()``/``.data =``
-    change the storage.  ``None`` when a tensor has no version counter (inference tensors): then the
-    value is recomputed every time.
+    In-place updates (optimiser steps, ``load_state_dict``) bump ``_version``; ``.data =`` changes the storage
+    (a new dtype or device is a new storage; ``Module.to()`` clears the owners' caches besides); a narrowing
+    ``.data =`` keeps the storage but not the shape.  ``None`` when a tensor has no version counter (inference
+    tensors): then the value is recomputed every time.
     """
     try:
-        return tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device, t.shape)
-                     for t in tensors)
+        return tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.shape) for t in tensors)
     except RuntimeError:
         return None
 

@@ -49,7 +49,7 @@ class TaskBatchNorm(TaskModule):
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         sel = self._selection(task_ids, x)
         if sel.single is not None:
-            return self.bns[sel.single](x)
+            return self.bns._modules[str(sel.single)](x)  # the selection checked the id
         return self._forward_mixed(x, sel)
 
     def _forward_grouped(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor | None:

@@ -62,7 +62,7 @@ class TaskHeads(TaskModule):
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         sel = self._selection(task_ids, x)
         if sel.single is not None:
-            return self.heads[sel.single](x)
+            return self.heads._modules[str(sel.single)](x)  # the selection checked the id
         x = sel.as_rows(x)
         same = self._same_linear_heads(sel.tasks)
         size = sel.equal_group_size

@@ -236,7 +236,10 @@ class PerturbedLayer(TaskModule):
     def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
         if t == 0:
             return self._plain(x, self.weight, self.bias)
-        r, s, U, V, b = self.tensors_of_tasks([t])[0]  # t was checked by the selection
+        key = str(t)  # t was checked by the selection
+        containers = self._modules
+        r, s, U, V = (containers[name]._parameters[key] for name in _PER_TASK[:4])
+        b = containers["task_bias"]._parameters[key] if self.bias is not None else None
         sources = (self.weight, r, s, U, V)
         if self._can_merge(sources):
             return self._plain(x, self._merged.get(t, sources, lambda: self._merge(*sources)), b)
