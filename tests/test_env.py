@@ -65,9 +65,9 @@ def test_registered_provider_serves_every_path(monkeypatch, priority):
         return lambda *args: calls.append(op) or getattr(reference, op)(*args)
 
     ops = ("perturbed_linear_mt", "perturbed_linear_mt_backward")
-    provider = _backend.Provider(name="probe", devices=("cpu",), load=lambda: {op: probe(op) for op in ops},
-                                 priority=1000, auto=priority == "auto")
-    _backend.register_provider(provider)
+    provider = hf.Provider(name="probe", devices=("cpu",), load=lambda: {op: probe(op) for op in ops},
+                           priority=1000, auto=priority == "auto")
+    hf.register_provider(provider)
     try:
         if priority == "named":
             monkeypatch.setenv(_backend.ENV_VAR, "probe")

@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+from halrp_fast import _backend
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,5 +26,11 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+    providers = dict(_backend._PROVIDERS)  # an example registers its own provider: keep it out of later tests
+    try:
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), {})
+    finally:
+        _backend._PROVIDERS.clear()
+        _backend._PROVIDERS.update(providers)
+        _backend._SELECTION.clear()
