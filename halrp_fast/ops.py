@@ -187,7 +187,7 @@ def _register(spec: OpSpec) -> tuple[Callable, Callable]:
     def forward_kernel(*args):
         inputs, save, geo = _split_forward(spec, args)
         validate(spec, inputs, geo)
-        return _distinct(run_forward(spec, inputs, save, geo))
+        return _distinct(tuple(t.detach() if t._is_view() else t for t in run_forward(spec, inputs, save, geo)))
 
     def forward_fake(*args):
         inputs, save, geo = _split_forward(spec, args)
@@ -281,7 +281,10 @@ def _eager_function(spec: OpSpec) -> type[torch.autograd.Function]:
         out = run_forward(spec, inputs, True, geo)
         ctx.save_for_backward(*_saved(spec, inputs, out))
         ctx.geo, ctx.has_bias = geo, inputs[-1] is not None
-        return out[0]
+        y = out[0]
+        # A provider may return y as a reshaped view of its own buffer; autograd would then refuse in-place ops
+        # on the output (an inplace activation after the layer).  detach() is an alias that is not a view.
+        return y.detach() if y._is_view() else y
 
     def backward(ctx, grad):
         needs = spec.grad_mask(ctx.needs_input_grad[n_leading:])

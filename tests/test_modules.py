@@ -179,8 +179,11 @@ def test_heads_own_class_counts_and_mixed_padding():
 
 
 def test_heads_factory_for_custom_heads():
-    with pytest.raises(TypeError, match="out_features"):
-        TaskHeads(nn.Sequential(nn.Linear(4, 2)), head_factory=lambda c: nn.Linear(4, c))
+    with pytest.raises(TypeError, match="out_features"):  # no linear or conv layer to count classes from
+        TaskHeads(nn.Sequential(nn.Dropout(), nn.Identity()), head_factory=lambda c: nn.Linear(4, c))
+    # otherwise the classes are those of the head's last linear layer (or the channels of its last conv)
+    assert TaskHeads(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
+                     head_factory=lambda c: nn.Linear(4, c)).num_classes == [2]
     with pytest.raises(TypeError, match="head_factory"):
         TaskHeads(nn.Sequential(nn.Linear(4, 2)))
     seq = nn.Sequential(nn.Linear(4, 2))

@@ -17,7 +17,8 @@ class TaskBatchNorm(TaskModule):
     New tasks start as a copy of task 0's module (affine and running statistics).  Modules built with
     ``track_running_stats=False`` normalise with batch statistics in eval mode too, as PyTorch does.
     A mixed batch is normalised per task: with batch statistics (training, or no running statistics)
-    each task's rows form their own batch; with running statistics it is one vectorised pass.
+    each task's rows form their own batch; with running statistics it is one vectorised pass.  A subclass of
+    BatchNorm (e.g. BatchNorm with a built-in activation) always runs its own forward per task group.
     """
 
     _task_containers = ("bns",)
@@ -31,6 +32,11 @@ class TaskBatchNorm(TaskModule):
     @property
     def num_features(self) -> int:
         return self.bns[0].num_features
+
+    @property
+    def _plain_batchnorm(self) -> bool:
+        """Exactly BatchNorm1d/2d: the vectorised mixed-batch forms restate its math, which a subclass may extend."""
+        return type(self.bns[0]) in (nn.BatchNorm1d, nn.BatchNorm2d)
 
     def add_task(self) -> int:
         """A new task's module: a copy of task 0's, trainable even when task 0 is frozen."""
@@ -57,6 +63,8 @@ class TaskBatchNorm(TaskModule):
         ``None`` (running statistics to update, or batch statistics that padding rows would corrupt)."""
         bns = [self.bns[t] for t in sel.tasks]
         first = bns[0]
+        if not self._plain_batchnorm:
+            return None
         batch_stats = first.training or not first.track_running_stats
         if (first.training and first.track_running_stats) or (batch_stats and sel.grouped.padded):
             return None
@@ -79,7 +87,8 @@ class TaskBatchNorm(TaskModule):
             # Per task group in rows, then back: the layout of the activation is the caller's.
             return sel.grouped.group(self._forward_mixed(sel.grouped.ungroup(x), sel))
         bns = [self.bns._modules[str(t)] for t in sel.tasks]
-        if self.training or not bns[0].track_running_stats:
+        if self.training or not bns[0].track_running_stats or not self._plain_batchnorm:
+            # per task group through the module itself (a subclass may add to BatchNorm, e.g. an activation)
             return sel.regroup([bn(sel.rows(x, i)) for i, bn in enumerate(bns)])
         # Eval with running statistics: y = x · scale + shift with each task's (C,) scale and shift folded
         # from its statistics and affine parameters: one pass over x.

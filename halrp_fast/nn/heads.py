@@ -16,7 +16,8 @@ class TaskHeads(TaskModule):
     New heads come from ``head_factory(num_classes)``; by default an ``nn.Linear`` with the original
     head's input size, bias setting, dtype and device.  For a single task the output is
     ``(M, C_t)``; a mixed batch returns ``(M, max C_t)`` where the columns past a row's own class
-    count are ``-inf`` (so ``argmax`` and ``cross_entropy`` on the row's own labels are unaffected).
+    count are ``-inf`` (so ``argmax`` and ``cross_entropy`` on the row's own labels are unaffected).  A head whose
+    classes are channels (a conv classifier, output ``(M, C_t, ...)``) is padded along dim 1 instead.
     """
 
     _task_containers = ("heads",)
@@ -29,15 +30,27 @@ class TaskHeads(TaskModule):
                             f"head pass head_factory=lambda num_classes: <new head module>")
         self.heads = nn.ModuleList([head])
         self._factory = head_factory
-        self.num_classes: list[int] = [self._classes_of(head)]
+        classes, self._class_dim = self._classes_of(head)
+        self.num_classes: list[int] = [classes]
 
     @staticmethod
-    def _classes_of(head: nn.Module) -> int:
+    def _classes_of(head: nn.Module) -> tuple[int, int]:
+        """``(number of classes, the output dimension holding them)``: the head's ``out_features``, else those of
+        its last linear layer (classes along the last dim) or the channels of its last conv (classes along dim 1,
+        e.g. a 1×1 conv classifier followed by pooling)."""
         n = getattr(head, "out_features", None)
-        if n is None:
+        if n is not None:
+            return int(n), -1
+        found = None
+        for m in head.modules():
+            if isinstance(m, nn.Linear):
+                found = (m.out_features, -1)
+            elif isinstance(m, nn.modules.conv._ConvNd):
+                found = (m.out_channels, 1)
+        if found is None:
             raise TypeError(f"cannot tell the number of classes of head {type(head).__name__}: give it an "
                             f"'out_features' attribute")
-        return int(n)
+        return found
 
     def add_task(self, num_classes: int) -> int:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -77,9 +90,11 @@ class TaskHeads(TaskModule):
         parts = []
         for i, t in enumerate(sel.tasks):
             logits = self.heads[t](sel.rows(x, i))
-            if logits.shape[-1] < width:
-                pad = logits.new_full((*logits.shape[:-1], width - logits.shape[-1]), float("-inf"))
-                logits = torch.cat([logits, pad], dim=-1)
+            dim = self._class_dim % logits.dim()
+            if logits.shape[dim] < width:  # -inf past the task's own classes, along the class dimension
+                shape = list(logits.shape)
+                shape[dim] = width - logits.shape[dim]
+                logits = torch.cat([logits, logits.new_full(shape, float("-inf"))], dim=dim)
             parts.append(logits)
         return sel.regroup(parts)
 

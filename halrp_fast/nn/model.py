@@ -417,6 +417,7 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
         model.get_submodule(name)  # raises for a wrong name
     ctx = TaskContext()
     shared_mha = []
+    refused: list[tuple[str, str]] = []  # every module that cannot be converted, reported together
     replacements: dict[str, nn.Module] = {}
     mha_prefixes = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, m in model.named_modules():
@@ -435,11 +436,16 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
             try:
                 replacements[name] = TaskConv2d.from_conv(m, ctx)
             except ValueError as exc:
-                raise ValueError(f"cannot convert {name!r}: {exc}; pass exclude=[{name!r}] to keep it shared") from None
+                refused.append((name, str(exc)))
         elif isinstance(m, nn.Linear):
             replacements[name] = TaskLinear.from_linear(m, ctx)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             replacements[name] = TaskBatchNorm(m, ctx)
+    if refused:
+        names = [name for name, _ in refused]
+        reasons = "; ".join(f"{name!r}: {why}" for name, why in refused)
+        raise ValueError(f"cannot convert {len(refused)} module(s): {reasons}. Pass exclude={names} to keep them "
+                         f"shared by all tasks")
     # Children of replaced modules must not be replaced twice (e.g. a head that is a Sequential).
     for name in sorted(replacements, key=len):
         if any(name.startswith(p + ".") for p in replacements if p != name):

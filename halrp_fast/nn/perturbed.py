@@ -199,10 +199,10 @@ class PerturbedLayer(TaskModule):
         return weights
 
     def _can_merge(self, tensors) -> bool:
-        """The merged weight serves when no gradient w.r.t. the layer's parameters is needed."""
+        """The merged weight serves when no gradient w.r.t. the layer's parameters (``None``: no bias) is needed."""
         if _is_compiling():
             return False
-        return not torch.is_grad_enabled() or not any(p.requires_grad for p in tensors)
+        return not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in tensors)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
