@@ -144,3 +144,54 @@ def test_every_unconvertible_layer_is_named_in_one_error():
         assert name in message
     assert "exclude=['0', '2', '3']" in message
     hf.convert(net, exclude=["0", "2", "3"])  # and the exclusion the message suggests works
+
+
+class ReadsWeights(nn.Module):
+    """torchvision swin_t's pattern: attention passes its projections' weights to a function instead of calling
+    them, so a converted projection's forward never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(6, 6)
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return F.linear(torch.relu(F.linear(x, self.qkv.weight, self.qkv.bias)), self.proj.weight, self.proj.bias)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.attn = ReadsWeights()
+        self.aux = nn.Linear(6, 2)  # an auxiliary classifier that the forward never calls
+        self.last = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.last(self.attn(self.embed(x)))
+
+
+def test_convert_with_an_example_names_layers_that_would_not_be_task_aware():
+    with pytest.raises(ValueError) as info:
+        hf.convert(Net(), example_input=torch.randn(2, 4))
+    message = str(info.value)
+    assert "3 converted layer(s)" in message
+    assert "never ran in the forward: ['attn.qkv', 'attn.proj', 'aux']" in message
+    assert "read directly" in message and "'attn.qkv'" in message and "'attn.proj'" in message
+    model = hf.convert(Net(), exclude=["attn", "aux"], example_input=torch.randn(2, 4))
+    assert sorted(model.perturbed_layers()) == ["embed"]
+
+
+def test_a_weight_read_behind_the_layer_is_an_error_for_later_tasks():
+    """Without an example input the first forward of a later task stops, naming the layer; the base still runs
+    (its weights are the base's), and a frozen export is untouched."""
+    model = hf.convert(Net(), exclude=["aux"])
+    x = torch.randn(2, 4)
+    base = model(x, 0)
+    t = model.add_task(3)
+    with pytest.raises(RuntimeError, match="layer 'attn.qkv': its weight was read outside its forward"):
+        model(x, t)
+    with pytest.raises(RuntimeError, match="attn.qkv"):
+        model(x, torch.tensor([0, t]))
+    assert_close(model(x, 0), base, torch.float32)
+    assert model.perturbed_layers()["attn.qkv"].weight.shape == (6, 6)  # reading outside a forward is fine

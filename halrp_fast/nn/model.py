@@ -335,6 +335,32 @@ class TaskModel(nn.Module):
             return None
         return grouped_selection(sel)
 
+    # ---------------------------------------------------------------- coverage
+    def check_coverage(self, x: torch.Tensor) -> None:
+        """Run the base on ``x`` (no gradient) and raise one ``ValueError`` naming every task-aware layer whose
+        forward did not run, or whose weight or bias other code read directly: such a layer would compute the
+        base for every task (a silent no-op).  Keep those modules shared with ``convert(..., exclude=[...])``."""
+        audit: dict[str, set[str]] = {"ran": set(), "read": set()}
+        previous, self._ctx.audit = self._ctx.audit, audit
+        try:
+            with torch.no_grad():
+                self(x, 0)
+        finally:
+            self._ctx.audit = previous
+        layers = self.perturbed_layers()
+        unused = [name for name in layers if name not in audit["ran"]]
+        read = [name for name in layers if name in audit["read"]]
+        if unused or read:
+            parts = []
+            if unused:
+                parts.append(f"never ran in the forward: {unused}")
+            if read:
+                parts.append(f"have their weights read directly by other code (which would use the base weights for "
+                             f"every task): {read}")
+            raise ValueError(f"{len(set(unused) | set(read))} converted layer(s) would not be task-aware: "
+                             f"{'; '.join(parts)}. Keep them (or the modules that read them) shared with "
+                             f"convert(..., exclude=[...])")
+
     # ---------------------------------------------------------------- export
     def export_task(self, t: int) -> nn.Module:
         """An ordinary model (plain ``nn.Linear``/``nn.Conv2d``/BatchNorm/head) computing task ``t``.
@@ -390,7 +416,7 @@ def _find_head(model: nn.Module, head: str) -> str:
 
 def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
             exclude: Iterable[str] = (), head_factory: Callable[[int], nn.Module] | None = None,
-            grouped_mixed_batches: bool | None = None) -> TaskModel:
+            grouped_mixed_batches: bool | None = None, example_input: torch.Tensor | None = None) -> TaskModel:
     """Make ``model`` task-aware and return a :class:`TaskModel` with one task (task 0 = the model).
 
     Every ``nn.Linear`` and ``nn.Conv2d`` becomes :class:`TaskLinear`/:class:`TaskConv2d`, every
@@ -404,6 +430,11 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
 
     ``grouped_mixed_batches`` (default: the model's ``halrp_grouped_mixed_batches`` attribute, else False):
     see :class:`TaskModel`; set it only for a network whose non-converted operations never mix channels.
+
+    ``example_input``: a batch the model accepts; the converted model then runs it once and refuses (one error
+    naming them all, see :meth:`TaskModel.check_coverage`) converted layers whose forward never runs or whose
+    weights other code reads directly.  Without it such a read is still an error, at the first forward of a
+    task after the base.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -457,4 +488,7 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
                       stacklevel=2)
     if grouped_mixed_batches is None:
         grouped_mixed_batches = bool(getattr(model, "halrp_grouped_mixed_batches", False))
-    return TaskModel(model, ctx, head_name, grouped_mixed_batches)
+    task_model = TaskModel(model, ctx, head_name, grouped_mixed_batches)
+    if example_input is not None:
+        task_model.check_coverage(example_input)
+    return task_model

@@ -21,6 +21,7 @@ from ._cache import DerivedCache, tensor_key
 from ._context import TaskContext, TaskModule, TaskSelection
 
 _PER_TASK = ("r", "s", "U", "V", "task_bias", "allocated")
+_BASE_TENSORS = frozenset(("weight", "bias"))
 
 
 class _RankBook(nn.Module):
@@ -204,10 +205,50 @@ class PerturbedLayer(TaskModule):
             return False
         return not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in tensors)
 
+    # ---------------------------------------------------------------- reads behind the layer's back
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        if name in _BASE_TENSORS:
+            self._guard_read(name)
+        return value
+
+    def _guard_read(self, name: str) -> None:
+        """Code outside this layer's forward that reads ``weight``/``bias`` while a later task runs gets the base
+        tensors (e.g. attention that passes ``self.qkv.weight`` to a function): that would compute task 0's layer
+        for every task, so it is an error, not a silent result.  During a coverage check it is recorded."""
+        d = self.__dict__
+        ctx = d.get("_ctx")
+        if ctx is None or d.get("_in_forward", False):
+            return
+        where = d.get("layer_name") or type(self).__name__
+        if ctx.audit is not None:
+            ctx.audit["read"].add(where)
+            return
+        sel = ctx.selection
+        if sel is None or sel.single == 0 or torch.compiler.is_compiling():
+            return
+        raise RuntimeError(
+            f"layer {where!r}: its {name} was read outside its forward while a task after the base ran; the code "
+            f"reading it (e.g. an attention module passing the weight to a function) would use the base weights for "
+            f"every task. Keep that module shared with convert(..., exclude=[...]) (convert(..., example_input=x) "
+            f"lists every such layer)")
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         """``x`` → this layer's output for task ``task_ids`` (int or ``(M,)`` int64; default: the
         selection of the enclosing :class:`TaskModel`)."""
+        if torch.compiler.is_compiling():
+            return self._forward(x, task_ids)
+        d = self.__dict__
+        if self._ctx.audit is not None:
+            self._ctx.audit["ran"].add(d.get("layer_name") or type(self).__name__)
+        d["_in_forward"] = True
+        try:
+            return self._forward(x, task_ids)
+        finally:
+            d["_in_forward"] = False
+
+    def _forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
         sel = self._selection(task_ids, x)
         if sel.single is not None:
             self._check_input(x)
