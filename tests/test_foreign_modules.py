@@ -195,3 +195,114 @@ def test_a_weight_read_behind_the_layer_is_an_error_for_later_tasks():
         model(x, torch.tensor([0, t]))
     assert_close(model(x, 0), base, torch.float32)
     assert model.perturbed_layers()["attn.qkv"].weight.shape == (6, 6)  # reading outside a forward is fine
+
+
+class Conv1D(nn.Module):
+    """transformers' GPT-2 projection (transformers.pytorch_utils.Conv1D): a Linear with its weight transposed."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(*x.shape[:-1], self.nf)
+
+
+def test_weight_layers_that_cannot_be_perturbed_are_refused_not_left_shared():
+    net = nn.Sequential(nn.Linear(4, 6), Conv1D(6, 6), nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 1, 3), nn.Flatten(),
+                        nn.Linear(4, 3))
+    with pytest.raises(ValueError) as info:
+        hf.convert(net)
+    message = str(info.value)
+    assert "2 module(s)" in message and "Conv1D is a weight layer" in message and "Conv1d is a weight layer" in message
+    assert "exclude=['1', '3']" in message
+    model = hf.convert(net, exclude=["1", "3"])
+    assert sorted(model.perturbed_layers()) == ["0"]
+
+
+class TinyTransformer(nn.Module):
+    """A pre-norm transformer block over token sequences (ViT/BERT pattern): LayerNorms around linear layers."""
+
+    def __init__(self, d=8, classes=3):
+        super().__init__()
+        self.embed = nn.Linear(5, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.norm2 = nn.LayerNorm(d)
+        self.last = nn.Linear(d, classes)
+
+    def forward(self, x):  # (M, L, 5) → (M, classes)
+        h = self.embed(x)
+        h = h + self.mlp(self.norm1(h))
+        return self.last(self.norm2(h).mean(1))
+
+
+def _with_task_norms(model: hf.TaskModel, t: int) -> None:
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in model.task_modules().values():
+            if isinstance(m, hf.nn.TaskNorm):
+                for p in m.norms[t].parameters():
+                    p.add_(0.5 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "groupnorm"])
+def test_layernorm_and_groupnorm_are_per_task(kind):
+    torch.manual_seed(0)
+    if kind == "layernorm":
+        original, x = TinyTransformer(), torch.randn(6, 4, 5)
+    else:
+        original = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(), nn.Linear(128, 3))
+        x = torch.randn(6, 3, 6, 6)
+    model = hf.convert(original, head="last" if kind == "layernorm" else "4")
+    assert sum(isinstance(m, hf.nn.TaskNorm) for m in model.task_modules().values()) == (2 if kind == "layernorm"
+                                                                                          else 1)
+    with torch.no_grad():
+        assert torch.equal(model(x, 0), original(x))  # task 0 is the original model exactly
+    t = model.add_task(3)
+    _perturb(model, t)
+    _with_task_norms(model, t)
+    ids = torch.tensor([t, 0, t, 0, 0, t])
+    for training in (True, False):
+        model.train(training)
+        mixed = model(x, ids)
+        for task in (0, t):
+            rows = (ids == task).nonzero().flatten()
+            assert_close(mixed[rows], model(x[rows], task), torch.float32)
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t), model(x, 0))  # the task's norms are its own
+        assert_close(model.export_task(t)(x), model(x, t), torch.float32)
+        fresh = hf.convert(original, head="last" if kind == "layernorm" else "4")
+        fresh.add_task(3)
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(fresh.eval()(x, t), model(x, t))
+    names = model.named_task_parameters(t)
+    assert any(".norms.1." in name for name in names)  # trained with the task
+    model.freeze_task(t)
+    assert not any(p.requires_grad for p in model.task_parameters(t))
+
+
+def test_the_method_learns_tasks_on_a_transformer_with_task_layernorms(tmp_path):
+    from halrp_fast.continual import HALRPConfig, HALRPLearner
+
+    g = torch.Generator().manual_seed(0)
+
+    def batches(n=4):
+        return [(torch.randn(8, 4, 5, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+    learner = HALRPLearner(TinyTransformer(), HALRPConfig(epochs=2, upper_rank=4, channels_last=False))
+    for _ in range(3):
+        learner.learn_task(batches(), batches(2), 3)
+    model = learner.model
+    assert model.num_tasks == 3
+    norms = [m for m in model.task_modules().values() if isinstance(m, hf.nn.TaskNorm)]
+    assert norms and all(not torch.equal(m.norms[2].weight, m.norms[0].weight) for m in norms)
+    learner.save(tmp_path / "ckpt")
+    again = HALRPLearner.load(tmp_path / "ckpt", model=TinyTransformer())
+    x = torch.randn(3, 4, 5)
+    with torch.no_grad():
+        for t in range(3):
+            assert torch.equal(again.model.eval()(x, t), model.eval()(x, t))

@@ -3,6 +3,7 @@ from ._context import TaskContext, TaskSelection, select_tasks
 from .batchnorm import TaskBatchNorm
 from .heads import TaskHeads
 from .model import TaskModel, convert
+from .norm import TaskNorm
 from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "TaskHeads",
     "TaskLinear",
     "TaskModel",
+    "TaskNorm",
     "TaskSelection",
     "convert",
     "select_tasks",

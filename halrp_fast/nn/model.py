@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_map
 from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection, select_tasks, take_rows
 from .batchnorm import TaskBatchNorm
 from .heads import TaskHeads
+from .norm import SAMPLE_NORMS, TaskNorm
 from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear, _is_compiling
 
 
@@ -414,18 +415,32 @@ def _find_head(model: nn.Module, head: str) -> str:
     return head
 
 
+_UNSUPPORTED_PROJECTIONS = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.Bilinear)
+
+
+def _is_unsupported_projection(m: nn.Module) -> bool:
+    """A layer whose weight maps inputs to outputs as a Linear or Conv2d does, but which convert cannot perturb:
+    other convolutions, and transformers' ``Conv1D`` (GPT-2's projections: a Linear with a transposed weight).
+    Left shared silently, it would look converted and adapt nothing."""
+    if isinstance(m, _UNSUPPORTED_PROJECTIONS):
+        return True
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), nn.Parameter)
+
+
 def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
             exclude: Iterable[str] = (), head_factory: Callable[[int], nn.Module] | None = None,
             grouped_mixed_batches: bool | None = None, example_input: torch.Tensor | None = None) -> TaskModel:
     """Make ``model`` task-aware and return a :class:`TaskModel` with one task (task 0 = the model).
 
     Every ``nn.Linear`` and ``nn.Conv2d`` becomes :class:`TaskLinear`/:class:`TaskConv2d`, every
-    ``BatchNorm1d``/``BatchNorm2d`` a :class:`TaskBatchNorm`, and the classifier named by ``head``
+    ``BatchNorm1d``/``BatchNorm2d`` a :class:`TaskBatchNorm`, every ``LayerNorm``/``GroupNorm`` a
+    :class:`~halrp_fast.nn.norm.TaskNorm` (per-task affine parameters), and the classifier named by ``head``
     (a qualified module name, or ``"last"`` for the last ``nn.Linear``) a :class:`TaskHeads`.
 
     ``exclude``: qualified names of modules (and everything below them) to leave as they are; they
-    stay shared by all tasks and belong to the base.  Grouped convs and non-zero padding modes are
-    refused unless excluded.  Linear layers inside ``nn.MultiheadAttention`` are left shared (that
+    stay shared by all tasks and belong to the base.  Grouped convs, non-zero padding modes and weight layers it
+    cannot perturb (Conv1d/Conv3d, transposed convs, Bilinear, transformers' ``Conv1D``) are refused unless
+    excluded, all in one error.  Linear layers inside ``nn.MultiheadAttention`` are left shared (that
     module reads their weights directly) with a warning.  ``inplace=False`` converts a deep copy.
 
     ``grouped_mixed_batches`` (default: the model's ``halrp_grouped_mixed_batches`` attribute, else False):
@@ -470,8 +485,13 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
                 refused.append((name, str(exc)))
         elif isinstance(m, nn.Linear):
             replacements[name] = TaskLinear.from_linear(m, ctx)
+        elif _is_unsupported_projection(m):
+            refused.append((name, f"{type(m).__name__} is a weight layer halrp_fast cannot perturb (it perturbs "
+                                  f"nn.Linear and nn.Conv2d)"))
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             replacements[name] = TaskBatchNorm(m, ctx)
+        elif isinstance(m, SAMPLE_NORMS):
+            replacements[name] = TaskNorm(m, ctx)
     if refused:
         names = [name for name, _ in refused]
         reasons = "; ".join(f"{name!r}: {why}" for name, why in refused)
