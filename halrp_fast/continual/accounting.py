@@ -10,8 +10,9 @@ NONZERO = 1e-8
 def paper_parameter_count(model: TaskModel, dense: bool = False) -> dict[str, int]:
     """The paper's count, as the authors' code takes it: all parameters of the base, plus per task ``t ≥ 1``
     its ``r, s``, the entries of its ``U, V`` with ``|x| > 1e-8`` (with ``dense``: all entries at the allocated
-    rank, before pruning), its normalisation (BatchNorm, LayerNorm, GroupNorm) affine parameters and its head.  The task's own conv/linear biases are
-    not counted (the authors' count leaves them out; :func:`stored_bytes` holds them).
+    rank, before pruning), its normalisation (BatchNorm, LayerNorm, GroupNorm) affine parameters and its head.
+    The task's own conv/linear biases are not counted (the authors' count leaves them out; :func:`stored_bytes`
+    holds them).
 
     Returns ``{"base": n0, "task_1": n1, ..., "total": n0 + Σ n_t}``.  Lazily added tasks are read first
     (the nonzeros need the values).
