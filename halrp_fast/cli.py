@@ -157,7 +157,7 @@ def _run_one(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.quiet else print
     tic = time.perf_counter()
     if args.task_parallel or args.distributed:
-        from .continual.distributed import init_from_env, launched_by_torchrun
+        from .continual.distributed import barrier, init_from_env, launched_by_torchrun, shutdown
 
         if not launched_by_torchrun():
             raise ValueError("--task-parallel / --distributed run under torchrun, e.g. torchrun --nproc-per-node 2 "
@@ -173,6 +173,11 @@ def _run_one(args: argparse.Namespace) -> int:
         else:
             _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
                                     log=log, meta=meta, dist=ctx, allow_changes=args.allow_change or ())
+        # Every process is done communicating: destroy the process group while the interpreter is fully alive
+        # (left to interpreter exit, gloo's worker threads can abort a process with std::terminate).  Not on an
+        # error: another process may still wait in a collective, and destroying would hang.
+        barrier(ctx)
+        shutdown(ctx)
         if not ctx.is_main:
             return 0
     else:
