@@ -1,5 +1,5 @@
-"""Real torchvision models (random initialisation, tiny inputs) through convert(): what converts today is checked
-end to end (task 0 is the original exactly, mixed batches equal single-task rows, export_task, state-dict round
+"""Real torchvision, transformers and timm models (random initialisation, tiny inputs) through convert(): what
+converts today is checked end to end (task 0 is the original exactly, mixed batches equal single-task rows, export_task, state-dict round
 trip, every task parameter gets a gradient); what does not is refused by name, never silently wrong."""
 import warnings
 
@@ -99,5 +99,77 @@ def test_swin_reads_its_projection_weights_and_is_refused_not_silently_wrong():
         hf.convert(model, head="head", example_input=x)
     converted = hf.convert(model, head="head")
     t = converted.add_task(5)
-    with pytest.raises(RuntimeError, match=r"attn\.qkv'?: its weight was read outside its forward"):
+    with pytest.raises(RuntimeError, match=r"attn\.qkv.*had their weights read by other code"):
         converted.eval()(x, t)
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _foreign_end_to_end(build, head, x, classes=3):
+    """``classes``: of the added task, as many as the original's head (mixed rows then compare whole)."""
+    original = build().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hf.convert(original, head=head, example_input=x[:1])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(_logits(model(x, 0)), _logits(original(x)))
+    t = model.add_task(classes)
+    _perturb(model, t)
+    ids = torch.tensor([t, 0] * (x.shape[0] // 2))
+    with torch.no_grad():
+        mixed = _logits(model(x, ids))
+        single, base = _logits(model(x, t)), _logits(model(x, 0))
+        assert not torch.allclose(single, base)  # the task's layers are its own
+        assert_close(mixed[ids == t], single[ids == t], torch.float32)
+        assert_close(mixed[ids == 0], base[ids == 0], torch.float32)
+        assert_close(_logits(model.export_task(t).eval()(x)), single, torch.float32)
+    model.train()
+    model.freeze_task(0)
+    _logits(model(x, t)).sum().backward()
+    missing = [n for n, p in model.named_task_parameters(t).items() if p.grad is None]
+    assert not missing, f"task parameters without a gradient: {missing}"
+
+
+@pytest.mark.parametrize("name", ["vit", "bert", "distilbert"])
+def test_transformers_models_end_to_end(name):
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "vit":
+        cfg = tr.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2, hidden_size=16,
+                           intermediate_size=32, num_labels=3)
+        _foreign_end_to_end(lambda: tr.ViTForImageClassification(cfg), "classifier", torch.randn(4, 3, 32, 32))
+    elif name == "bert":
+        cfg = tr.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, num_labels=3)
+        _foreign_end_to_end(lambda: tr.BertForSequenceClassification(cfg), "classifier", torch.randint(0, 50, (4, 7)))
+    else:
+        cfg = tr.DistilBertConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=32, num_labels=3)
+        _foreign_end_to_end(lambda: tr.DistilBertForSequenceClassification(cfg), "classifier",
+                            torch.randint(0, 50, (4, 7)))
+
+
+def test_gpt2_conv1d_projections_are_refused_by_name():
+    tr = pytest.importorskip("transformers")
+    cfg = tr.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16, num_labels=3, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=1)
+    with pytest.raises(ValueError, match=r"cannot convert 8 module\(s\).*'transformer\.h\.0\.attn\.c_attn': Conv1D"):
+        hf.convert(tr.GPT2ForSequenceClassification(cfg), head="score")
+
+
+@pytest.mark.parametrize("name,head", [("resnet18", "fc"), ("vit_tiny_patch16_224", "head")])
+def test_timm_models_end_to_end(name, head):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32} if name.startswith("vit") else {}
+    _foreign_end_to_end(lambda: timm.create_model(name, num_classes=3, **kwargs), head, torch.randn(4, 3, 32, 32))
+
+
+def test_timm_mobilenet_depthwise_convs_are_refused_by_name():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("mobilenetv3_small_100", num_classes=3)
+    grouped = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    with pytest.raises(ValueError, match=rf"cannot convert {len(grouped)} module\(s\)"):
+        hf.convert(model, head="classifier")

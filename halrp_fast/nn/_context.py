@@ -206,9 +206,9 @@ class TaskContext:
 
     def __init__(self) -> None:
         self.selection: TaskSelection | None = None
-        #: while a coverage check runs: {"ran": layers whose forward ran, "read": layers whose weight or bias other
-        #: code read directly}; else None
-        self.audit: dict[str, set[str]] | None = None
+        #: while a forward of a later task or a coverage check runs: {"ran": layers whose forward ran, "read":
+        #: layers whose weight or bias other code read directly}; else None
+        self.watch: dict[str, set[str]] | None = None
 
     @contextmanager
     def use(self, selection: TaskSelection) -> Iterator[None]:

@@ -302,6 +302,26 @@ class TaskModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
+        if torch.compiler.is_compiling() or self._ctx.watch is not None or (isinstance(task_ids, int)
+                                                                          and task_ids == 0):
+            return self._forward(x, task_ids)
+        # A later task: note which layers run and which have their weights read by other code.
+        watch: dict[str, set[str]] = {"ran": set(), "read": set()}
+        self._ctx.watch = watch
+        try:
+            out = self._forward(x, task_ids)
+        finally:
+            self._ctx.watch = None
+        bypassed = sorted(watch["read"] - watch["ran"])
+        if bypassed:
+            raise RuntimeError(
+                f"converted layer(s) {bypassed} had their weights read by other code while their own forward did not "
+                f"run, so that code computed the base for every task (e.g. an attention module passing the weight to "
+                f"a function). Keep the module that reads them shared with convert(..., exclude=[...]); "
+                f"convert(..., example_input=x) lists every such layer")
+        return out
+
+    def _forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         sel = select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
@@ -339,18 +359,18 @@ class TaskModel(nn.Module):
     # ---------------------------------------------------------------- coverage
     def check_coverage(self, x: torch.Tensor) -> None:
         """Run the base on ``x`` (no gradient) and raise one ``ValueError`` naming every task-aware layer whose
-        forward did not run, or whose weight or bias other code read directly: such a layer would compute the
-        base for every task (a silent no-op).  Keep those modules shared with ``convert(..., exclude=[...])``."""
+        forward did not run (among them those whose weights other code reads directly): such a layer would compute
+        the base for every task (a silent no-op).  Keep those modules shared with ``convert(..., exclude=[...])``."""
         audit: dict[str, set[str]] = {"ran": set(), "read": set()}
-        previous, self._ctx.audit = self._ctx.audit, audit
+        previous, self._ctx.watch = self._ctx.watch, audit
         try:
             with torch.no_grad():
-                self(x, 0)
+                self._forward(x, 0)
         finally:
-            self._ctx.audit = previous
+            self._ctx.watch = previous
         layers = self.perturbed_layers()
         unused = [name for name in layers if name not in audit["ran"]]
-        read = [name for name in layers if name in audit["read"]]
+        read = [name for name in unused if name in audit["read"]]
         if unused or read:
             parts = []
             if unused:

@@ -213,25 +213,15 @@ class PerturbedLayer(TaskModule):
         return value
 
     def _guard_read(self, name: str) -> None:
-        """Code outside this layer's forward that reads ``weight``/``bias`` while a later task runs gets the base
-        tensors (e.g. attention that passes ``self.qkv.weight`` to a function): that would compute task 0's layer
-        for every task, so it is an error, not a silent result.  During a coverage check it is recorded."""
+        """Record a read of ``weight``/``bias`` by code outside this layer's forward while a later task runs: if the
+        layer's own forward does not run in that pass (e.g. attention that passes ``self.qkv.weight`` to a function),
+        that code computed the base for every task, and :class:`TaskModel` raises (reading only metadata such as
+        the weight's dtype, next to calling the layer, is harmless)."""
         d = self.__dict__
         ctx = d.get("_ctx")
-        if ctx is None or d.get("_in_forward", False):
+        if ctx is None or d.get("_in_forward", False) or ctx.watch is None:
             return
-        where = d.get("layer_name") or type(self).__name__
-        if ctx.audit is not None:
-            ctx.audit["read"].add(where)
-            return
-        sel = ctx.selection
-        if sel is None or sel.single == 0 or torch.compiler.is_compiling():
-            return
-        raise RuntimeError(
-            f"layer {where!r}: its {name} was read outside its forward while a task after the base ran; the code "
-            f"reading it (e.g. an attention module passing the weight to a function) would use the base weights for "
-            f"every task. Keep that module shared with convert(..., exclude=[...]) (convert(..., example_input=x) "
-            f"lists every such layer)")
+        ctx.watch["read"].add(d.get("layer_name") or type(self).__name__)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
@@ -240,8 +230,9 @@ class PerturbedLayer(TaskModule):
         if torch.compiler.is_compiling():
             return self._forward(x, task_ids)
         d = self.__dict__
-        if self._ctx.audit is not None:
-            self._ctx.audit["ran"].add(d.get("layer_name") or type(self).__name__)
+        watch = self._ctx.watch
+        if watch is not None:
+            watch["ran"].add(d.get("layer_name") or type(self).__name__)
         d["_in_forward"] = True
         try:
             return self._forward(x, task_ids)
