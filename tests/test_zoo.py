@@ -1,6 +1,7 @@
 """Real torchvision, transformers and timm models (random initialisation, tiny inputs) through convert(): what
-converts today is checked end to end (task 0 is the original exactly, mixed batches equal single-task rows, export_task, state-dict round
-trip, every task parameter gets a gradient); what does not is refused by name, never silently wrong."""
+converts today is checked end to end (task 0 is the original exactly, mixed batches equal single-task rows,
+export_task, state-dict round trip, every task parameter gets a gradient); what does not is refused by name, never
+silently wrong."""
 import warnings
 
 import pytest
