@@ -1,0 +1,77 @@
+"""Inference cost of converted zoo models against the plain model they came from.
+
+A converted model serving a later task runs every task-aware layer through its cached merged weight, so beyond
+the plain model it costs only the library's per-layer bookkeeping (task selection, cache lookups, the per-task
+normalisation and head modules).  Both models are timed in the same paired rounds, no gradient, eval mode.
+
+``python bench/bench_zoo.py [--threads 2] [--batch 16] [--rounds 60]`` prints a markdown table; needs torchvision
+(and timm for the ViT row).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment_line, markdown_table, paired_median_ms, parse_args  # noqa: E402
+
+import halrp_fast as hf  # noqa: E402
+
+
+def _models(batch: int) -> dict:
+    import torchvision as tv
+
+    out = {"torchvision resnet18, 64×64": (lambda: tv.models.resnet18(num_classes=10), "fc",
+                                            torch.randn(batch, 3, 64, 64))}
+    try:
+        import timm
+
+        out["timm vit_tiny_patch16, 64×64"] = (
+            lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64), "head",
+            torch.randn(batch, 3, 64, 64))
+    except ImportError:
+        pass
+    return out
+
+
+def _with_task(model: hf.TaskModel, rank: int) -> int:
+    t = model.add_task(10)
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.perturbed_layers().values():
+        layer.set_rank(t, 0.01 * torch.randn(layer.out_features, rank, generator=gen),
+                       0.01 * torch.randn(layer.in_features, rank, generator=gen))
+    return t
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--rank", type=int, default=8)
+    args = parse_args(parser, argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name, (build, head, x) in _models(args.batch).items():
+        torch.manual_seed(0)
+        plain = build().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = hf.convert(plain, head=head).eval()
+        t = _with_task(model, args.rank)
+        with torch.no_grad():
+            model(x, t)  # merge and cache the task's weights once
+            t_plain, t_base, t_task = paired_median_ms([lambda: plain(x), lambda: model(x, 0), lambda: model(x, t)],
+                                                       rounds=args.rounds)
+        rows.append([name, len(model.perturbed_layers()), t_plain, t_base, t_task, t_task / t_plain, "≤ 1.05"])
+    print(environment_line("cpu") + f", batch {args.batch}, rank {args.rank}, medians of {args.rounds} paired rounds")
+    print(markdown_table(["model", "task-aware layers", "plain ms", "converted, task 0 ms", "converted, task 1 ms",
+                          "task 1 / plain", "target"], rows))
+
+
+if __name__ == "__main__":
+    main()
