@@ -256,3 +256,37 @@ def test_a_corrupted_data_file_is_one_clear_error(tmp_path):
         (root / name).write_bytes(os.urandom(1000))
     with pytest.raises(ValueError, match="cannot read CIFAR-100 pickle .*train"):
         load_cifar100(tmp_path)
+
+
+def test_every_kind_of_corrupted_pickle_is_one_clear_error(tmp_path):
+    """Random bytes, random opcodes after a protocol header, and a valid data pickle with a few bytes flipped:
+    whatever pickle or numpy raises deep inside (MemoryError for a huge declared length, LookupError,
+    SystemError, ...), the loader reports one ValueError naming the file."""
+    import pickle
+    import random
+
+    import numpy as np
+
+    from halrp_fast.data import safe_pickle
+
+    good = pickle.dumps({"data": np.arange(10, dtype=np.uint8), "fine_labels": [1, 2]}, protocol=2)
+    path = tmp_path / "train"
+    for seed in range(600):
+        rng = random.Random(seed)
+        if seed % 3 == 0:
+            data = rng.randbytes(rng.randint(1, 2000))
+        elif seed % 3 == 1:
+            data = b"\x80" + bytes([rng.choice([2, 3, 4, 5])]) + rng.randbytes(rng.randint(0, 500))
+        else:
+            flipped = bytearray(good)
+            for _ in range(rng.randint(1, 5)):
+                flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+            data = bytes(flipped)
+        path.write_bytes(data)
+        try:
+            safe_pickle.load(path, "CIFAR-100 pickle")
+        except ValueError as exc:
+            assert str(path) in str(exc)
+    path.write_bytes(b"\x80\x04\x8e" + (1 << 62).to_bytes(8, "little"))  # BINBYTES8 of 4 EiB
+    with pytest.raises(ValueError, match="cannot read CIFAR-100 pickle"):
+        safe_pickle.load(path, "CIFAR-100 pickle")

@@ -31,5 +31,8 @@ def load(path: str | Path, what: str) -> object:
     try:
         with open(path, "rb") as f:
             return RestrictedUnpickler(f, encoding="latin1").load()
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError) as exc:
-        raise ValueError(f"cannot read {what} {path}: {exc}") from None
+    except MemoryError:  # a corrupted length field asks for more memory than there is
+        raise ValueError(f"cannot read {what} {path}: it declares an object larger than memory (a corrupted or "
+                         f"foreign file)") from None
+    except Exception as exc:  # noqa: BLE001 — a corrupted stream fails anywhere in pickle or numpy, in any type
+        raise ValueError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
