@@ -207,32 +207,28 @@ class PerturbedLayer(TaskModule):
 
     # ---------------------------------------------------------------- reads behind the layer's back
     def __getattr__(self, name: str):
+        """Parameters and submodules as ``nn.Module`` gives them; besides, a read of ``weight``/``bias`` by code
+        outside this layer's forward while a later task runs is recorded: if the layer's own forward does not run
+        in that pass (e.g. attention that passes ``self.qkv.weight`` to a function), that code computed the base for
+        every task, and :class:`TaskModel` raises (reading only metadata such as the weight's dtype, next to
+        calling the layer, is harmless)."""
         value = super().__getattr__(name)
         if name in _BASE_TENSORS:
-            self._guard_read(name)
+            d = self.__dict__
+            ctx = d.get("_ctx")
+            if ctx is not None and ctx.watch is not None and not d.get("_in_forward", False):
+                ctx.watch["read"].add(d.get("layer_name") or type(self).__name__)
         return value
-
-    def _guard_read(self, name: str) -> None:
-        """Record a read of ``weight``/``bias`` by code outside this layer's forward while a later task runs: if the
-        layer's own forward does not run in that pass (e.g. attention that passes ``self.qkv.weight`` to a function),
-        that code computed the base for every task, and :class:`TaskModel` raises (reading only metadata such as
-        the weight's dtype, next to calling the layer, is harmless)."""
-        d = self.__dict__
-        ctx = d.get("_ctx")
-        if ctx is None or d.get("_in_forward", False) or ctx.watch is None:
-            return
-        ctx.watch["read"].add(d.get("layer_name") or type(self).__name__)
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         """``x`` → this layer's output for task ``task_ids`` (int or ``(M,)`` int64; default: the
         selection of the enclosing :class:`TaskModel`)."""
-        if torch.compiler.is_compiling():
+        watch = self._ctx.watch
+        if watch is None or torch.compiler.is_compiling():
             return self._forward(x, task_ids)
         d = self.__dict__
-        watch = self._ctx.watch
-        if watch is not None:
-            watch["ran"].add(d.get("layer_name") or type(self).__name__)
+        watch["ran"].add(d.get("layer_name") or type(self).__name__)
         d["_in_forward"] = True
         try:
             return self._forward(x, task_ids)
@@ -266,13 +262,15 @@ class PerturbedLayer(TaskModule):
                           f"(and channel count) the network was built for?")
 
     def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        params = self._parameters
+        weight, bias = params["weight"], params.get("bias")  # no bias: a plain None attribute
         if t == 0:
-            return self._plain(x, self.weight, self.bias)
+            return self._plain(x, weight, bias)
         key = str(t)  # t was checked by the selection
         containers = self._modules
         r, s, U, V = (containers[name]._parameters[key] for name in _PER_TASK[:4])
-        b = containers["task_bias"]._parameters[key] if self.bias is not None else None
-        sources = (self.weight, r, s, U, V)
+        b = containers["task_bias"]._parameters[key] if bias is not None else None
+        sources = (weight, r, s, U, V)
         if self._can_merge(sources):
             return self._plain(x, self._merged.get(t, sources, lambda: self._merge(*sources)), b)
         return self._op(x, r, s, U, V, b)
