@@ -174,3 +174,43 @@ def test_timm_mobilenet_depthwise_convs_are_refused_by_name():
     grouped = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
     with pytest.raises(ValueError, match=rf"cannot convert {len(grouped)} module\(s\)"):
         hf.convert(model, head="classifier")
+
+
+@pytest.mark.parametrize("name", list(CONVERTIBLE))
+def test_task_gradients_equal_those_implied_by_the_merged_weights(name):
+    """float64: the gradients of r, s, U, V of every task-aware layer equal the chain rule through
+    W_t = diag(r) W diag(s) + U Vᵀ applied to the gradient of W_t in the exported plain model."""
+    torch.manual_seed(0)
+    build, head, size = CONVERTIBLE[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hf.convert(build(), head=head, head_factory=_head_factory(name, None))
+    t = model.add_task(7)
+    _perturb(model, t)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.perturbed_layers().values():
+            layer.s[str(t)].add_(0.05 * torch.randn(layer.in_features, generator=gen))
+    model = model.double().eval()
+    model.freeze_task(0)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    exported = model.export_task(t).eval()
+    probe = torch.randn(2, 7, dtype=torch.float64)
+    (exported(x) * probe).sum().backward()
+    (model(x, t) * probe).sum().backward()
+    for lname, layer in model.perturbed_layers().items():
+        G = exported.get_submodule(lname).weight.grad
+        W = layer.weight.detach()
+        r, s, U, V = (p.detach() for p in layer.task_tensors(t)[:4])
+        if W.dim() == 4:
+            expected_r = (G * W * s[None, :, None, None]).sum((1, 2, 3))
+            expected_s = (G * W * r[:, None, None, None]).sum((0, 2, 3))
+            G = G.sum((2, 3))
+        else:
+            expected_r = (G * W * s[None, :]).sum(1)
+            expected_s = (G * W * r[:, None]).sum(0)
+        got = layer.task_tensors(t)
+        assert_close(got[0].grad, expected_r, torch.float64)
+        assert_close(got[1].grad, expected_s, torch.float64)
+        assert_close(got[2].grad, G @ V, torch.float64)
+        assert_close(got[3].grad, G.T @ U, torch.float64)
