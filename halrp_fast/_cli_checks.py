@@ -18,38 +18,33 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def integer(low: int | None = None, high: int | None = None):
-    """``type=`` for an int flag in ``[low, high]``."""
+def _flag_type(convert, expected: str, check):
+    """``type=`` that parses ``text`` with ``convert`` and then validates it with ``check(name, value)``: one-line
+    errors without the argument's name (argparse puts ``argument --flag:`` in front)."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         try:
-            check_int("it", value, low=low, high=high)
+            check("it", value)
         except (TypeError, ValueError) as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
         return value
 
     return parse
+
+
+def integer(low: int | None = None, high: int | None = None):
+    """``type=`` for an int flag in ``[low, high]``."""
+    return _flag_type(int, "an integer", lambda name, value: check_int(name, value, low=low, high=high))
 
 
 def number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
     """``type=`` for a finite float flag within the bounds."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        try:
-            check_number("it", value, low, high, low_open, high_open)
-        except (TypeError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix("it ")) from None
-        return value
-
-    return parse
+    return _flag_type(float, "a number",
+                      lambda name, value: check_number(name, value, low, high, low_open, high_open))
 
 
 def prepare_out_dir(out: Path) -> None:

@@ -187,7 +187,7 @@ def _register(spec: OpSpec) -> tuple[Callable, Callable]:
     def forward_kernel(*args):
         inputs, save, geo = _split_forward(spec, args)
         validate(spec, inputs, geo)
-        return _distinct(tuple(t.detach() if t._is_view() else t for t in run_forward(spec, inputs, save, geo)))
+        return _distinct(tuple(map(_not_a_view, run_forward(spec, inputs, save, geo))))
 
     def forward_fake(*args):
         inputs, save, geo = _split_forward(spec, args)
@@ -221,6 +221,13 @@ def _register(spec: OpSpec) -> tuple[Callable, Callable]:
 
     torch.library.register_autograd(qualname, autograd, setup_context=setup_context, lib=_LIB)
     return getattr(torch.ops.halrp, spec.name).default, backward_op
+
+
+def _not_a_view(t: Tensor) -> Tensor:
+    """An output handed to autograd: a provider may return a reshaped view of its own buffer, on which autograd
+    would refuse in-place ops (an inplace activation after the layer); ``detach()`` is an alias that is not a view.
+    (Not needed on the no-grad path.)"""
+    return t.detach() if t._is_view() else t
 
 
 def _distinct(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -281,10 +288,7 @@ def _eager_function(spec: OpSpec) -> type[torch.autograd.Function]:
         out = run_forward(spec, inputs, True, geo)
         ctx.save_for_backward(*_saved(spec, inputs, out))
         ctx.geo, ctx.has_bias = geo, inputs[-1] is not None
-        y = out[0]
-        # A provider may return y as a reshaped view of its own buffer; autograd would then refuse in-place ops
-        # on the output (an inplace activation after the layer).  detach() is an alias that is not a view.
-        return y.detach() if y._is_view() else y
+        return _not_a_view(out[0])
 
     def backward(ctx, grad):
         needs = spec.grad_mask(ctx.needs_input_grad[n_leading:])
@@ -313,9 +317,7 @@ def apply(spec: OpSpec, inputs: tuple, geo: tuple = ()) -> Tensor:
     validated once and served by the provider, with autograd when needed."""
     if torch.compiler.is_compiling():
         return _OPS[spec.name][0](*inputs, needs_grad([t for t in inputs if isinstance(t, Tensor)]), *geo)[0]
-    spec.check(*inputs, *geo)
-    if spec.mixed:
-        _checks.check_task_id_range(inputs[1], inputs[3].shape[0])
+    validate(spec, inputs, geo)
     if needs_grad(inputs):
         x = inputs[0]
         fused = _backend.select_autograd(spec.name, x.device.type, x.dtype)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..linalg import discrepancy, fit_scalings
-from ..nn import TaskBatchNorm, TaskModel, TaskNorm
+from ..nn import TaskModel
+from ..nn.norm import PerTaskModules
 from .allocation import allocate_adaptive, lowrank_init
 from .distributed import DistContext
 from .importance import empirical_fisher
@@ -89,9 +90,7 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
             if L.bias is not None:
                 L.task_bias[key].copy_(free_bias)
         for n, m in model.task_modules().items():
-            if isinstance(m, TaskBatchNorm):
-                m.bns[t].load_state_dict(free.get_submodule(n).state_dict())
-            elif isinstance(m, TaskNorm):
-                m.norms[t].load_state_dict(free.get_submodule(n).state_dict())
+            if isinstance(m, PerTaskModules):  # BatchNorm, LayerNorm, GroupNorm
+                m.module_of(t).load_state_dict(free.get_submodule(n).state_dict())
         model.heads.heads[t].load_state_dict(free.get_submodule(model.head_name).state_dict())
     return Estimate(alloc.ranks, alloc.explained, importance, seconds)

@@ -1,17 +1,16 @@
 """Per-task BatchNorm: each task has its own affine parameters and running statistics."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._context import TaskContext, TaskModule, TaskSelection
+from ._context import TaskContext, TaskSelection
+from .norm import PerTaskModules
 
 
-class TaskBatchNorm(TaskModule):
+class TaskBatchNorm(PerTaskModules):
     """Wraps one ``BatchNorm1d``/``BatchNorm2d`` per task (``bns[t]``); task 0's is the original.
 
     New tasks start as a copy of task 0's module (affine and running statistics).  Modules built with
@@ -38,24 +37,10 @@ class TaskBatchNorm(TaskModule):
         """Exactly BatchNorm1d/2d: the vectorised mixed-batch forms restate its math, which a subclass may extend."""
         return type(self.bns[0]) in (nn.BatchNorm1d, nn.BatchNorm2d)
 
-    def add_task(self) -> int:
-        """A new task's module: a copy of task 0's, trainable even when task 0 is frozen."""
-        bn = copy.deepcopy(self.bns[0])
-        bn.requires_grad_(True)
-        self.bns.append(bn)
-        self.num_tasks += 1
-        return self.num_tasks - 1
-
-    def task_parameters(self, t: int) -> list[nn.Parameter]:
-        return list(self.bns[self._check_task(t)].parameters())
-
-    def to_plain(self, t: int) -> _BatchNorm:
-        return copy.deepcopy(self.bns[self._check_task(t)])
-
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         sel = self._selection(task_ids, x)
         if sel.single is not None:
-            return self.bns._modules[str(sel.single)](x)  # the selection checked the id
+            return self.module_of(sel.single)(x)  # the selection checked the id
         return self._forward_mixed(x, sel)
 
     def _forward_grouped(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor | None:
@@ -86,7 +71,7 @@ class TaskBatchNorm(TaskModule):
                 return out
             # Per task group in rows, then back: the layout of the activation is the caller's.
             return sel.grouped.group(self._forward_mixed(sel.grouped.ungroup(x), sel))
-        bns = [self.bns._modules[str(t)] for t in sel.tasks]
+        bns = [self.module_of(t) for t in sel.tasks]
         if self.training or not bns[0].track_running_stats or not self._plain_batchnorm:
             # per task group through the module itself (a subclass may add to BatchNorm, e.g. an activation)
             return sel.regroup([bn(sel.rows(x, i)) for i, bn in enumerate(bns)])

@@ -12,7 +12,33 @@ from ._context import TaskContext, TaskModule
 SAMPLE_NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 
-class TaskNorm(TaskModule):
+class PerTaskModules(TaskModule):
+    """One copy of a module per task in the ``nn.ModuleList`` named by ``_task_containers[0]`` (task 0's is the
+    original); a new task's copy is task 0's, trainable even when task 0 is frozen."""
+
+    def _copies(self) -> nn.ModuleList:
+        return self._modules[self._task_containers[0]]
+
+    def module_of(self, t: int) -> nn.Module:
+        """Task ``t``'s module (``t`` checked by the caller, as a selection's are)."""
+        return self._copies()._modules[str(t)]
+
+    def add_task(self) -> int:
+        copies = self._copies()
+        module = copy.deepcopy(copies[0])
+        module.requires_grad_(True)
+        copies.append(module)
+        self.num_tasks += 1
+        return self.num_tasks - 1
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        return list(self._copies()[self._check_task(t)].parameters())
+
+    def to_plain(self, t: int) -> nn.Module:
+        return copy.deepcopy(self._copies()[self._check_task(t)])
+
+
+class TaskNorm(PerTaskModules):
     """Wraps one ``LayerNorm``/``GroupNorm`` per task (``norms[t]``); task 0's is the original.
 
     New tasks start as a copy of task 0's module.  These normalise every sample on its own, so a mixed batch is
@@ -28,31 +54,16 @@ class TaskNorm(TaskModule):
             raise TypeError(f"expected an nn.LayerNorm or nn.GroupNorm, got {type(norm).__name__}")
         self.norms = nn.ModuleList([norm])
 
-    def add_task(self) -> int:
-        """A new task's module: a copy of task 0's, trainable even when task 0 is frozen."""
-        norm = copy.deepcopy(self.norms[0])
-        norm.requires_grad_(True)
-        self.norms.append(norm)
-        self.num_tasks += 1
-        return self.num_tasks - 1
-
-    def task_parameters(self, t: int) -> list[nn.Parameter]:
-        return list(self.norms[self._check_task(t)].parameters())
-
-    def to_plain(self, t: int) -> nn.Module:
-        return copy.deepcopy(self.norms[self._check_task(t)])
-
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         sel = self._selection(task_ids, x)
         if sel.single is not None:
-            return self.norms._modules[str(sel.single)](x)  # the selection checked the id
+            return self.module_of(sel.single)(x)  # the selection checked the id
         if sel.holds_grouped(x):  # task groups side by side along the channels: back to rows, and back again
             return sel.grouped.group(self._forward_rows(sel.grouped.ungroup(x), sel))
         return self._forward_rows(x, sel)
 
     def _forward_rows(self, x: torch.Tensor, sel) -> torch.Tensor:
-        norms = [self.norms._modules[str(t)] for t in sel.tasks]
-        return sel.regroup([norm(sel.rows(x, i)) for i, norm in enumerate(norms)])
+        return sel.regroup([self.module_of(t)(sel.rows(x, i)) for i, t in enumerate(sel.tasks)])
 
     def extra_repr(self) -> str:
         return f"tasks={self.num_tasks}"

@@ -118,7 +118,7 @@ class PerturbedLayer(TaskModule):
             return [self.task_tensors(t) for t in tasks]
         containers = self._modules
         r, s, U, V, b = (containers[name]._parameters for name in _PER_TASK[:5])
-        if self.bias is None:
+        if self._parameters.get("bias") is None:  # no bias: a plain None attribute
             return [(r[k], s[k], U[k], V[k], None) for k in map(str, tasks)]
         return [(r[k], s[k], U[k], V[k], b[k]) for k in map(str, tasks)]
 
@@ -266,7 +266,7 @@ class PerturbedLayer(TaskModule):
         weight, bias = params["weight"], params.get("bias")  # no bias: a plain None attribute
         if t == 0:
             return self._plain(x, weight, bias)
-        key = str(t)  # t was checked by the selection
+        key = str(t)  # t was checked by the selection; the reads of tensors_of_tasks, for one task (a hot path)
         containers = self._modules
         r, s, U, V = (containers[name]._parameters[key] for name in _PER_TASK[:4])
         b = containers["task_bias"]._parameters[key] if bias is not None else None
