@@ -94,10 +94,34 @@ def merge_linear_weight(weight, r, s, U, V) -> torch.Tensor:
     return torch.addmm(scaled, U, V.T) if r.dim() == 1 else torch.baddbmm(scaled, U, V.mT)
 
 
-def merge_conv_weight(weight, r, s, U, V) -> torch.Tensor:
+def merge_conv_weight(weight, r, s, U, V, groups: int = 1) -> torch.Tensor:
     """``r ⊙ W ⊙ s + (U Vᵀ)`` at every kernel position: ``(C_out, C_in, kh, kw)``; for banks (as
-    :func:`merge_linear_weight`) the ``T`` merged weights ``(T, C_out, C_in, kh, kw)``."""
-    return r[..., :, None, None, None] * weight * s[..., None, :, None, None] + (U @ V.mT)[..., None, None]
+    :func:`merge_linear_weight`) the ``T`` merged weights ``(T, C_out, C_in, kh, kw)``.
+
+    ``groups = G > 1``: ``W (C_out, C_in/G, kh, kw)`` is the grouped conv's weight, i.e. the diagonal blocks of a
+    block-diagonal ``(C_out, C_in)`` weight; the merged weight keeps that form, block ``g`` being
+    ``diag(r_g) W_g diag(s_g) + U_g V_gᵀ`` (``U_g``: the rows of ``U`` of group ``g``'s output channels, ``V_g``:
+    those of ``V`` of its input channels), i.e. the block-diagonal part of ``U Vᵀ``."""
+    if groups == 1:
+        return r[..., :, None, None, None] * weight * s[..., None, :, None, None] + (U @ V.mT)[..., None, None]
+    c_out, c_in_g = weight.shape[:2]
+    lead, k = U.shape[:-2], U.shape[-1]
+    blocks = U.reshape(*lead, groups, c_out // groups, k) @ V.reshape(*lead, groups, c_in_g, k).mT
+    s_rows = s.reshape(*lead, groups, 1, c_in_g).expand(*lead, groups, c_out // groups, c_in_g)
+    lowrank, s_rows = blocks.reshape(*lead, c_out, c_in_g), s_rows.reshape(*lead, c_out, c_in_g)
+    return r[..., :, None, None, None] * weight * s_rows[..., None, None] + lowrank[..., None, None]
+
+
+def block_diagonal_conv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's ``(C_out, C_in/G, kh, kw)`` weight as the dense ``(C_out, C_in, kh, kw)`` weight of the same
+    conv (zero outside the diagonal blocks)."""
+    if groups == 1:
+        return weight
+    c_out, c_in_g = weight.shape[:2]
+    dense = weight.new_zeros(c_out, groups, c_in_g, *weight.shape[2:])
+    rows = torch.arange(c_out, device=weight.device)
+    dense[rows, rows // (c_out // groups)] = weight
+    return dense.reshape(c_out, groups * c_in_g, *weight.shape[2:])
 
 
 # --------------------------------------------------------------------------------------------

@@ -216,13 +216,13 @@ def test_exclude_and_grouped_conv():
     with pytest.raises(ValueError, match="lazy"):
         hf.convert(nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 3)))
     net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1), nn.Flatten(), nn.Linear(128, 3))
-    with pytest.raises(ValueError, match="groups=1.*exclude"):
-        hf.convert(net)
+    model = hf.convert(net)
+    assert isinstance(model.model[0], TaskConv2d) and model.model[0].groups == 4
     model = hf.convert(net, exclude=["0"])
     assert type(model.model[0]) is nn.Conv2d and isinstance(model.model[1], TaskConv2d)
 
 
-def test_multihead_attention_stays_shared():
+def test_multihead_attention_projections_are_perturbed():
     class Attn(nn.Module):
         def __init__(self):
             super().__init__()
@@ -232,10 +232,15 @@ def test_multihead_attention_stays_shared():
         def forward(self, x):
             return self.last(self.mha(x, x, x)[0].mean(1))
 
-    with pytest.warns(UserWarning, match="MultiheadAttention"):
-        model = hf.convert(Attn())
-    model.add_task(4)
-    assert model(torch.randn(2, 5, 8), torch.tensor([0, 1])).shape == (2, 4)
+    net = Attn()
+    x = torch.randn(2, 5, 8)
+    model = hf.convert(net, example_input=x)
+    assert sorted(model.perturbed_layers()) == ["mha.projections.in_proj", "mha.projections.out_proj"]
+    assert torch.equal(model(x, 0), net(x))
+    t = model.add_task(4)
+    perturb(model, t)
+    assert model(x, torch.tensor([0, 1])).shape == (2, 4)
+    assert not torch.allclose(model(x, t)[:, :3], model.heads.heads[t](net.mha(x, x, x)[0].mean(1))[:, :3])
 
 
 def test_torchvision_resnet18():

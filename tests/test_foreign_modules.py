@@ -134,8 +134,9 @@ def test_conv_classifier_pads_missing_classes_along_the_channels():
 
 
 def test_every_unconvertible_layer_is_named_in_one_error():
-    net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, groups=2),
-                        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(8, 3))
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), nn.Conv2d(4, 8, 1),
+                        nn.Conv1d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                        nn.Linear(8, 3))
     with pytest.raises(ValueError) as info:
         hf.convert(net)
     message = str(info.value)
@@ -216,10 +217,32 @@ def test_weight_layers_that_cannot_be_perturbed_are_refused_not_left_shared():
     with pytest.raises(ValueError) as info:
         hf.convert(net)
     message = str(info.value)
-    assert "2 module(s)" in message and "Conv1D is a weight layer" in message and "Conv1d is a weight layer" in message
-    assert "exclude=['1', '3']" in message
-    model = hf.convert(net, exclude=["1", "3"])
-    assert sorted(model.perturbed_layers()) == ["0"]
+    assert "1 module(s)" in message and "Conv1d is a weight layer" in message
+    assert "exclude=['3']" in message
+    model = hf.convert(net, exclude=["3"])
+    assert sorted(model.perturbed_layers()) == ["0", "1"]
+
+
+def test_transformers_style_conv1d_is_a_task_linear_with_its_weight_transposed():
+    """Conv1D (y = x W + b, W (in, out)): task 0 is the original's addmm exactly, a later task the float64 formula
+    on W_t = diag(r) Wᵀ diag(s) + U Vᵀ, and the exported layer is a Conv1D again."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv1D(5, 6), nn.ReLU(), nn.Linear(5, 3))
+    model = hf.convert(net, head="2")
+    x = torch.randn(4, 2, 6)
+    assert torch.equal(model(x, 0), net(x))
+    t = model.add_task(3)
+    _perturb(model, t)
+    layer = model.perturbed_layers()["0"]
+    r, s, U, V, b = (p.detach().double() for p in layer.task_tensors(t))
+    W_t = r[:, None] * net[0].weight.detach().double().T * s[None, :] + U @ V.T
+    hidden = torch.relu(x.double() @ W_t.T + b)
+    head = model.heads.heads[t]
+    expected = hidden @ head.weight.detach().double().T + head.bias.detach().double()
+    assert_close(model(x, t), expected, torch.float32)
+    exported = model.export_task(t)
+    assert type(exported[0]) is Conv1D and exported[0].weight.shape == (6, 5)
+    assert_close(exported(x), model(x, t), torch.float32)
 
 
 class TinyTransformer(nn.Module):

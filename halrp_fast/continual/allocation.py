@@ -35,7 +35,7 @@ def allocate_ranks(spectra: dict[str, LayerSpectrum], importance: dict[str, floa
     if upper_rank < 1:
         raise ValueError(f"upper_rank must be ≥ 1, got {upper_rank}")
     names = list(spectra)
-    caps = {n: max(1, min(upper_rank, spectra[n].U.shape[0], spectra[n].V.shape[0])) for n in names}
+    caps = {n: max(1, min(upper_rank, spectra[n].rank_limit)) for n in names}
     counts_d = {n: caps[n] for n in names}
     if mode == "flat":
         ranks = dict(caps)
@@ -76,7 +76,7 @@ def allocate_adaptive(mats: dict[str, torch.Tensor], importance: dict[str, float
     the values near the end of a sketch can be ~1 % off, and two layers then trade one rank at a near-tie.
     ``mode="flat"`` computes ``upper_rank`` values per layer at once.
     """
-    full = {n: min(D.shape) for n, D in mats.items()}
+    full = {n: min(D.shape[-2:]) for n, D in mats.items()}
     if mode == "flat":
         k = {n: min(upper_rank, full[n]) for n in mats}
     else:

@@ -61,9 +61,10 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
     ``dist`` the importance is reduced over the processes, and every process then takes the same decisions.
     """
     layers = model.perturbed_layers()
+    sources = model.plain_sources()
     seconds = {}
     tic = time.perf_counter()
-    weights = {n: free.get_submodule(n).weight for n in layers}
+    weights = {n: free.get_parameter(sources[n][0]) for n in layers}
     importance = empirical_fisher(free, weights, importance_loader, device, dist)
     seconds["importance"] = time.perf_counter() - tic
 
@@ -71,9 +72,12 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
     fitted, mats = {}, {}
     for n, L in layers.items():
         W, Wf = L.weight.detach(), weights[n].detach()
-        r, s = fit_scalings(Wf, W, scalings)
+        if L.plain_transposed:
+            Wf = Wf.T
+        groups = getattr(L, "groups", 1)
+        r, s = fit_scalings(Wf, W, scalings, groups)
         fitted[n] = (r, s)
-        mats[n] = discrepancy(Wf, W, r, s)
+        mats[n] = discrepancy(Wf, W, r, s, groups)
     spectra, alloc = allocate_adaptive(mats, importance, kernel_areas(model), approx_rate, upper_rank, rank_mode,
                                        method=svd, generator=generator)
     seconds["svd_allocation"] = time.perf_counter() - tic
@@ -86,9 +90,8 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
             L.s[key].copy_(s)
             U, V = lowrank_init(spectra[n], alloc.ranks[n])
             L.set_rank(t, U, V)
-            free_bias = free.get_submodule(n).bias
             if L.bias is not None:
-                L.task_bias[key].copy_(free_bias)
+                L.task_bias[key].copy_(free.get_parameter(sources[n][1]))
         for n, m in model.task_modules().items():
             if isinstance(m, PerTaskModules):  # BatchNorm, LayerNorm, GroupNorm
                 m.module_of(t).load_state_dict(free.get_submodule(n).state_dict())

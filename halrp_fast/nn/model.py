@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -13,7 +12,8 @@ from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection,
 from .batchnorm import TaskBatchNorm
 from .heads import TaskHeads
 from .norm import SAMPLE_NORMS, TaskNorm
-from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear, _is_compiling
+from .perturbed import PerturbedLayer, TaskConv1D, TaskConv2d, TaskLinear, _is_compiling, is_conv1d
+from .reparametrized import TaskReparametrized, projection_modules, reparametrized_wrapper
 
 
 def _task_aware_modules(module: nn.Module, prefix: str = "", seen: set | None = None
@@ -392,10 +392,33 @@ class TaskModel(nn.Module):
         self._check_task(t)
         self.ensure_loaded([t])
         plain = copy.deepcopy(self.model)
-        replacements = {name: m.to_plain(t) for name, m in self.task_modules().items()}
-        for name, module in replacements.items():
-            _set_submodule(plain, name, module)
+        modules = self.task_modules()
+        for name, m in modules.items():  # a task-aware module's plain form includes its descendants
+            if not any(name.startswith(p + ".") for p in modules if p != name):
+                _set_submodule(plain, name, m.to_plain(t))
         return plain
+
+    def plain_sources(self) -> dict[str, tuple[str, str | None]]:
+        """Where each task-aware linear/conv layer's weight and bias live in a model from :meth:`export_task`:
+        ``{layer name: (weight path, bias path or None)}`` (relative to ``self.model``; a transformers ``Conv1D``
+        stores its weight transposed, see :attr:`PerturbedLayer.plain_transposed`)."""
+        out, wrappers = {}, []
+        for name, m in self.task_modules().items():
+            if isinstance(m, TaskReparametrized):
+                wrappers.append(name)
+                for proj, (weight_path, bias_path) in m.paths.items():
+                    out[f"{name}.projections.{proj}"] = (f"{name}.{weight_path}",
+                                                         bias_path and f"{name}.{bias_path}")
+        for name, layer in self.perturbed_layers().items():
+            if name not in out:
+                for w in wrappers:  # inside a wrapper's inner module: that level is gone once exported
+                    if name.startswith(f"{w}.inner."):
+                        name_out = f"{w}.{name[len(w) + 7:]}"
+                        break
+                else:
+                    name_out = name
+                out[name] = (f"{name_out}.weight", f"{name_out}.bias" if layer.bias is not None else None)
+        return out
 
     # ---------------------------------------------------------------- state
     def get_extra_state(self):
@@ -439,12 +462,9 @@ _UNSUPPORTED_PROJECTIONS = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTranspose
 
 
 def _is_unsupported_projection(m: nn.Module) -> bool:
-    """A layer whose weight maps inputs to outputs as a Linear or Conv2d does, but which convert cannot perturb:
-    other convolutions, and transformers' ``Conv1D`` (GPT-2's projections: a Linear with a transposed weight).
-    Left shared silently, it would look converted and adapt nothing."""
-    if isinstance(m, _UNSUPPORTED_PROJECTIONS):
-        return True
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), nn.Parameter)
+    """A layer whose weight maps inputs to outputs as a Linear or Conv2d does, but which convert cannot perturb
+    (other convolutions). Left shared silently, it would look converted and adapt nothing."""
+    return isinstance(m, _UNSUPPORTED_PROJECTIONS)
 
 
 def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
@@ -452,16 +472,18 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
             grouped_mixed_batches: bool | None = None, example_input: torch.Tensor | None = None) -> TaskModel:
     """Make ``model`` task-aware and return a :class:`TaskModel` with one task (task 0 = the model).
 
-    Every ``nn.Linear`` and ``nn.Conv2d`` becomes :class:`TaskLinear`/:class:`TaskConv2d`, every
+    Every ``nn.Linear``, ``nn.Conv2d`` (grouped and depthwise included) and transformers ``Conv1D`` becomes
+    :class:`TaskLinear`/:class:`TaskConv2d`/:class:`~halrp_fast.nn.perturbed.TaskConv1D`; modules whose code reads
+    their projections' weights (``nn.MultiheadAttention``, torchvision's shifted-window attention) become a
+    :class:`~halrp_fast.nn.reparametrized.TaskReparametrized` that runs them with each task's weights; every
     ``BatchNorm1d``/``BatchNorm2d`` a :class:`TaskBatchNorm`, every ``LayerNorm``/``GroupNorm`` a
     :class:`~halrp_fast.nn.norm.TaskNorm` (per-task affine parameters), and the classifier named by ``head``
     (a qualified module name, or ``"last"`` for the last ``nn.Linear``) a :class:`TaskHeads`.
 
     ``exclude``: qualified names of modules (and everything below them) to leave as they are; they
-    stay shared by all tasks and belong to the base.  Grouped convs, non-zero padding modes and weight layers it
-    cannot perturb (Conv1d/Conv3d, transposed convs, Bilinear, transformers' ``Conv1D``) are refused unless
-    excluded, all in one error.  Linear layers inside ``nn.MultiheadAttention`` are left shared (that
-    module reads their weights directly) with a warning.  ``inplace=False`` converts a deep copy.
+    stay shared by all tasks and belong to the base.  Non-zero padding modes and weight layers it cannot perturb
+    (Conv1d/Conv3d, transposed convs, Bilinear) are refused unless excluded, all in one error.
+    ``inplace=False`` converts a deep copy.
 
     ``grouped_mixed_batches`` (default: the model's ``halrp_grouped_mixed_batches`` attribute, else False):
     see :class:`TaskModel`; set it only for a network whose non-converted operations never mix channels.
@@ -482,15 +504,15 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
     for name in skip:
         model.get_submodule(name)  # raises for a wrong name
     ctx = TaskContext()
-    shared_mha = []
     refused: list[tuple[str, str]] = []  # every module that cannot be converted, reported together
     replacements: dict[str, nn.Module] = {}
-    mha_prefixes = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    readers = {n: reparametrized_wrapper(m) for n, m in model.named_modules()
+               if n and not any(n == s or n.startswith(s + ".") for s in skip) and reparametrized_wrapper(m)}
+    taken_over = {f"{n}.{p}" for n in readers for p in projection_modules(model.get_submodule(n))}
     for name, m in model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        if any(name.startswith(p + ".") for p in mha_prefixes):
-            shared_mha.append(name)
+        if name in readers or any(name == p or name.startswith(p + ".") for p in taken_over):
             continue
         if isinstance(m, _LAZY) and name != head_name:
             raise ValueError(f"module {name!r} is lazy (uninitialised): run one forward pass before convert()")
@@ -505,6 +527,8 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
                 refused.append((name, str(exc)))
         elif isinstance(m, nn.Linear):
             replacements[name] = TaskLinear.from_linear(m, ctx)
+        elif is_conv1d(m):
+            replacements[name] = TaskConv1D.from_conv1d(m, ctx)
         elif _is_unsupported_projection(m):
             refused.append((name, f"{type(m).__name__} is a weight layer halrp_fast cannot perturb (it perturbs "
                                   f"nn.Linear and nn.Conv2d)"))
@@ -523,9 +547,8 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
             del replacements[name]
     for name, module in replacements.items():
         _set_submodule(model, name, module)
-    if shared_mha:
-        warnings.warn(f"linear layers inside nn.MultiheadAttention stay shared by all tasks: {shared_mha}",
-                      stacklevel=2)
+    for name in sorted(readers, key=len, reverse=True):  # after their children: task-aware modules inside stay so
+        _set_submodule(model, name, readers[name](model.get_submodule(name), ctx))
     if grouped_mixed_batches is None:
         grouped_mixed_batches = bool(getattr(model, "halrp_grouped_mixed_batches", False))
     task_model = TaskModel(model, ctx, head_name, grouped_mixed_batches)

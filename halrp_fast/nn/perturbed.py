@@ -199,6 +199,21 @@ class PerturbedLayer(TaskModule):
             self._merged.put(tasks[i], sources[i], w, keys[i])
         return weights
 
+    def task_weight(self, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Task ``t``'s weight and bias as a plain layer holds them: the base's for task 0; else the merged weight,
+        cached when no gradient is needed, or computed with autograd (for code that reads the weight itself)."""
+        params = self._parameters
+        if self._check_task(t) == 0:
+            return params["weight"], params.get("bias")
+        r, s, U, V, b = self.task_tensors(t)
+        sources = (params["weight"], r, s, U, V)
+        if self._can_merge(sources):
+            return self._merged.get(t, sources, lambda: self._merge(*sources)), b
+        return self._merge(*sources), b
+
+    #: whether a plain layer of this kind stores the weight transposed, ``(in, out)`` (transformers' ``Conv1D``)
+    plain_transposed = False
+
     def _can_merge(self, tensors) -> bool:
         """The merged weight serves when no gradient w.r.t. the layer's parameters (``None``: no bias) is needed."""
         if _is_compiling():
@@ -384,6 +399,44 @@ class TaskLinear(PerturbedLayer):
         return plain
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): a linear layer storing its weight as ``(in, out)``."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), nn.Parameter)
+
+
+class TaskConv1D(TaskLinear):
+    """Task-aware transformers ``Conv1D`` (``y = x W + b`` with ``W (in, out)``): a :class:`TaskLinear` whose
+    ``weight (out, in)`` is the transposed view of the original parameter, so task 0 runs the original's exact
+    ``addmm`` and :meth:`to_plain` gives back a ``Conv1D``."""
+
+    plain_transposed = True
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, ctx: TaskContext | None = None) -> TaskConv1D:
+        if not is_conv1d(conv):
+            raise TypeError(f"expected a transformers Conv1D, got {type(conv).__name__}")
+        layer = cls(conv.weight.detach().T, conv.bias, ctx)
+        layer.weight.requires_grad_(conv.weight.requires_grad)
+        layer.plain_type = type(conv)
+        return layer
+
+    def _plain(self, x, weight, bias):
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.mm(rows, weight.T) if bias is None else torch.addmm(bias, rows, weight.T)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    def to_plain(self, t: int) -> nn.Module:
+        weight, bias = self.task_weight(t)
+        plain = self.plain_type(self.out_features, self.in_features).to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(weight.T)
+            if bias is None:
+                plain.bias = None
+            else:
+                plain.bias.copy_(bias)
+        return plain
+
+
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
@@ -398,9 +451,15 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 
 class TaskConv2d(PerturbedLayer):
-    """Task-aware ``nn.Conv2d`` (groups = 1, zero padding): ``x (N, C_in, H, W)`` → ``(N, C_out, H_out, W_out)``.
+    """Task-aware ``nn.Conv2d`` (zero padding): ``x (N, C_in, H, W)`` → ``(N, C_out, H_out, W_out)``.
 
     The low-rank term ``U Vᵀ`` is the same at every kernel position (the paper's conv form).
+
+    Grouped and depthwise convs (``groups = G > 1``, weight ``(C_out, C_in/G, kh, kw)``) are the block-diagonal
+    case of the same math: ``r (C_out,)``, ``s (C_in,)``, ``U (C_out, k)``, ``V (C_in, k)`` as for a dense conv,
+    and task ``t``'s weight block ``g`` is ``diag(r_g) W_g diag(s_g) + U_g V_gᵀ`` (the block-diagonal part of
+    ``U Vᵀ``: every group has rank ≤ k, at a cost of ``C_out + C_in`` numbers per rank as for a dense layer).  They
+    always run through the task's merged weight (a grouped conv's weight is small), with autograd when training.
 
     ``train_form`` says how a single task's batch is computed when gradients are needed: ``"factored"`` (the op
     ``halrp::perturbed_conv2d``: the base conv of ``s ⊙ x``, its low-rank branch), ``"merged"`` (one conv by
@@ -412,37 +471,57 @@ class TaskConv2d(PerturbedLayer):
     _keeps_grouped_layout = True
     train_form: str = "auto"
 
-    def __init__(self, weight, bias, stride=1, padding=0, dilation=1, ctx: TaskContext | None = None) -> None:
-        super().__init__(weight, bias, ctx)
+    def __init__(self, weight, bias, stride=1, padding=0, dilation=1, ctx: TaskContext | None = None,
+                 groups: int = 1) -> None:
         if weight.dim() != 4:
-            raise ValueError(f"weight must have shape (C_out, C_in, kh, kw), got {tuple(weight.shape)}")
+            raise ValueError(f"weight must have shape (C_out, C_in/groups, kh, kw), got {tuple(weight.shape)}")
+        if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+            raise ValueError(f"groups must be a positive int dividing C_out = {weight.shape[0]}, got {groups!r}")
+        self.groups = groups  # before the base class sizes the per-task tensors by in_features
+        super().__init__(weight, bias, ctx)
         self.stride, self.padding, self.dilation = _checks.conv_geometry(stride, padding, dilation)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ctx: TaskContext | None = None) -> TaskConv2d:
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise ValueError(f"TaskConv2d supports groups=1 only (the perturbation U Vᵀ is a full C_out×C_in "
-                             f"matrix), got groups={conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"TaskConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        return cls(conv.weight, conv.bias, conv.stride, _conv_padding(conv), conv.dilation, ctx)
+        return cls(conv.weight, conv.bias, conv.stride, _conv_padding(conv), conv.dilation, ctx, conv.groups)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1] * self.groups
 
     @property
     def kernel_size(self) -> tuple[int, int]:
         return tuple(self.weight.shape[-2:])
 
     def _plain(self, x, weight, bias):
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _check_input(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_features:
             raise self._input_error(x, f"{self.in_features} channels, (N, C, H, W)")
 
     def _op(self, x, r, s, U, V, bias):
+        if self.groups > 1:  # gradients through the merged weight
+            return self._plain(x, self._merge(self.weight, r, s, U, V), bias)
         return perturbed_conv2d(x, self.weight, r, s, U, V, bias, self.stride, self.padding, self.dilation,
                                 merged=self._trains_merged(x, U.shape[1]))
+
+    def _forward_mixed(self, x, sel):
+        if self.groups == 1:
+            return super()._forward_mixed(x, sel)
+        per_task = self.tensors_of_tasks(sel.tasks)
+        if self._can_merge([self.weight] + [p for tensors in per_task for p in tensors]):
+            weights = self._merged_weights(sel.tasks, per_task)
+            parts = [self._plain(sel.rows(x, i), w, tensors[4])
+                     for i, (w, tensors) in enumerate(zip(weights, per_task, strict=True))]
+        else:
+            parts = [self._plain(sel.rows(x, i), self.weight, self.bias) if t == 0 else
+                     self._op(sel.rows(x, i), *tensors) for i, (t, tensors) in enumerate(zip(sel.tasks, per_task, strict=True))]
+        return sel.regroup(parts)
 
     def _trains_merged(self, x: torch.Tensor, k: int) -> bool:
         if self.train_form not in ("auto", "merged", "factored"):
@@ -455,7 +534,7 @@ class TaskConv2d(PerturbedLayer):
         return perturbed_conv2d_mt(x, local_ids, self.weight, R, S, U, V, B, self.stride, self.padding, self.dilation)
 
     def _merge(self, weight, r, s, U, V):
-        return merge_conv_weight(weight, r, s, U, V)
+        return merge_conv_weight(weight, r, s, U, V, self.groups)
 
     def _forward_grouped(self, x, sel):
         # Inference: one convolution with groups = G over the task groups' merged weights, stacked along the
@@ -471,9 +550,11 @@ class TaskConv2d(PerturbedLayer):
             return None
         weight = torch.cat(self._merged_weights(sel.tasks, per_task))
         bias = None if self.bias is None else torch.cat([tensors[4] for tensors in per_task])
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups=len(per_task))
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups=len(per_task) * self.groups)
 
     def _mixed_costs(self, x, tasks, k):
+        if self.groups > 1:
+            return 0.0, 1.0  # grouped convs have no mixed op: always their merged weights
         n, n_in, n_out = x.shape[0], self.in_features, self.out_features
         (kh, kw), hw_in = self.kernel_size, x.shape[-2] * x.shape[-1]
         h_out, w_out = conv_out_hw(x, self.weight, self.stride, self.padding, self.dilation)
@@ -486,7 +567,7 @@ class TaskConv2d(PerturbedLayer):
         b = self.task_tensors(t)[4]
         w = self.weight
         plain = nn.Conv2d(self.in_features, self.out_features, self.kernel_size, self.stride, self.padding,
-                          self.dilation, bias=b is not None, device=w.device, dtype=w.dtype)
+                          self.dilation, self.groups, bias=b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             plain.weight.copy_(self.merged_weight(t))
             if b is not None:
@@ -495,5 +576,5 @@ class TaskConv2d(PerturbedLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-                f"tasks={self.num_tasks}")
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, tasks={self.num_tasks}")

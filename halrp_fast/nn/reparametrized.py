@@ -1,0 +1,219 @@
+"""Modules whose own code reads their projection weights (attention that passes ``self.qkv.weight`` to a function,
+``nn.MultiheadAttention``'s ``in_proj_weight``): each task runs the unmodified module with its own weights in place.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._context import TaskContext, TaskModule, TaskSelection
+from .perturbed import TaskLinear
+
+#: projection name → (weight path, bias path or None) inside the wrapped module
+Paths = dict[str, tuple[str, str | None]]
+
+
+def _pop_parameter(module: nn.Module, path: str) -> nn.Parameter | None:
+    owner_name, _, leaf = path.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return owner._parameters.pop(leaf, None)
+
+
+class TaskReparametrized(TaskModule):
+    """Wraps ``inner``, a module that reads the weights of its projections itself, so that task ``t`` runs it with
+    ``W_t = diag(r) W diag(s) + U Vᵀ`` and ``b_t`` in place of each projection's weight and bias
+    (:func:`torch.func.functional_call`; merged weights cached in inference, with autograd in training).
+
+    ``projections[name]`` is a :class:`TaskLinear` holding the base weight ``(out, in)`` and bias (removed from
+    ``inner``) and the per-task tensors; it takes part in rank allocation, pruning and checkpoints like any other
+    task-aware layer.  Task-aware modules inside ``inner`` (e.g. a position-bias MLP) run as the task selects.
+    A mixed batch runs ``inner`` once per task group on that group's rows: ``batch_dims(args, kwargs)`` says where
+    each input tensor's batch dimension is (``None``: shared by all rows), ``out_batch_dims`` the outputs'.
+    Task 0 is the original module with its original tensors, exactly.
+    """
+
+    def __init__(self, inner: nn.Module, paths: Paths, ctx: TaskContext | None = None,
+                 batch_dims: Callable | None = None, out_batch_dims: Callable | None = None) -> None:
+        super().__init__(ctx)
+        self.inner = inner
+        self.paths = dict(paths)
+        self.projections = nn.ModuleDict()
+        for name, (weight_path, bias_path) in self.paths.items():
+            weight = _pop_parameter(inner, weight_path)
+            bias = _pop_parameter(inner, bias_path) if bias_path else None
+            if weight is None or weight.dim() != 2:
+                raise ValueError(f"{type(inner).__name__}.{weight_path} is not a 2-D weight parameter")
+            self.projections[name] = TaskLinear(weight, bias, ctx)
+            if bias is None:
+                self.paths[name] = (weight_path, None)
+        self._batch_dims = batch_dims or _leading_batch_dims
+        self._out_batch_dims = out_batch_dims or (lambda out: 0)
+
+    # ---------------------------------------------------------------- tasks (the projections hold the tensors)
+    def add_task(self) -> int:
+        self.num_tasks += 1
+        return self.num_tasks - 1
+
+    def task_parameters(self, t: int) -> list[nn.Parameter]:
+        """Task 0: the wrapped module's own parameters (e.g. a relative position bias table; the projections and
+        task-aware modules inside report theirs); later tasks own nothing here."""
+        if self._check_task(t) != 0:
+            return []
+        nested = {id(p) for m in self.inner.modules() if isinstance(m, TaskModule) for p in m.parameters()}
+        return [p for p in self.inner.parameters() if id(p) not in nested]
+
+    def _tensors(self, t: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (weight_path, bias_path) in self.paths.items():
+            weight, bias = self.projections[name].task_weight(t)
+            out[weight_path] = weight
+            if bias_path is not None:
+                out[bias_path] = bias
+        return out
+
+    def to_plain(self, t: int) -> nn.Module:
+        """The original module holding task ``t``'s weights (task-aware modules inside it made plain too)."""
+        plain = copy.deepcopy(self.inner)
+        nested = {n: m for n, m in plain.named_modules() if n and isinstance(m, TaskModule)}
+        for name, module in nested.items():
+            if not any(name.startswith(p + ".") for p in nested if p != name):
+                parent_name, _, child = name.rpartition(".")
+                setattr(plain.get_submodule(parent_name) if parent_name else plain, child, module.to_plain(t))
+        with torch.no_grad():
+            for path, value in self._tensors(t).items():
+                owner_name, _, leaf = path.rpartition(".")
+                owner = plain.get_submodule(owner_name) if owner_name else plain
+                owner.register_parameter(leaf, nn.Parameter(value.detach().clone()))
+        return plain
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, *args, **kwargs):
+        sel = self._ctx.selection
+        if sel is None:
+            raise ValueError(f"{type(self.inner).__name__} (task-aware) runs inside the TaskModel that holds it: call "
+                             f"model(x, task_ids)")
+        watch = self._ctx.watch
+        if watch is not None and not torch.compiler.is_compiling():
+            watch["ran"].update(p.layer_name or type(p).__name__ for p in self.projections.values())
+        if sel.single is not None:
+            return self._run(sel.single, args, kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        dims = self._leaf_dims(args, kwargs, leaves)
+        parts = []
+        for i, t in enumerate(sel.tasks):
+            taken = [self._take(sel, v, d, i) for v, d in zip(leaves, dims, strict=True)]
+            group_args, group_kwargs = tree_unflatten(taken, spec)
+            with self._ctx.use(TaskSelection(single=t)):
+                parts.append(self._run(t, group_args, group_kwargs))
+        return self._join(sel, parts)
+
+    def _run(self, t: int, args, kwargs):
+        return functional_call(self.inner, self._tensors(t), args, kwargs, strict=False)
+
+    def _leaf_dims(self, args, kwargs, leaves) -> list[int | None]:
+        dims = self._batch_dims(args, kwargs)
+        if len(dims) != len(leaves):
+            raise RuntimeError(f"batch_dims gave {len(dims)} entries for {len(leaves)} inputs")
+        return dims
+
+    @staticmethod
+    def _take(sel: TaskSelection, value, dim: int | None, i: int):
+        if dim is None or not isinstance(value, torch.Tensor):
+            return value
+        if dim == 0:
+            return sel.rows(value, i)
+        return sel.rows(value.transpose(0, dim), i).transpose(0, dim)
+
+    def _join(self, sel: TaskSelection, parts: list):
+        flat = [tree_flatten(p) for p in parts]
+        spec = flat[0][1]
+        dims = self._out_batch_dims(parts[0])
+        leaves = []
+        for j, first in enumerate(flat[0][0]):
+            if not isinstance(first, torch.Tensor):
+                leaves.append(first)
+                continue
+            dim = dims[j] if isinstance(dims, (list, tuple)) else dims
+            column = [f[0][j] if dim == 0 else f[0][j].transpose(0, dim) for f in flat]
+            joined = sel.regroup(column)
+            leaves.append(joined if dim == 0 else joined.transpose(0, dim))
+        return tree_unflatten(leaves, spec)
+
+    def extra_repr(self) -> str:
+        return f"projections={list(self.paths)}, tasks={self.num_tasks}"
+
+
+def _leading_batch_dims(args, kwargs) -> list[int | None]:
+    """Every tensor input has its batch dimension first."""
+    return [0 if isinstance(v, torch.Tensor) else None for v in tree_flatten((args, kwargs))[0]]
+
+
+# ------------------------------------------------------------------------------------------------
+# the modules known to read their projections' weights
+# ------------------------------------------------------------------------------------------------
+def _mha_wrapper(mha: nn.MultiheadAttention, ctx: TaskContext) -> TaskReparametrized:
+    """``nn.MultiheadAttention``: ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj`` perturbed.
+
+    Batch dimensions: query/key/value at 0 (``batch_first``) or 1, ``key_padding_mask`` at 0; a 3-D ``attn_mask``
+    ``(N·heads, L, S)`` holds each sample's heads together; outputs: the attention output as the query, the weights at
+    0."""
+    if mha._qkv_same_embed_dim:
+        paths: Paths = {"in_proj": ("in_proj_weight", "in_proj_bias")}
+    else:  # separate q/k/v weights; their bias stays the shared in_proj_bias
+        paths = {n: (f"{n}_weight", None) for n in ("q_proj", "k_proj", "v_proj")}
+    paths["out_proj"] = ("out_proj.weight", "out_proj.bias")
+    seq_dim = 0 if mha.batch_first else 1
+    names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+
+    def batch_dims(args, kwargs):
+        dims = []
+        for name, value in list(zip(names, args, strict=False)) + list(kwargs.items()):
+            if not isinstance(value, torch.Tensor):
+                dims.append(None)
+            elif name in ("query", "key", "value"):
+                dims.append(seq_dim if value.dim() == 3 else None)
+            elif name == "key_padding_mask":
+                dims.append(0 if value.dim() == 2 else None)
+            elif name == "attn_mask" and value.dim() == 3:
+                raise NotImplementedError("a 3-D attn_mask in a mixed-task batch is not supported; pass a 2-D mask "
+                                          "or run the tasks separately")
+            else:
+                dims.append(None)
+        return dims
+
+    def out_dims(out):
+        return [seq_dim, 0]
+
+    return TaskReparametrized(mha, paths, ctx, batch_dims, out_dims)
+
+
+def _swin_attention_wrapper(module: nn.Module, ctx: TaskContext) -> TaskReparametrized:
+    """torchvision's ``ShiftedWindowAttention`` / ``V2``: ``qkv`` and ``proj`` (passed to
+    ``shifted_window_attention``); input ``(B, H, W, C)``."""
+    return TaskReparametrized(module, {"qkv": ("qkv.weight", "qkv.bias"), "proj": ("proj.weight", "proj.bias")}, ctx)
+
+
+def reparametrized_wrapper(module: nn.Module) -> Callable[[nn.Module, TaskContext], TaskReparametrized] | None:
+    """How to make ``module`` task-aware when its code reads its projections' weights; ``None`` for other modules."""
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha_wrapper
+    cls = type(module)
+    if cls.__module__ == "torchvision.models.swin_transformer" and cls.__name__.startswith("ShiftedWindowAttention"):
+        return _swin_attention_wrapper
+    return None
+
+
+def projection_modules(module: nn.Module) -> set[str]:
+    """Qualified names (relative to ``module``) of submodules that a wrapper takes over entirely (e.g. ``out_proj``):
+    not converted on their own."""
+    if isinstance(module, nn.MultiheadAttention):
+        return {"out_proj"}
+    if reparametrized_wrapper(module) is _swin_attention_wrapper:
+        return {"qkv", "proj"}
+    return set()
