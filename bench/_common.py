@@ -51,14 +51,16 @@ def median_ms(fn, device: str = "cpu", min_run_time: float = 0.3) -> float:
 
 def paired_median_ms(fns, device: str = "cpu", rounds: int = 60) -> list[float]:
     """Median wall time in milliseconds of each of ``fns``, called in turn round after round, so that a slow
-    phase of a shared machine (another process, a frequency change) hits every function alike."""
+    phase of a shared machine (another process, a frequency change) hits every function alike; the order rotates
+    every round, so no function always runs right after the same other one (whose data it would find evicted)."""
     for _ in range(3):  # first calls build oneDNN / cuBLAS plans
         for fn in fns:
             fn()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, times, strict=True):
+    for r in range(rounds):
+        turn = [(r + i) % len(fns) for i in range(len(fns))]
+        for fn, out in ((fns[i], times[i]) for i in turn):
             sync()
             start = time.perf_counter()
             fn()

@@ -5,7 +5,7 @@ the plain model it costs only the library's per-layer bookkeeping (task selectio
 normalisation and head modules).  Both models are timed in the same paired rounds, no gradient, eval mode.
 
 ``python bench/bench_zoo.py [--threads 2] [--batch 16] [--rounds 60]`` prints a markdown table; needs torchvision
-(and timm for the ViT row).
+(and timm for the timm row).
 """
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ def _models(batch: int) -> dict:
     import torchvision as tv
 
     out = {"torchvision resnet18, 64×64": (lambda: tv.models.resnet18(num_classes=10), "fc",
-                                            torch.randn(batch, 3, 64, 64))}
+                                            torch.randn(batch, 3, 64, 64)),
+           # vit_tiny's shape (12 layers, width 192, 3 heads) in torchvision's VisionTransformer: its attention is
+           # nn.MultiheadAttention, run per task through the reparametrized wrapper
+           "torchvision VisionTransformer (tiny), 64×64": (
+               lambda: tv.models.VisionTransformer(image_size=64, patch_size=16, num_layers=12, num_heads=3,
+                                                   hidden_dim=192, mlp_dim=768, num_classes=10), "heads.head",
+               torch.randn(batch, 3, 64, 64))}
     try:
         import timm
 

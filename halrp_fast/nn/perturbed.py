@@ -203,10 +203,13 @@ class PerturbedLayer(TaskModule):
         """Task ``t``'s weight and bias as a plain layer holds them: the base's for task 0; else the merged weight,
         cached when no gradient is needed, or computed with autograd (for code that reads the weight itself)."""
         params = self._parameters
+        weight, bias = params["weight"], params.get("bias")
         if self._check_task(t) == 0:
-            return params["weight"], params.get("bias")
-        r, s, U, V, b = self.task_tensors(t)
-        sources = (params["weight"], r, s, U, V)
+            return weight, bias
+        key, containers = str(t), self._modules  # direct reads, as in _forward_single: a hot path
+        r, s, U, V = (containers[name]._parameters[key] for name in _PER_TASK[:4])
+        b = containers["task_bias"]._parameters[key] if bias is not None else None
+        sources = (weight, r, s, U, V)
         if self._can_merge(sources):
             return self._merged.get(t, sources, lambda: self._merge(*sources)), b
         return self._merge(*sources), b
