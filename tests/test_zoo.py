@@ -284,3 +284,23 @@ def test_a_wrapped_attentions_own_parameters_train_with_the_base():
     assert not tables & set(model.named_task_parameters(t))
     model.freeze_task(0)
     assert not any(p.requires_grad for n, p in model.named_parameters() if n in tables)
+
+
+@pytest.mark.parametrize("name", ["tv_vit_small_config", "tv_swin_t"])
+def test_reparametrized_attention_compiles_without_graph_breaks(name):
+    """A later task of a model with wrapped attention under torch.compile(fullgraph=True): training forward and
+    backward and inference equal eager."""
+    x = MODELS[name][2]()[:2]
+    _, model = _convert(name)
+    t = model.add_task(CLASSES)
+    _perturb(model, t)
+    model.freeze_task(0)
+    _train_still(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, t)
+    assert_close(out, model(x, t), torch.float32)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.task_parameters(t))
+    model.eval()
+    with torch.no_grad():
+        assert_close(compiled(x, t), model(x, t), torch.float32)

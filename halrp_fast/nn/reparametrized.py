@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._context import TaskContext, TaskModule, TaskSelection
@@ -27,7 +26,8 @@ def _pop_parameter(module: nn.Module, path: str) -> nn.Parameter | None:
 class TaskReparametrized(TaskModule):
     """Wraps ``inner``, a module that reads the weights of its projections itself, so that task ``t`` runs it with
     ``W_t = diag(r) W diag(s) + U Vᵀ`` and ``b_t`` in place of each projection's weight and bias
-    (:func:`torch.func.functional_call`; merged weights cached in inference, with autograd in training).
+    (set as plain attributes of their owners for the call; merged weights cached in inference, with autograd in
+    training).
 
     ``projections[name]`` is a :class:`TaskLinear` holding the base weight ``(out, in)`` and bias (removed from
     ``inner``) and the per-task tensors; it takes part in rank allocation, pruning and checkpoints like any other
@@ -120,22 +120,20 @@ class TaskReparametrized(TaskModule):
             # original module's parameters; with a plain tensor it takes bmm (measured 396 against 320 µs per
             # in-projection of a 12-layer ViT on CPU).
             tensors = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in tensors.items()}
-        if torch.compiler.is_compiling():
-            return functional_call(self.inner, tensors, args, kwargs, strict=False)
-        # Eagerly, the tensors go straight into their owners' instance dicts for the call (the parameters were
-        # removed from the modules, so nothing else answers these names): functional_call's generic swapping costs
-        # ~0.1 ms per call, a tenth of a small attention block.
+        # The tensors become plain attributes of their owners for the call (the parameters were removed from the
+        # modules, so nothing else answers these names): functional_call's generic swapping costs ~0.1 ms per eager
+        # call, a tenth of a small attention block, and under torch.compile fails on the missing parameters.
         placed = []
         try:
             for path, value in tensors.items():
                 owner_name, _, leaf = path.rpartition(".")
                 owner = self.inner.get_submodule(owner_name) if owner_name else self.inner
-                owner.__dict__[leaf] = value
+                setattr(owner, leaf, value)
                 placed.append((owner, leaf))
             return self.inner(*args, **kwargs)
         finally:
             for owner, leaf in placed:
-                owner.__dict__.pop(leaf, None)
+                delattr(owner, leaf)
 
     def _leaf_dims(self, args, kwargs, leaves) -> list[int | None]:
         dims = self._batch_dims(args, kwargs)
