@@ -2,7 +2,9 @@
 
 A converted model serving a later task runs every task-aware layer through its cached merged weight, so beyond
 the plain model it costs only the library's per-layer bookkeeping (task selection, cache lookups, the per-task
-normalisation and head modules).  Both models are timed in the same paired rounds, no gradient, eval mode.
+normalisation and head modules).  The exported task 1 (``export_task``: a plain model holding the same merged
+weights) is the floor of the same arithmetic without the library.  All are timed in the same paired rounds (order
+rotating), no gradient, eval mode.
 
 ``python bench/bench_zoo.py [--threads 2] [--batch 16] [--rounds 60]`` prints a markdown table; needs torchvision
 (and timm for the timm row).
@@ -69,14 +71,16 @@ def main(argv=None) -> None:
             warnings.simplefilter("ignore")
             model = hf.convert(plain, head=head).eval()
         t = _with_task(model, args.rank)
+        exported = model.export_task(t).eval()
         with torch.no_grad():
             model(x, t)  # merge and cache the task's weights once
-            t_plain, t_base, t_task = paired_median_ms([lambda: plain(x), lambda: model(x, 0), lambda: model(x, t)],
-                                                       rounds=args.rounds)
-        rows.append([name, len(model.perturbed_layers()), t_plain, t_base, t_task, t_task / t_plain, "≤ 1.05"])
+            t_plain, t_export, t_base, t_task = paired_median_ms(
+                [lambda: plain(x), lambda: exported(x), lambda: model(x, 0), lambda: model(x, t)], rounds=args.rounds)
+        rows.append([name, len(model.perturbed_layers()), t_plain, t_export, t_base, t_task, t_task / t_plain,
+                     t_task / t_export, "≤ 1.05"])
     print(environment_line("cpu") + f", batch {args.batch}, rank {args.rank}, medians of {args.rounds} paired rounds")
-    print(markdown_table(["model", "task-aware layers", "plain ms", "converted, task 0 ms", "converted, task 1 ms",
-                          "task 1 / plain", "target"], rows))
+    print(markdown_table(["model", "task-aware layers", "plain ms", "exported task 1 ms", "converted, task 0 ms",
+                          "converted, task 1 ms", "task 1 / plain", "task 1 / exported", "target"], rows))
 
 
 if __name__ == "__main__":

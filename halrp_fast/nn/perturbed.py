@@ -522,8 +522,9 @@ class TaskConv2d(PerturbedLayer):
             parts = [self._plain(sel.rows(x, i), w, tensors[4])
                      for i, (w, tensors) in enumerate(zip(weights, per_task, strict=True))]
         else:
+            pairs = enumerate(zip(sel.tasks, per_task, strict=True))
             parts = [self._plain(sel.rows(x, i), self.weight, self.bias) if t == 0 else
-                     self._op(sel.rows(x, i), *tensors) for i, (t, tensors) in enumerate(zip(sel.tasks, per_task, strict=True))]
+                     self._op(sel.rows(x, i), *tensors) for i, (t, tensors) in pairs]
         return sel.regroup(parts)
 
     def _trains_merged(self, x: torch.Tensor, k: int) -> bool:

@@ -121,19 +121,28 @@ class TaskReparametrized(TaskModule):
             # in-projection of a 12-layer ViT on CPU).
             tensors = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in tensors.items()}
         # The tensors become plain attributes of their owners for the call (the parameters were removed from the
-        # modules, so nothing else answers these names): functional_call's generic swapping costs ~0.1 ms per eager
-        # call, a tenth of a small attention block, and under torch.compile fails on the missing parameters.
+        # modules, so nothing else answers these names).  Eagerly they go straight into the instance dicts
+        # (Module.__setattr__ would register a Parameter and cost ~4 µs each; functional_call's generic swapping
+        # ~0.1 ms per call); under torch.compile through setattr, which dynamo traces (functional_call fails its
+        # guards on the removed parameters).
+        compiling = torch.compiler.is_compiling()
         placed = []
         try:
             for path, value in tensors.items():
                 owner_name, _, leaf = path.rpartition(".")
                 owner = self.inner.get_submodule(owner_name) if owner_name else self.inner
-                setattr(owner, leaf, value)
+                if compiling:
+                    setattr(owner, leaf, value)
+                else:
+                    owner.__dict__[leaf] = value
                 placed.append((owner, leaf))
             return self.inner(*args, **kwargs)
         finally:
             for owner, leaf in placed:
-                delattr(owner, leaf)
+                if compiling:
+                    delattr(owner, leaf)
+                else:
+                    owner.__dict__.pop(leaf, None)
 
     def _leaf_dims(self, args, kwargs, leaves) -> list[int | None]:
         dims = self._batch_dims(args, kwargs)
