@@ -4,7 +4,8 @@ For each network (LeNet, AlexNet, ResNet-18 of the paper) on one fixed task stre
 trained once by halrp_fast; then tasks 1..T are learned twice from that same base:
 
 * ``fast``: :class:`halrp_fast.continual.HALRPLearner` (fused ops, vectorised scalings, randomized SVD grown
-  until the allocation is exact, on-device quantiles, merged-weight evaluation);
+  until the allocation is exact, on-device quantiles, merged-weight evaluation; ``--compile default``: its
+  training and evaluation passes through torch.compile graphs shared by all tasks, compile time included);
 * ``eager``: ``bench/_naive_halrp.py`` (three separate convs/matmuls per layer, Python loops for the
   scalings, a full SVD per layer, numpy percentiles, evaluation through the three ops).
 
@@ -30,7 +31,7 @@ from _naive_halrp import NaiveHALRP
 
 from halrp_fast import models
 from halrp_fast.continual import HALRPConfig, HALRPLearner
-from halrp_fast.continual.config import CHANNELS_LAST_CHOICES
+from halrp_fast.continual.config import CHANNELS_LAST_CHOICES, COMPILE_MODES
 from halrp_fast.data import benchmarks
 
 PHASES = ("free_training", "importance", "svd_allocation", "training", "pruning", "evaluation")
@@ -39,7 +40,7 @@ PHASES = ("free_training", "importance", "svd_allocation", "training", "pruning"
 def run_network(name: str, tasks, args) -> list[list]:
     bench = benchmarks.get("pfmnist")
     cfg = HALRPConfig(**{**bench.config, "epochs": args.epochs, "est_rank_epochs": 1, "seed": args.seed,
-                         "channels_last": CHANNELS_LAST_CHOICES[args.channels_last]})
+                         "channels_last": CHANNELS_LAST_CHOICES[args.channels_last], "compile": args.compile})
     torch.manual_seed(args.seed)
     learner = HALRPLearner(getattr(models, name)(3, 32, 10), cfg)
     tic = time.perf_counter()
@@ -93,6 +94,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", default="off", choices=list(COMPILE_MODES),
+                    help="HALRPConfig.compile of the fast run (compile time counted in the phases it falls in)")
     ap.add_argument("--channels-last", default="auto", choices=list(CHANNELS_LAST_CHOICES),
                     help="layout of halrp_fast's run (auto: channels-last on CPU); the eager baseline stays NCHW")
     args = parse_args(ap, argv)
@@ -105,7 +108,8 @@ def main(argv=None) -> None:
     tasks = benchmarks.get("pfmnist").build(args.batch_size, args.seed, max_per_task=args.max_per_task,
                                             data_dir=args.data_dir)[: args.tasks]
     print(environment_line("cpu"))
-    print(f"stream: permuted Fashion-MNIST, {args.tasks} tasks, {args.max_per_task} training samples per task, "
+    print(f"compile: {args.compile}; stream: permuted Fashion-MNIST, {args.tasks} tasks, {args.max_per_task} "
+          f"training samples per task, "
           f"{args.epochs} epochs, batch {args.batch_size}, halrp_fast layout: channels-last {args.channels_last}; "
           f"seconds per task (mean over tasks 1..{args.tasks - 1})")
     rows = []

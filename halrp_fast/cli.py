@@ -27,7 +27,7 @@ def _config_from_args(bench, args: argparse.Namespace):
     if getattr(args, "subset", None) is not None:
         values["train_frac"] = args.subset  # the paper's schedule counts the training subset
     for field in ("epochs", "lr", "lr_decay", "approx_rate", "upper_rank", "est_rank_epochs", "l1", "wd", "prune",
-                  "seed", "device", "rank_mode", "optimizer", "dtype", "scalings"):
+                  "seed", "device", "rank_mode", "optimizer", "dtype", "scalings", "compile"):
         v = getattr(args, field, None)
         if v is not None:
             values[field] = v
@@ -156,6 +156,8 @@ def _run_one(args: argparse.Namespace) -> int:
 
     log = (lambda s: None) if args.quiet else print
     tic = time.perf_counter()
+    if args.distributed and cfg.compile != "off":
+        raise ValueError(f"--compile {cfg.compile} is not supported with --distributed yet: use --compile off")
     if args.task_parallel or args.distributed:
         from .continual.distributed import barrier, init_from_env, launched_by_torchrun, shutdown
 
@@ -195,7 +197,7 @@ def _run_one(args: argparse.Namespace) -> int:
 
 
 def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
-    from .continual.config import CHANNELS_LAST_CHOICES, DTYPES
+    from .continual.config import CHANNELS_LAST_CHOICES, COMPILE_MODES, DTYPES
     from .continual.pruning import MODES
     from .data import benchmarks
     from .linalg.scalings import SCALINGS
@@ -233,6 +235,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
                    help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
                    "conv networks)")
+    p.add_argument("--compile", choices=list(COMPILE_MODES),
+                   help="run the training passes and evaluation through torch.compile graphs shared by all tasks "
+                        "(default: off)")
     p.add_argument("--dtype", choices=list(DTYPES), help="floating-point type of parameters and inputs (default "
                    "float32); float64 for checks where float32 rounding could tip near-ties")
     add_allocator_option(p)

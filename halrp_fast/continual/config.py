@@ -10,6 +10,9 @@ from .._checks import check_int, check_number
 from ..linalg.scalings import SCALINGS
 from .pruning import MODES, parse_value
 
+#: ``HALRPConfig.compile`` values: off, or the ``torch.compile`` mode of the training and evaluation passes
+COMPILE_MODES = ("off", "default", "max-autotune")
+
 #: ``--channels-last`` choices of the command line and benchmarks → :attr:`HALRPConfig.channels_last`
 CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
 
@@ -46,6 +49,11 @@ class HALRPConfig:
     convolutions, where oneDNN's channels-last kernels are faster, off on other devices.  Results are
     the same up to floating-point summation order.
 
+    ``compile``: ``"off"`` (default), or the ``torch.compile`` mode (``"default"``, ``"max-autotune"``) in which the
+    training passes (base, free model, perturbation) and evaluation run through one compiled graph per structure,
+    reused by every task (:mod:`halrp_fast.continual.compiled`); results equal the eager run up to floating-point
+    summation order.  Not with data-parallel runs.
+
     ``dtype``: ``"float32"`` (default) or ``"float64"`` for every parameter, buffer and input batch.  Float64
     runs are slower and serve checks: runs that should agree up to summation order (data parallel against one
     process, one layout against another) then stay ~1e-12 apart, so discrete decisions taken on the way
@@ -79,6 +87,7 @@ class HALRPConfig:
     channels_last: bool | None = None
     dtype: str = "float32"
     progress: bool = False
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         if isinstance(self.prune_value, list):
@@ -116,6 +125,8 @@ class HALRPConfig:
             parse_value(self.prune, self.prune_value)
         if self.channels_last not in (None, True, False):
             raise TypeError(f"channels_last must be None (auto), True or False, got {self.channels_last!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.device, str):

@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError
 from .config import HALRPConfig
 
 #: config fields that change how a run executes but not its result (beyond floating-point summation order)
-RESULT_NEUTRAL = frozenset({"device", "progress", "channels_last"})
+RESULT_NEUTRAL = frozenset({"device", "progress", "channels_last", "compile"})
 
 
 class RunMismatch(CheckpointError):

@@ -14,6 +14,7 @@ from ..nn import TaskModel, convert
 from ..nn.sync_batchnorm import synced_batchnorm
 from . import checkpoint
 from .accounting import paper_parameter_count, stored_bytes
+from .compiled import CompiledTasks
 from .config import HALRPConfig
 from .distributed import DistContext
 from .estimation import estimate_and_initialise, free_model
@@ -60,6 +61,25 @@ class HALRPLearner:
         #: with an active context, every phase runs data parallel: DistributedDataParallel on each process's part
         #: of every global batch, BatchNorm statistics and importance over all processes
         self.dist = dist
+        if self.config.compile != "off" and self._parallel:
+            raise ValueError("compile is not supported in data-parallel runs yet: use compile='off' there")
+        self._compiled: CompiledTasks | None = None
+
+    @property
+    def compiled(self) -> CompiledTasks | None:
+        """The compiled passes (``config.compile`` not ``"off"``), built on first use and kept for every task."""
+        if self.config.compile == "off":
+            return None
+        if self._compiled is None:
+            self._compiled = CompiledTasks(self.model, self.config.compile)
+        return self._compiled
+
+    def _task_forward(self, t: int):
+        """``x ↦ model(x, t)`` for training task ``t``: the compiled pass, or the model itself."""
+        if self.compiled is not None:
+            return self.compiled.forward(t)
+        net = self._ddp(self.model)
+        return lambda x: net(x, t)
 
     @property
     def _parallel(self) -> bool:
@@ -157,9 +177,9 @@ class HALRPLearner:
             return cfg.wd / 2 * sum(L.weight.pow(2).sum() for L in layers)
 
         tic = time.perf_counter()
-        net = self._ddp(model)
+        forward = self._task_forward(0)
         with synced_batchnorm(model, self._parallel):
-            losses = train(lambda x: net(x, 0), params, loader, cfg.epochs, cfg, penalty if cfg.wd else None,
+            losses = train(forward, params, loader, cfg.epochs, cfg, penalty if cfg.wd else None,
                            modules=[model], desc="task 0", dist=self.dist, num_classes=model.num_classes[0])
         return TaskReport(task=0, num_classes=model.num_classes[0], train_loss=losses,
                           seconds={"training": time.perf_counter() - tic})
@@ -172,8 +192,9 @@ class HALRPLearner:
         seconds = {}
         tic = time.perf_counter()
         free = free_model(model, t).to(cfg.device, memory_format=self.layout)
+        free_forward = self._ddp(free) if self.compiled is None else self.compiled.free_forward(free)
         with synced_batchnorm(free, self._parallel):
-            train(self._ddp(free), list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
+            train(free_forward, list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
                   desc=f"task {t} (free model)", dist=self.dist, num_classes=num_classes)
             seconds["free_training"] = time.perf_counter() - tic
             est = estimate_and_initialise(model, t, free, val_loader if val_loader is not None else loader,
@@ -192,9 +213,9 @@ class HALRPLearner:
             return cfg.l1 * reg_l1 + cfg.wd / 2 * reg_l2
 
         tic = time.perf_counter()
-        net = self._ddp(model)
+        forward = self._task_forward(t)
         with synced_batchnorm(model, self._parallel):
-            losses = train(lambda x: net(x, t), model.task_parameters(t), loader, cfg.epochs - cfg.est_rank_epochs,
+            losses = train(forward, model.task_parameters(t), loader, cfg.epochs - cfg.est_rank_epochs,
                            cfg, penalty if (cfg.l1 or cfg.wd) else None, modules=[model], desc=f"task {t}",
                            dist=self.dist, num_classes=num_classes)
         seconds["training"] = time.perf_counter() - tic
@@ -212,9 +233,15 @@ class HALRPLearner:
         was_training = self.model.training
         self.model.eval()
         try:
+            if self.compiled is not None:
+                with torch.no_grad():
+                    forward = self.compiled.forward(task_id, grad=False)
+            else:
+                def forward(x):
+                    return self.model(x, task_id)
             with synced_batchnorm(self.model, self._parallel):
-                return accuracy(lambda x: self.model(x, task_id), loader, self.config.device, self.dist,
-                                self.config.torch_dtype, self.model.num_classes[task_id])
+                return accuracy(forward, loader, self.config.device, self.dist, self.config.torch_dtype,
+                                self.model.num_classes[task_id])
         finally:
             self.model.train(was_training)
 
