@@ -49,7 +49,8 @@ def _conv_epilogue_kernel(
                         mask=o_mask[:, None] & rr_mask[None, :], other=0.0)
             pooled = tl.load(p_ptr + n * stride_pn + rr[:, None] * stride_pk + offs_p[None, :],
                              mask=rr_mask[:, None] & p_mask[None, :], other=0.0)
-            acc += tl.dot(u.to(tl.float32), pooled.to(tl.float32), allow_tf32=ALLOW_TF32)
+            # in the operands' own type (fp16/bf16: tensor cores), accumulated in fp32
+            acc += tl.dot(u.to(pooled.dtype), pooled, allow_tf32=ALLOW_TF32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + t * stride_bt + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + n * stride_yn + offs_o[:, None] * stride_yo + offs_p[None, :],
@@ -76,7 +77,7 @@ def conv_epilogue(c: torch.Tensor, pooled: torch.Tensor, R: torch.Tensor, U: tor
         return y
     y3 = y.view(N, O, H * W)
     rank = U.shape[-1]
-    # 64 channels × 64 pixels: 16 fp32 accumulator values per thread with 8 warps; rank in chunks of ≤ 32.
+    # 64 channels × 64 pixels: 32 fp32 accumulator values per thread with 4 warps; rank in chunks of ≤ 32.
     block_o, block_p = min(64, max(16, next_pow2(O))), min(64, max(16, next_pow2(H * W)))
     block_r = min(32, max(16, next_pow2(rank)))
     grid = (N, triton.cdiv(O, block_o), triton.cdiv(H * W, block_p))

@@ -25,9 +25,13 @@ from halrp_fast._math import rows_by_task
 
 from ._common import add_task_products, next_pow2, row_tile
 
-# Above this rank, an x V accumulator of BLOCK_M × rank fp32 values would spill registers (64 × 64 = 4096
-# values = 32 per thread with 4 warps), so x V comes from a separate GEMM instead.
-FUSED_RANK_MAX = 64
+# Above this rank x V comes from a separate GEMM: an x V accumulator of BLOCK_M × 64 fp32 values next to the
+# BLOCK_M × BLOCK_N one spilled registers on sm_80 and sm_90a at 32- and 64-row tiles even with 8 warps
+# (bench/kernel_resources.py); at 32 it does not for fp16/bf16 inputs, whose loaded tiles take half the registers of
+# fp32 ones; fp32 inputs fuse up to rank 16 (see fused_rank_max).
+FUSED_RANK_MAX = 32
+# The epilogue of the unfused path walks the rank in chunks of this many columns (64 spilled; 32 does not).
+UNFUSED_RANK_CHUNK = 32
 
 
 @triton.jit
@@ -102,8 +106,21 @@ def linear_blocks(M: int, N: int, K: int, rank: int, fused: bool) -> tuple[int, 
     block_m = 16 if M <= 16 else (32 if M <= 64 else 64)
     block_n = 64
     block_k = 64 if M <= 16 else 32
-    block_r = max(16, next_pow2(min(rank, FUSED_RANK_MAX))) if fused else FUSED_RANK_MAX
+    block_r = max(16, next_pow2(rank)) if fused else UNFUSED_RANK_CHUNK
     return block_m, block_n, block_k, block_r
+
+
+def fused_rank_max(dtype: torch.dtype) -> int:
+    """The largest rank whose x V (forward) or g U (dgrad) stays in registers: :data:`FUSED_RANK_MAX` for 2-byte
+    inputs, 16 for fp32 (rank 32 spilled 24–416 B per thread in fp32, bench/kernel_resources.py)."""
+    return FUSED_RANK_MAX if dtype.itemsize <= 2 else 16
+
+
+def linear_warps(block_m: int, mixed: bool = False, fused: bool = True) -> int:
+    """Warps per program: 8 for 32- and 64-row tiles, where 4 warps spilled registers (mixed batches, unfused
+    ranks) on sm_80 and sm_90a, and for the 16-row tiles of a mixed batch with an unfused rank (which spilled
+    64–80 B); 4 for the other 16-row tiles of small M (bench/kernel_resources.py)."""
+    return 4 if block_m <= 16 and (fused or not mixed) else 8
 
 
 def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor, S: torch.Tensor, U: torch.Tensor,
@@ -138,7 +155,7 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
         rows, tids = rows_by_task(task_ids, M // max(x.shape[0], 1))
     else:
         rows = tids = x2  # unused (HAS_TASKS = False)
-    fused = rank <= FUSED_RANK_MAX
+    fused = rank <= fused_rank_max(x.dtype)
     xv = y2  # unused unless the rank is too large to fuse
     if rank and not fused:
         xv = torch.empty(M, rank, dtype=torch.float32, device=x.device)
@@ -160,7 +177,7 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
         xv.stride(0), y2.stride(0),
         HAS_TASKS=banked, HAS_BIAS=B is not None, HAS_RANK=rank > 0, FUSE_XV=fused, SAVE=save,
         ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=linear_warps(bm, banked, fused),
     )
     if save and rank and not fused:
         xv_saved.view(-1, rank).copy_(xv)

@@ -22,7 +22,7 @@ import triton.language as tl
 from halrp_fast._math import row_task_ids, rows_by_task
 
 from ._common import add_task_products, row_tile
-from .perturbed_linear import FUSED_RANK_MAX, linear_blocks
+from .perturbed_linear import fused_rank_max, linear_blocks, linear_warps
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
     dx = torch.empty(M, K, dtype=x.dtype, device=x.device) if nx else None
     gx = torch.empty(M, K, dtype=torch.float32, device=x.device) if ns else None
     gu = torch.empty(M, rank, dtype=torch.float32, device=x.device) if (nV and rank) else None
-    fused = rank <= FUSED_RANK_MAX
+    fused = rank <= fused_rank_max(x.dtype)
     gu_in = empty
     if rank and not fused and (nx or nV):  # rank too large for registers: g U from one GEMM per task
         gu = gu if gu is not None else torch.empty(M, rank, dtype=torch.float32, device=x.device)
@@ -143,6 +143,7 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
             HAS_TASKS=banked, HAS_RANK=rank > 0, FUSE_GU=fused, WRITE_DX=nx, WRITE_GX=ns,
             WRITE_GU=gu is not None and fused, ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+            num_warps=linear_warps(block_m, banked, fused),
         )
     dw = (g * R[row_task]).T @ (x2 * S[row_task]) if nw else None
     dR = torch.zeros_like(R) if nr else None

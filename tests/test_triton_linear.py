@@ -25,7 +25,7 @@ def test_env_report_names_triton():
 
 @pytest.mark.parametrize("M", [0, 1, 7, 65])
 @pytest.mark.parametrize("n_in,n_out", [(13, 11), (37, 31)])
-@pytest.mark.parametrize("k", [1, 3, 17, 100])
+@pytest.mark.parametrize("k", [1, 3, 17, 32, 33, 100])  # 32: the largest fused rank, 33: unfused
 def test_single_task_matches_oracle(M, n_in, n_out, k):
     args = (rnd(M, n_in), rnd(n_out, n_in) / n_in**0.5, 1 + 0.3 * rnd(n_out), 1 + 0.3 * rnd(n_in),
             0.3 * rnd(n_out, k), 0.3 * rnd(n_in, k), rnd(n_out))
