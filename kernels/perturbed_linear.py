@@ -6,7 +6,7 @@ One kernel, grid over (M tiles, N tiles):
 
 * The ``W`` product runs once per M tile whatever the tasks of its rows: ``s`` is gathered per row and
   applied to the x tile in registers, ``r`` and the bias are gathered per row in the epilogue.
-* ``x V`` is accumulated inside the K loop from the x tiles already loaded (ranks ≤ ``FUSED_RANK_MAX``);
+* ``x V`` is accumulated inside the K loop from the x tiles already loaded (ranks ≤ ``fused_rank_max(dtype)``);
   larger ranks get ``x V`` from one GEMM per task before the launch and the epilogue walks the rank in
   chunks, so registers stay bounded for any rank.
 * Mixed batches: the launcher orders rows by task (a permutation, no copy of x) so that an M tile holds
