@@ -16,6 +16,12 @@ import torch
 from .._math import layout_of
 
 
+def outermost(names) -> list[str]:
+    """The qualified module names of ``names`` that lie below no other of them (in their order)."""
+    names = list(names)
+    return [n for n in names if not any(n.startswith(p + ".") for p in names if p != n)]
+
+
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[index]`` along dim 0 in ``x``'s memory layout (``index_select`` returns a contiguous tensor, which turns
     a channels-last activation into NCHW and makes every following layer convert it back)."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection, select_tasks, take_rows
+from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection, outermost, select_tasks, take_rows
 from .batchnorm import TaskBatchNorm
 from .heads import TaskHeads
 from .norm import SAMPLE_NORMS, TaskNorm
@@ -393,9 +393,8 @@ class TaskModel(nn.Module):
         self.ensure_loaded([t])
         plain = copy.deepcopy(self.model)
         modules = self.task_modules()
-        for name, m in modules.items():  # a task-aware module's plain form includes its descendants
-            if not any(name.startswith(p + ".") for p in modules if p != name):
-                _set_submodule(plain, name, m.to_plain(t))
+        for name in outermost(modules):  # a task-aware module's plain form includes its descendants
+            _set_submodule(plain, name, modules[name].to_plain(t))
         return plain
 
     def plain_sources(self) -> dict[str, tuple[str, str | None]]:
@@ -506,13 +505,14 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
     ctx = TaskContext()
     refused: list[tuple[str, str]] = []  # every module that cannot be converted, reported together
     replacements: dict[str, nn.Module] = {}
+    def under(name: str, prefixes) -> bool:
+        return any(name == p or name.startswith(p + ".") for p in prefixes)
+
     readers = {n: reparametrized_wrapper(m) for n, m in model.named_modules()
-               if n and not any(n == s or n.startswith(s + ".") for s in skip) and reparametrized_wrapper(m)}
+               if n and not under(n, skip) and reparametrized_wrapper(m)}
     taken_over = {f"{n}.{p}" for n in readers for p in projection_modules(model.get_submodule(n))}
     for name, m in model.named_modules():
-        if not name or any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        if name in readers or any(name == p or name.startswith(p + ".") for p in taken_over):
+        if not name or under(name, skip) or name in readers or under(name, taken_over):
             continue
         if isinstance(m, _LAZY) and name != head_name:
             raise ValueError(f"module {name!r} is lazy (uninitialised): run one forward pass before convert()")
@@ -542,11 +542,8 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
         raise ValueError(f"cannot convert {len(refused)} module(s): {reasons}. Pass exclude={names} to keep them "
                          f"shared by all tasks")
     # Children of replaced modules must not be replaced twice (e.g. a head that is a Sequential).
-    for name in sorted(replacements, key=len):
-        if any(name.startswith(p + ".") for p in replacements if p != name):
-            del replacements[name]
-    for name, module in replacements.items():
-        _set_submodule(model, name, module)
+    for name in outermost(replacements):
+        _set_submodule(model, name, replacements[name])
     for name in sorted(readers, key=len, reverse=True):  # after their children: task-aware modules inside stay so
         _set_submodule(model, name, readers[name](model.get_submodule(name), ctx))
     if grouped_mixed_batches is None:

@@ -203,13 +203,9 @@ class PerturbedLayer(TaskModule):
         """Task ``t``'s weight and bias as a plain layer holds them: the base's for task 0; else the merged weight,
         cached when no gradient is needed, or computed with autograd (for code that reads the weight itself)."""
         params = self._parameters
-        weight, bias = params["weight"], params.get("bias")
         if self._check_task(t) == 0:
-            return weight, bias
-        key, containers = str(t), self._modules  # direct reads, as in _forward_single: a hot path
-        r, s, U, V = (containers[name]._parameters[key] for name in _PER_TASK[:4])
-        b = containers["task_bias"]._parameters[key] if bias is not None else None
-        sources = (weight, r, s, U, V)
+            return params["weight"], params.get("bias")
+        sources, b = self._single_task_tensors(t)
         if self._can_merge(sources):
             return self._merged.get(t, sources, lambda: self._merge(*sources)), b
         return self._merge(*sources), b
@@ -279,19 +275,21 @@ class PerturbedLayer(TaskModule):
         return ValueError(f"{where} takes inputs with {expected}, got shape {tuple(x.shape)}: is the input the size "
                           f"(and channel count) the network was built for?")
 
-    def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        params = self._parameters
-        weight, bias = params["weight"], params.get("bias")  # no bias: a plain None attribute
-        if t == 0:
-            return self._plain(x, weight, bias)
-        key = str(t)  # t was checked by the selection; the reads of tensors_of_tasks, for one task (a hot path)
-        containers = self._modules
+    def _single_task_tensors(self, t: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """``(W, r, s, U, V)`` and the bias of task ``t ≥ 1`` (id already checked), read from the containers
+        directly: the reads of :meth:`tensors_of_tasks` for one task, on the hot path of every forward."""
+        params, key, containers = self._parameters, str(t), self._modules
         r, s, U, V = (containers[name]._parameters[key] for name in _PER_TASK[:4])
-        b = containers["task_bias"]._parameters[key] if bias is not None else None
-        sources = (weight, r, s, U, V)
+        b = containers["task_bias"]._parameters[key] if params.get("bias") is not None else None
+        return (params["weight"], r, s, U, V), b
+
+    def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if t == 0:  # no bias: a plain None attribute
+            return self._plain(x, self._parameters["weight"], self._parameters.get("bias"))
+        sources, b = self._single_task_tensors(t)  # t was checked by the selection
         if self._can_merge(sources):
             return self._plain(x, self._merged.get(t, sources, lambda: self._merge(*sources)), b)
-        return self._op(x, r, s, U, V, b)
+        return self._op(x, *sources[1:], b)
 
     def _forward_mixed(self, x: torch.Tensor, sel: TaskSelection) -> torch.Tensor:
         per_task = self.tensors_of_tasks(sel.tasks)
@@ -303,12 +301,16 @@ class PerturbedLayer(TaskModule):
         if merge_cost < lowrank_cost:
             # Inference: each task group through its merged weight (the dense cost), when merging the groups'
             # weights and moving their rows costs less than the per-sample low-rank work of the mixed op.
-            weights = self._merged_weights(sel.tasks, per_task)
-            parts = [self._plain(sel.rows(x, i), w, tensors[4])
-                     for i, (w, tensors) in enumerate(zip(weights, per_task, strict=True))]
-            return sel.regroup(parts)
+            return self._mixed_through_merged(x, sel, per_task)
         banks = self._banks.get(tuple(sel.tasks), sources, lambda: self._stack(per_task))
         return self._op_mt(x, sel.local_ids, *banks)
+
+    def _mixed_through_merged(self, x: torch.Tensor, sel: TaskSelection, per_task) -> torch.Tensor:
+        """A mixed batch in inference, each task group through its cached merged weight (``per_task``: the tasks'
+        :meth:`task_tensors`)."""
+        weights = self._merged_weights(sel.tasks, per_task)
+        return sel.regroup([self._plain(sel.rows(x, i), w, tensors[4])
+                            for i, (w, tensors) in enumerate(zip(weights, per_task, strict=True))])
 
     #: whether an output computed in the row layout returns to the grouped layout (image layers do; a linear
     #: layer's output stays in rows, as does everything after it)
@@ -518,14 +520,10 @@ class TaskConv2d(PerturbedLayer):
             return super()._forward_mixed(x, sel)
         per_task = self.tensors_of_tasks(sel.tasks)
         if self._can_merge([self.weight] + [p for tensors in per_task for p in tensors]):
-            weights = self._merged_weights(sel.tasks, per_task)
-            parts = [self._plain(sel.rows(x, i), w, tensors[4])
-                     for i, (w, tensors) in enumerate(zip(weights, per_task, strict=True))]
-        else:
-            pairs = enumerate(zip(sel.tasks, per_task, strict=True))
-            parts = [self._plain(sel.rows(x, i), self.weight, self.bias) if t == 0 else
-                     self._op(sel.rows(x, i), *tensors) for i, (t, tensors) in pairs]
-        return sel.regroup(parts)
+            return self._mixed_through_merged(x, sel, per_task)
+        pairs = enumerate(zip(sel.tasks, per_task, strict=True))
+        return sel.regroup([self._plain(sel.rows(x, i), self.weight, self.bias) if t == 0 else
+                            self._op(sel.rows(x, i), *tensors) for i, (t, tensors) in pairs])
 
     def _trains_merged(self, x: torch.Tensor, k: int) -> bool:
         if self.train_form not in ("auto", "merged", "factored"):

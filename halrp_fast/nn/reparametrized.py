@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._context import TaskContext, TaskModule, TaskSelection
+from ._context import TaskContext, TaskModule, TaskSelection, outermost
 from .perturbed import TaskLinear
 
 #: projection name → (weight path, bias path or None) inside the wrapped module
@@ -80,10 +80,9 @@ class TaskReparametrized(TaskModule):
         """The original module holding task ``t``'s weights (task-aware modules inside it made plain too)."""
         plain = copy.deepcopy(self.inner)
         nested = {n: m for n, m in plain.named_modules() if n and isinstance(m, TaskModule)}
-        for name, module in nested.items():
-            if not any(name.startswith(p + ".") for p in nested if p != name):
-                parent_name, _, child = name.rpartition(".")
-                setattr(plain.get_submodule(parent_name) if parent_name else plain, child, module.to_plain(t))
+        for name in outermost(nested):
+            parent_name, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent_name) if parent_name else plain, child, nested[name].to_plain(t))
         with torch.no_grad():
             for path, value in self._tensors(t).items():
                 owner_name, _, leaf = path.rpartition(".")
