@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from _common import environment_line, markdown_table, median_ms, parse_args
 
 import halrp_fast as hf
-from halrp_fast.reference import merge_conv_weight, window_sum
+from halrp_fast._math import merge_conv_weight, window_sum
 
 # (name, C_in, C_out, H=W, kernel, padding): layers of the paper's networks
 LAYERS = [("lenet.conv2", 20, 50, 16, 5, 2), ("alexnet.conv2", 64, 128, 14, 3, 0), ("resnet.layer2", 64, 64, 16, 3, 1)]

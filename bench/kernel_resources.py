@@ -1,11 +1,14 @@
 """Every Triton kernel of the library compiled ahead of time for Ampere (sm_80) and Hopper (sm_90a), no GPU needed.
 
 For each kernel, each configuration its launcher can pick (shape bucket × dtype × flags: single/mixed task,
-fused/unfused rank, save, ...), ``triton.compile(ASTSource(...), target=GPUTarget(...))`` builds the cubin; the
-resource usage comes from ``cuobjdump --dump-resource-usage`` (registers, stack = spilled registers, local memory)
-and the compiler's shared-memory size, the instruction mix from ``nvdisasm`` (HGMMA: Hopper's warpgroup MMA, HMMA:
-the mma.sync tensor-core op, FFMA: fp32 FMAs).  Integer arguments are compiled without the launch-time divisibility
-hints (a lower bound on vectorisation; resources are those of the generic specialisation).
+fused/unfused rank, save, ...) is the launcher's own launch, captured on CPU tensors of the bucket's shapes (N = K =
+512) and compiled with Triton's launch-time specialisation (16-byte-aligned pointers and integers divisible by 16
+marked as such, integers equal to 1 made constants: what a launch on such tensors compiles, and what lets Triton
+vectorise loads and pipeline them through shared memory); ``triton.compile(ASTSource(...), target=GPUTarget(...))``
+builds the cubin; the resource usage comes from ``cuobjdump --dump-resource-usage`` (registers, stack = spilled
+registers, local memory) and the compiler's shared-memory size, the instruction mix from ``nvdisasm`` (HGMMA: Hopper's
+warpgroup MMA, HMMA: the mma.sync tensor-core op, LDGSTS: asynchronous global→shared copies of a pipelined loop,
+FFMA: fp32 FMAs).
 
     python bench/kernel_resources.py [--arch sm_80 sm_90a] [--json out.json] [--quick]
 
@@ -14,6 +17,7 @@ prints a markdown table; ``tests/test_kernels_compile.py`` asserts the propertie
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import subprocess
@@ -26,19 +30,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 #: opt-in shared memory per block (bytes): A100 (sm_80) and H100/H200 (sm_90)
 SHARED_LIMIT = {"sm_80": 166912, "sm_90a": 232448}
 ARCHS = {"sm_80": 80, "sm_90a": 90}
-DTYPES = ("fp32", "fp16", "bf16")
-_TORCH = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: input types; "tf32": fp32 tensors with ``torch.backends.cuda.matmul.allow_tf32`` set (tensor-core products)
+DTYPES = ("fp32", "tf32", "fp16", "bf16")
+_TORCH = {"fp32": "float32", "tf32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
 class Config:
-    """One launch configuration: the kernel, its constexprs and the pointer element types."""
+    """One launch as its launcher makes it: the kernel, the Triton signature with the launch-time specialisation
+    (pointers and integers divisible by 16 marked, integers equal to 1 made constants), the constexprs by name and
+    the launch options."""
 
     kernel: str
     label: str
     dtype: str
-    constexprs: dict
-    pointers: dict  # pointer argument → element type ("fp16", "fp32", "i64", ...)
+    signature: dict  # argument name → Triton type ("*bf16", "i32", "constexpr")
+    constexprs: dict  # argument name → value (the kernel's constexprs and the arguments specialised to 1)
+    divisible: list  # names of the arguments specialised as divisible by 16
     num_warps: int = 4
     num_stages: int = 3
     has_dot: bool = True  # whether the configuration runs a tl.dot on dtype-typed operands
@@ -56,6 +64,7 @@ class Resources:
     shared: int
     hgmma: int
     hmma: int
+    ldgsts: int
     ffma: int
     has_dot: bool
     problems: list[str] = field(default_factory=list)
@@ -69,83 +78,156 @@ def _tool(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# the configurations each launcher can pick
+# the configurations each launcher can pick: its launches captured on CPU tensors of each shape bucket
 # ------------------------------------------------------------------------------------------------
-def _linear_grid(quick: bool):
-    """The launch choices shared by the linear forward and dgrad: ``(dtype, M, rank, mixed, fused, blocks, warps,
-    label prefix)`` for M buckets 1 / 48 / 4096 rows × rank none / fused / unfused × single / mixed task."""
+class _Capture:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def _launches(module, attr: str, call, dtype: str) -> list[tuple[tuple, dict]]:
+    """The launches of ``module.attr`` made by ``call()`` for inputs of ``dtype`` (nothing runs)."""
     import torch
 
-    from kernels.perturbed_linear import fused_rank_max, linear_blocks, linear_warps
+    capture = _Capture(getattr(module, attr))
+    setattr(module, attr, capture)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    try:
+        call()
+    finally:
+        setattr(module, attr, capture.kernel)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return capture.calls
 
+
+def _config(kernel_name: str, kernel, label: str, dtype: str, args: tuple, kwargs: dict) -> Config:
+    """The compile request Triton's launcher makes for ``kernel[grid](*args, **kwargs)`` (its own specialisation
+    rule: tensors' 16-byte alignment, integers divisible by 16, integers equal to 1)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    values = dict(zip(kernel.arg_names, args, strict=False)) | {k: v for k, v in kwargs.items()
+                                                                 if k in kernel.arg_names}
+    signature, constexprs, divisible = {}, {}, []
+    # the parameters from the Python function (also under TRITON_INTERPRET, where the kernel is interpreted)
+    for name, param in inspect.signature(kernel.fn).parameters.items():
+        value = values[name]
+        if "constexpr" in str(param.annotation):
+            signature[name], constexprs[name] = "constexpr", value
+            continue
+        ty, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = key
+        elif key == "D":
+            divisible.append(name)
+    warps, stages = kwargs.get("num_warps", 4), kwargs.get("num_stages", 3)
+    blocks = "x".join(str(constexprs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_O", "BLOCK_P")
+                      if b in constexprs)
+    label = f"{label} tiles {blocks} R{constexprs['BLOCK_R']} w{warps} s{stages}"
+    has_dot = kernel_name != "conv_epilogue" or bool(constexprs["HAS_RANK"])
+    return Config(kernel_name, label, dtype, signature, constexprs, divisible, warps, stages, has_dot)
+
+
+def _linear_inputs(dtype: str, m: int, rank: int, mixed: bool, nk: int = 512, tasks: int = 3):
+    """CPU tensors of one linear launch: ``(x, W, R, S, U, V, B, task_ids)`` (banks when ``mixed``)."""
+    import torch
+
+    dt = getattr(torch, _TORCH[dtype])
+    lead = (tasks,) if mixed else ()
+    x, W = torch.zeros(m, nk, dtype=dt), torch.zeros(nk, nk, dtype=dt)
+    R, S, B = (torch.zeros(*lead, nk, dtype=dt) for _ in range(3))
+    U, V = torch.zeros(*lead, nk, rank, dtype=dt), torch.zeros(*lead, nk, rank, dtype=dt)
+    ids = torch.arange(m) % tasks if mixed else None
+    return x, W, R, S, U, V, B, ids
+
+
+#: the shape buckets of the linear launchers (rows M; N = K = 512) and the ranks (none, fused, unfused)
+LINEAR_ROWS = (1, 48, 256, 4096)
+LINEAR_RANKS = (0, 8, 32, 96)
+
+
+def _linear_grid(quick: bool, rows=LINEAR_ROWS):
     for dtype in DTYPES:
-        for m in (1, 48, 4096):
-            for rank in ((8, 96) if quick else (0, 8, 32, 96)):
+        for m in rows:
+            for rank in ((8, 96) if quick else LINEAR_RANKS):
                 for mixed in (False, True):
-                    fused = rank <= fused_rank_max(getattr(torch, _TORCH[dtype]))
-                    blocks = linear_blocks(m, 512, 512, rank, fused)
-                    prefix = f"M={m} rank={rank}{'' if fused else ' (unfused)'} {'mixed' if mixed else 'single'}"
-                    yield dtype, rank, mixed, fused, blocks, linear_warps(blocks[0], mixed, fused), prefix
+                    yield dtype, m, rank, mixed, f"M={m} rank={rank} {'mixed' if mixed else 'single'}"
 
 
-def _row_pointers(dtype: str, mixed: bool) -> dict:
-    """The row-order and task-id pointers: int64 for a mixed batch, unused (the input's type) otherwise."""
-    return dict(rows_ptr="i64" if mixed else dtype, tid_ptr="i64" if mixed else dtype)
+def linear_configs(quick: bool = False, rows=LINEAR_ROWS) -> list[Config]:
+    """The forward's launches over :func:`_linear_grid`, with and without saving ``c`` and ``x V``."""
+    from kernels import perturbed_linear as mod
 
-
-def linear_configs(quick: bool = False) -> list[Config]:
-    """The fused forward over :func:`_linear_grid`, with and without saving ``c`` and ``x V`` (``linear_blocks``
-    picks the tiles)."""
     out = []
-    for dtype, rank, mixed, fused, (bm, bn, bk, br), warps, prefix in _linear_grid(quick):
+    for dtype, m, rank, mixed, prefix in _linear_grid(quick, rows):
+        x, W, R, S, U, V, B, ids = _linear_inputs(dtype, m, rank, mixed)
         for save in ((False,) if quick else (False, True)):
-            consts = dict(HAS_TASKS=mixed, HAS_BIAS=True, HAS_RANK=rank > 0, FUSE_XV=fused, SAVE=save,
-                          ALLOW_TF32=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br)
-            ptrs = {n: dtype for n in ("x_ptr", "w_ptr", "r_ptr", "s_ptr", "u_ptr", "v_ptr", "b_ptr", "y_ptr",
-                                       "c_ptr", "xv_out_ptr")}
-            ptrs.update(_row_pointers(dtype, mixed), xv_ptr=dtype if fused else "fp32")
-            label = f"{prefix}{' save' if save else ''} tiles {bm}x{bn}x{bk} R{br} w{warps}"
-            out.append(Config("perturbed_linear_fwd", label, dtype, consts, ptrs, warps))
+            for args, kwargs in _launches(mod, "_perturbed_linear_fwd_kernel", lambda: mod.perturbed_linear_fwd(
+                    x, W, R, S, U, V, B, task_ids=ids, save=save), dtype):
+                fused = "" if kwargs["FUSE_XV"] or not rank else " (unfused)"
+                out.append(_config("perturbed_linear_fwd", mod._perturbed_linear_fwd_kernel,
+                                   f"{prefix}{fused}{' save' if save else ''}", dtype, args, kwargs))
     return out
 
 
-def dgrad_configs(quick: bool = False) -> list[Config]:
-    """The backward dgrad over :func:`_linear_grid`, writing dx, gx and g U (tiles: the launcher's 32 × 64)."""
+def dgrad_configs(quick: bool = False, rows=LINEAR_ROWS) -> list[Config]:
+    """The backward's dgrad launches over :func:`_linear_grid`, writing dx, gx and g U."""
+    import torch
+
+    from kernels import perturbed_linear_backward as mod
+
     out = []
-    for dtype, rank, mixed, fused, (bm, _, _, br), warps, prefix in _linear_grid(quick):
-        consts = dict(HAS_TASKS=mixed, HAS_RANK=rank > 0, FUSE_GU=fused, WRITE_DX=True, WRITE_GX=True,
-                      WRITE_GU=rank > 0 and fused, ALLOW_TF32=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=64, BLOCK_R=br)
-        ptrs = {n: dtype for n in ("g_ptr", "w_ptr", "r_ptr", "s_ptr", "u_ptr", "v_ptr", "dx_ptr")}
-        ptrs.update(_row_pointers(dtype, mixed), gu_in_ptr="fp32" if not fused else dtype, gx_ptr="fp32",
-                    gu_out_ptr="fp32")
-        out.append(Config("perturbed_linear_dgrad", f"{prefix} tiles {bm}x32x64 R{br} w{warps}", dtype, consts, ptrs,
-                          warps))
+    for dtype, m, rank, mixed, prefix in _linear_grid(quick, rows):
+        x, W, R, S, U, V, B, ids = _linear_inputs(dtype, m, rank, mixed)
+        needs = [True, False, False, True, False, True, False]
+        empty = x.new_empty(0)
+        def call(x=x, W=W, R=R, S=S, U=U, V=V, ids=ids, empty=empty):
+            mod.perturbed_linear_bwd(torch.zeros_like(x), x, W, R, S, U, V, empty, empty, True, needs, task_ids=ids)
+
+        for args, kwargs in _launches(mod, "_perturbed_linear_dgrad_kernel", call, dtype):
+            fused = "" if kwargs["FUSE_GU"] or not rank else " (unfused)"
+            out.append(_config("perturbed_linear_dgrad", mod._perturbed_linear_dgrad_kernel, f"{prefix}{fused}",
+                               dtype, args, kwargs))
     return out
 
 
 def conv_configs(quick: bool = False) -> list[Config]:
-    """The conv epilogue: channel/pixel tiles from small to the 64×64 cap × rank chunks × single/mixed."""
-    from kernels._common import next_pow2
+    """The conv epilogue's launches: channel/pixel tiles from small to the 64×64 cap × ranks × single/mixed."""
+    import torch
+
+    from kernels import perturbed_conv2d as mod
 
     out = []
     for dtype in DTYPES:
+        dt = getattr(torch, _TORCH[dtype])
         for channels, pixels in ((16, 16), (64, 4096)) if quick else ((16, 16), (48, 49), (64, 4096)):
             for rank in (0, 8, 40):
                 for mixed in (False, True):
-                    bo, bp = min(64, max(16, next_pow2(channels))), min(64, max(16, next_pow2(pixels)))
-                    br = min(32, max(16, next_pow2(rank)))
-                    consts = dict(HAS_TASKS=mixed, HAS_BIAS=True, HAS_RANK=rank > 0, ALLOW_TF32=False,
-                                  BLOCK_O=bo, BLOCK_P=bp, BLOCK_R=br)
-                    ptrs = {n: dtype for n in ("c_ptr", "p_ptr", "r_ptr", "u_ptr", "b_ptr", "y_ptr")}
-                    ptrs["tid_ptr"] = "i64" if mixed else dtype
-                    kind = "mixed" if mixed else "single"
-                    label = f"C={channels} HW={pixels} rank={rank} {kind} tiles {bo}x{bp} R{br}"
-                    out.append(Config("conv_epilogue", label, dtype, consts, ptrs, has_dot=rank > 0))
+                    lead = (3,) if mixed else ()
+                    c = torch.zeros(2, channels, pixels, 1, dtype=dt)
+                    pooled = torch.zeros(2, rank, pixels, 1, dtype=dt)
+                    R, B = torch.zeros(*lead, channels, dtype=dt), torch.zeros(*lead, channels, dtype=dt)
+                    U = torch.zeros(*lead, channels, rank, dtype=dt)
+                    ids = torch.tensor([0, 2]) if mixed else None
+                    label = f"C={channels} HW={pixels} rank={rank} {'mixed' if mixed else 'single'}"
+                    for args, kwargs in _launches(mod, "_conv_epilogue_kernel",
+                                                  lambda: mod.conv_epilogue(c, pooled, R, U, B, task_ids=ids), dtype):
+                        out.append(_config("conv_epilogue", mod._conv_epilogue_kernel, label, dtype, args, kwargs))
     return out
 
 
-def all_configs(quick: bool = False, dtypes=DTYPES) -> list[Config]:
-    return [c for c in linear_configs(quick) + dgrad_configs(quick) + conv_configs(quick) if c.dtype in dtypes]
+def all_configs(quick: bool = False, dtypes=DTYPES, rows=LINEAR_ROWS, conv: bool = True) -> list[Config]:
+    """Every launch configuration (``rows``: the linear launchers' row buckets; ``conv``: with the conv epilogue's)."""
+    configs = linear_configs(quick, rows) + dgrad_configs(quick, rows) + (conv_configs(quick) if conv else [])
+    return [c for c in configs if c.dtype in dtypes]
 
 
 def _kernel(name: str):
@@ -167,17 +249,10 @@ def compile_config(cfg: Config, arch: str, workdir: Path) -> Resources:
     from triton.compiler import ASTSource
 
     kernel = _kernel(cfg.kernel)
-    names = kernel.arg_names
-    signature = {}
-    for n in names:
-        if n in cfg.constexprs:
-            signature[n] = "constexpr"
-        elif n.endswith("_ptr"):
-            signature[n] = "*" + cfg.pointers[n]
-        else:
-            signature[n] = "i32"
-    constexprs = {(names.index(n),): v for n, v in cfg.constexprs.items()}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+    index = {n: (i,) for i, n in enumerate(kernel.arg_names)}
+    constexprs = {index[n]: v for n, v in cfg.constexprs.items()}
+    attrs = {index[n]: [["tt.divisibility", 16]] for n in cfg.divisible}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=cfg.signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", ARCHS[arch], 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     cubin = workdir / f"{cfg.kernel}.cubin"
@@ -189,7 +264,7 @@ def compile_config(cfg: Config, arch: str, workdir: Path) -> Resources:
     res = Resources(cfg.kernel, cfg.label, cfg.dtype, arch, int(fields.get("REG", 0)), int(fields.get("STACK", 0)),
                     int(fields.get("LOCAL", 0)), int(compiled.metadata.shared) + int(fields.get("SHARED", 0)),
                     len(re.findall(r"\bHGMMA\b|\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)),
-                    len(re.findall(r"\bFFMA\b", sass)), cfg.has_dot)
+                    len(re.findall(r"\bLDGSTS\b", sass)), len(re.findall(r"\bFFMA\b", sass)), cfg.has_dot)
     res.problems = problems(res)
     return res
 
@@ -202,8 +277,8 @@ def problems(r: Resources) -> list[str]:
         out.append(f"spills ({r.stack} B stack, {r.local} B local)")
     if r.shared > SHARED_LIMIT[r.arch]:
         out.append(f"shared memory {r.shared} B > {SHARED_LIMIT[r.arch]} B")
-    if r.has_dot and r.dtype in ("fp16", "bf16") and r.hgmma + r.hmma == 0:
-        out.append("fp16/bf16 dot without tensor-core instructions")
+    if r.has_dot and r.dtype in ("tf32", "fp16", "bf16") and r.hgmma + r.hmma == 0:
+        out.append(f"{r.dtype} dot without tensor-core instructions")
     return out
 
 
@@ -213,20 +288,23 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default=None, help="write every row as JSON here")
     ap.add_argument("--quick", action="store_true", help="a covering subset (the CI test's)")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--rows", nargs="+", type=int, default=list(LINEAR_ROWS),
+                    help="row counts M whose linear launches to compile (each picks its bucket's tiles)")
+    ap.add_argument("--no-conv", action="store_true", help="leave out the conv epilogue")
     args = ap.parse_args(argv)
     import tempfile
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for cfg in all_configs(args.quick, args.dtypes):
+        for cfg in all_configs(args.quick, args.dtypes, tuple(args.rows), not args.no_conv):
             for arch in args.arch:
                 rows.append(compile_config(cfg, arch, Path(tmp)))
-    print("| kernel | configuration | dtype | arch | regs | spill (stack B) | shared B | HGMMA | HMMA | FFMA | "
-          "problems |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | configuration | dtype | arch | regs | spill (stack B) | shared B | HGMMA | HMMA | LDGSTS | FFMA "
+          "| problems |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.kernel} | {r.label} | {r.dtype} | {r.arch} | {r.registers} | {r.stack + r.local} | {r.shared} | "
-              f"{r.hgmma} | {r.hmma} | {r.ffma} | {'; '.join(r.problems) or '—'} |")
+              f"{r.hgmma} | {r.hmma} | {r.ldgsts} | {r.ffma} | {'; '.join(r.problems) or '—'} |")
     bad = [r for r in rows if r.problems]
     print(f"\n{len(rows)} compiled, {len(bad)} with problems")
     if args.json:

@@ -28,15 +28,33 @@ def row_tile(rows_ptr, tid_ptr, pid, M, HAS_TASKS: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
+def task_rows(ptr, tid, stride_t, offs, m_mask, o_mask, HAS_TASKS: tl.constexpr):
+    """Each row's own task vector ``vec[tid[m], offs]`` as ``(BLOCK_M, BLOCK_O)``, zero outside the masks; with one
+    task a single ``(1, BLOCK_O)`` row that broadcasts: a 2-D gather there holds one 64-bit address per element in
+    registers, which spilled the 128-row tiles (bench/kernel_resources.py)."""
+    if HAS_TASKS:
+        out = tl.load(ptr + tid[:, None].to(tl.int32) * stride_t + offs[None, :],
+                      mask=m_mask[:, None] & o_mask[None, :], other=0.0)
+    else:
+        out = tl.load(ptr + offs, mask=o_mask, other=0.0)[None, :]
+    return out
+
+
+@triton.jit
 def add_task_products(acc, z, tid, t_lo, t_hi, mat_ptr, stride_t, offs_o, stride_o, offs_r, stride_r, o_mask, r_mask,
-                      ALLOW_TF32: tl.constexpr):
+                      HAS_TASKS: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """``acc (BLOCK_M, BLOCK_O) += z[m] · mat[tid[m]]ᵀ`` for the tile's tasks ``t_lo..t_hi``: each row's rank
-    block ``z (BLOCK_M, BLOCK_R)`` against its own task's ``mat (T, O, R)`` columns ``offs_o``, ranks ``offs_r``."""
+    block ``z (BLOCK_M, BLOCK_R)`` against its own task's ``mat (T, O, R)`` columns ``offs_o``, ranks ``offs_r``
+    (one task: one product, no row selection).  The product runs in ``mat``'s type, as PyTorch's ``(x V) Uᵀ`` does:
+    tensor cores for 2-byte inputs (an fp32 FMA product here spilled the 128-row tiles)."""
     for t in range(t_lo, t_hi + 1):
         m = tl.load(mat_ptr + t * stride_t + offs_o[None, :] * stride_o + offs_r[:, None] * stride_r,
                     mask=r_mask[:, None] & o_mask[None, :], other=0.0)
-        zt = tl.where((tid == t)[:, None], z, 0.0)
-        acc += tl.dot(zt, m.to(tl.float32), allow_tf32=ALLOW_TF32)
+        if HAS_TASKS:
+            zt = tl.where((tid == t)[:, None], z, 0.0)
+        else:
+            zt = z
+        acc += tl.dot(zt.to(m.dtype), m, allow_tf32=ALLOW_TF32)
     return acc
 
 

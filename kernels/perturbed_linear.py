@@ -17,13 +17,15 @@ Accumulation is fp32; fp32 inputs use IEEE products unless ``torch.backends.cuda
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from halrp_fast._math import rows_by_task
 
-from ._common import add_task_products, next_pow2, row_tile
+from ._common import add_task_products, next_pow2, row_tile, task_rows
 
 # Above this rank x V comes from a separate GEMM: an x V accumulator of BLOCK_M × 64 fp32 values next to the
 # BLOCK_M × BLOCK_N one spilled registers on sm_80 and sm_90a at 32- and 64-row tiles even with 8 warps
@@ -60,7 +62,7 @@ def _perturbed_linear_fwd_kernel(
         k_mask = offs_k < K
         mk = m_mask[:, None] & k_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mk, other=0.0)
-        s = tl.load(s_ptr + tid[:, None] * stride_st + offs_k[None, :], mask=mk, other=0.0)
+        s = task_rows(s_ptr, tid, stride_st, offs_k, m_mask, k_mask, HAS_TASKS)
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot((x * s).to(w.dtype), w, allow_tf32=ALLOW_TF32)
@@ -69,7 +71,10 @@ def _perturbed_linear_fwd_kernel(
             for t in range(t_lo, t_hi + 1):
                 v = tl.load(v_ptr + t * stride_vt + offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr,
                             mask=kr, other=0.0)
-                xt = tl.where((tid == t)[:, None], x, 0.0).to(v.dtype)
+                if HAS_TASKS:
+                    xt = tl.where((tid == t)[:, None], x, 0.0).to(v.dtype)
+                else:
+                    xt = x.to(v.dtype)
                 xv += tl.dot(xt, v, allow_tf32=ALLOW_TF32)
 
     mn = m_mask[:, None] & n_mask[None, :]
@@ -79,11 +84,11 @@ def _perturbed_linear_fwd_kernel(
             if pid_n == 0:
                 tl.store(xv_out_ptr + rows[:, None] * RANK + offs_r[None, :], xv.to(xv_out_ptr.dtype.element_ty),
                          mask=m_mask[:, None] & r_mask[None, :])
-    acc *= tl.load(r_ptr + tid[:, None] * stride_rt + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
+    acc *= task_rows(r_ptr, tid, stride_rt, offs_n, m_mask, n_mask, HAS_TASKS).to(tl.float32)
     if HAS_RANK:
         if FUSE_XV:
             acc = add_task_products(acc, xv, tid, t_lo, t_hi, u_ptr, stride_ut, offs_n, stride_un, offs_r, stride_ur,
-                                    n_mask, r_mask, ALLOW_TF32)
+                                    n_mask, r_mask, HAS_TASKS, ALLOW_TF32)
         else:
             for r0 in range(0, RANK, BLOCK_R):
                 offs_rr = r0 + offs_r
@@ -91,29 +96,63 @@ def _perturbed_linear_fwd_kernel(
                 xvc = tl.load(xv_ptr + rows[:, None] * stride_xvm + offs_rr[None, :],
                               mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
                 acc = add_task_products(acc, xvc, tid, t_lo, t_hi, u_ptr, stride_ut, offs_n, stride_un, offs_rr,
-                                        stride_ur, n_mask, rr_mask, ALLOW_TF32)
+                                        stride_ur, n_mask, rr_mask, HAS_TASKS, ALLOW_TF32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + tid[:, None] * stride_bt + offs_n[None, :], mask=mn, other=0.0).to(tl.float32)
+        acc += task_rows(b_ptr, tid, stride_bt, offs_n, m_mask, n_mask, HAS_TASKS).to(tl.float32)
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mn)
 
 
-def linear_blocks(M: int, N: int, K: int, rank: int, fused: bool) -> tuple[int, int, int, int]:
-    """Tile sizes by shape bucket (no autotuning sweep: one fixed config per bucket, no first-call cost).
+@dataclass(frozen=True)
+class LinearTiles:
+    """One launch's tiles: rows × output columns × reduction (``block_m × block_n × block_k``), the rank block,
+    warps and software-pipeline stages."""
 
-    Small M (decode-like) is memory bound on W: a narrow M tile and wide N/K tiles stream W once.  Large M
-    is compute bound: square 64×64 tiles with BLOCK_K 32 keep the fp32 accumulator at 32 values per thread.
+    block_m: int
+    block_n: int
+    block_k: int
+    block_r: int
+    num_warps: int
+    num_stages: int
+
+
+#: rows from which a launch takes the large tiles (see :func:`linear_tiles`)
+LARGE_M = 512
+
+
+def linear_tiles(M: int, rank: int, fused: bool, dtype: torch.dtype, mixed: bool = False,
+                 allow_tf32: bool = False) -> LinearTiles:
+    """Tiles by shape bucket (one fixed configuration per bucket: no autotuning sweep, no first-call cost).
+
+    * M ≤ 16 (decode-like) is memory bound on W: a 16-row tile with wide N/K tiles streams W once.
+    * M ≤ 512: 32- or 64-row × 64 tiles, BLOCK_K 32, 8 warps: enough programs to fill the GPU at small M.
+    * M > 512 on tensor cores (2-byte inputs, or fp32 with TF32 allowed) is compute bound: 128 × 128 output tiles,
+      the shape of Triton's own fastest matmul configurations on Ampere and Hopper, 8 warps (two warpgroups for
+      Hopper's wgmma); BLOCK_K 64 with 4 stages for 2-byte inputs, 32 with 3 stages for fp32 (32 KiB of shared memory
+      a stage either way).  fp32 without TF32 (FMA products) keeps the 64 × 64 tiles: 128 × 128 spilled 300–600 B per
+      thread, as did 128 × 256 with 2-byte inputs (bench/kernel_resources.py).
     """
+    tensor_cores = dtype.itemsize <= 2 or allow_tf32
+    block_r = max(16, next_pow2(rank))
+    block_r = block_r if fused else min(block_r, UNFUSED_RANK_CHUNK)  # 16 for small unfused ranks: no spills
+    if M > LARGE_M and tensor_cores:
+        wide = dtype.itemsize <= 2
+        return LinearTiles(128, 128, 64 if wide else 32, block_r, 8, 4 if wide else 3)
     block_m = 16 if M <= 16 else (32 if M <= 64 else 64)
-    block_n = 64
-    block_k = 64 if M <= 16 else 32
-    block_r = max(16, next_pow2(rank)) if fused else UNFUSED_RANK_CHUNK
-    return block_m, block_n, block_k, block_r
+    return LinearTiles(block_m, 64, 64 if M <= 16 else 32, block_r, linear_warps(block_m, mixed, fused), 3)
 
 
 def fused_rank_max(dtype: torch.dtype) -> int:
     """The largest rank whose x V (forward) or g U (dgrad) stays in registers: :data:`FUSED_RANK_MAX` for 2-byte
     inputs, 16 for fp32 (rank 32 spilled 24–416 B per thread in fp32, bench/kernel_resources.py)."""
     return FUSED_RANK_MAX if dtype.itemsize <= 2 else 16
+
+
+def fuses_rank(rank: int, dtype: torch.dtype, M: int, mixed: bool) -> bool:
+    """Whether a launch computes x V (forward) or g U (dgrad) inside its main loop: ranks up to
+    :func:`fused_rank_max`, except mixed batches of more than :data:`LARGE_M` rows, where the loop over a tile's tasks
+    nested in the main loop stopped Triton's software pipelining of the 128-row tiles (one shared-memory stage, no
+    asynchronous copies: bench/kernel_resources.py); those take it from one GEMM per task."""
+    return rank <= fused_rank_max(dtype) and not (mixed and M > LARGE_M)
 
 
 def linear_warps(block_m: int, mixed: bool = False, fused: bool = True) -> int:
@@ -155,7 +194,7 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
         rows, tids = rows_by_task(task_ids, M // max(x.shape[0], 1))
     else:
         rows = tids = x2  # unused (HAS_TASKS = False)
-    fused = rank <= fused_rank_max(x.dtype)
+    fused = fuses_rank(rank, x.dtype, M, banked)
     xv = y2  # unused unless the rank is too large to fuse
     if rank and not fused:
         xv = torch.empty(M, rank, dtype=torch.float32, device=x.device)
@@ -165,22 +204,24 @@ def perturbed_linear_fwd(x: torch.Tensor, weight: torch.Tensor, R: torch.Tensor,
                 xv[idx] = x2[idx].float() @ V[t].float()
         else:
             torch.matmul(x2.float(), V[0].float(), out=xv)
-    bm, bn, bk, br = linear_blocks(M, N, K, rank, fused)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    tiles = linear_tiles(M, rank, fused, x.dtype, banked, allow_tf32)
+    grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n))
     _perturbed_linear_fwd_kernel[grid](
         x2, rows, tids, weight, R, S, U, V, B if B is not None else R, xv, y2,
-        c.view(-1, N) if save else y2, xv_saved.view(-1, rank) if save else y2,
+        c.view(-1, N) if save else y2, xv_saved.view(M, rank) if save else y2,
         M, N, K, rank,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
         R.stride(0), S.stride(0), U.stride(0), U.stride(1), U.stride(2), V.stride(0), V.stride(1), V.stride(2),
         B.stride(0) if B is not None else 0,
         xv.stride(0), y2.stride(0),
         HAS_TASKS=banked, HAS_BIAS=B is not None, HAS_RANK=rank > 0, FUSE_XV=fused, SAVE=save,
-        ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=linear_warps(bm, banked, fused),
+        ALLOW_TF32=allow_tf32,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, BLOCK_R=tiles.block_r,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if save and rank and not fused:
-        xv_saved.view(-1, rank).copy_(xv)
+        xv_saved.view(M, rank).copy_(xv)
     return (y, c, xv_saved) if save else y
 
 

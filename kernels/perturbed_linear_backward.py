@@ -21,8 +21,8 @@ import triton.language as tl
 
 from halrp_fast._math import row_task_ids, rows_by_task
 
-from ._common import add_task_products, row_tile
-from .perturbed_linear import fused_rank_max, linear_blocks, linear_warps
+from ._common import add_task_products, row_tile, task_rows
+from .perturbed_linear import fuses_rank, linear_tiles
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _perturbed_linear_dgrad_kernel(
         n_mask = offs_n < N
         mn = m_mask[:, None] & n_mask[None, :]
         g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_n[None, :], mask=mn, other=0.0)
-        r = tl.load(r_ptr + tid[:, None] * stride_rt + offs_n[None, :], mask=mn, other=0.0)
+        r = task_rows(r_ptr, tid, stride_rt, offs_n, m_mask, n_mask, HAS_TASKS)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         gx += tl.dot((g * r).to(w.dtype), w, allow_tf32=ALLOW_TF32)
@@ -59,7 +59,10 @@ def _perturbed_linear_dgrad_kernel(
             for t in range(t_lo, t_hi + 1):
                 u = tl.load(u_ptr + t * stride_ut + offs_n[:, None] * stride_un + offs_r[None, :] * stride_ur,
                             mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-                gt = tl.where((tid == t)[:, None], g, 0.0).to(u.dtype)
+                if HAS_TASKS:
+                    gt = tl.where((tid == t)[:, None], g, 0.0).to(u.dtype)
+                else:
+                    gt = g.to(u.dtype)
                 gu += tl.dot(gt, u, allow_tf32=ALLOW_TF32)
 
     mk = m_mask[:, None] & k_mask[None, :]
@@ -69,11 +72,11 @@ def _perturbed_linear_dgrad_kernel(
         if pid_k == 0:
             tl.store(gu_out_ptr + rows[:, None] * RANK + offs_r[None, :], gu, mask=m_mask[:, None] & r_mask[None, :])
     if WRITE_DX:
-        dx = gx * tl.load(s_ptr + tid[:, None] * stride_st + offs_k[None, :], mask=mk, other=0.0).to(tl.float32)
+        dx = gx * task_rows(s_ptr, tid, stride_st, offs_k, m_mask, k_mask, HAS_TASKS).to(tl.float32)
         if HAS_RANK:
             if FUSE_GU:
                 dx = add_task_products(dx, gu, tid, t_lo, t_hi, v_ptr, stride_vt, offs_k, stride_vk, offs_r,
-                                       stride_vr, k_mask, r_mask, ALLOW_TF32)
+                                       stride_vr, k_mask, r_mask, HAS_TASKS, ALLOW_TF32)
             else:
                 for r0 in range(0, RANK, BLOCK_R):
                     rr = r0 + offs_r
@@ -81,7 +84,7 @@ def _perturbed_linear_dgrad_kernel(
                     guc = tl.load(gu_in_ptr + rows[:, None] * RANK + rr[None, :],
                                   mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
                     dx = add_task_products(dx, guc, tid, t_lo, t_hi, v_ptr, stride_vt, offs_k, stride_vk, rr,
-                                           stride_vr, k_mask, rr_mask, ALLOW_TF32)
+                                           stride_vr, k_mask, rr_mask, HAS_TASKS, ALLOW_TF32)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mk)
 
 
@@ -120,7 +123,7 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
     dx = torch.empty(M, K, dtype=x.dtype, device=x.device) if nx else None
     gx = torch.empty(M, K, dtype=torch.float32, device=x.device) if ns else None
     gu = torch.empty(M, rank, dtype=torch.float32, device=x.device) if (nV and rank) else None
-    fused = rank <= fused_rank_max(x.dtype)
+    fused = fuses_rank(rank, x.dtype, M, banked)
     gu_in = empty
     if rank and not fused and (nx or nV):  # rank too large for registers: g U from one GEMM per task
         gu = gu if gu is not None else torch.empty(M, rank, dtype=torch.float32, device=x.device)
@@ -129,8 +132,12 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
             gu[idx] = g[idx].float() @ U[t].float()
         gu_in = gu
     if M and (nx or ns or (nV and rank and fused)):
-        block_m, _, _, block_r = linear_blocks(M, K, N, rank, fused)
-        block_n, block_k = 32, 64  # dgrad: the weight's rows (N) are the reduction, its columns (K) the output
+        # dgrad: the weight's rows (N) are the reduction, its columns (K) the output: the forward's tiles with the
+        # roles of N and K swapped (small M: 32 reduction rows × 64 output columns)
+        allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        tiles = linear_tiles(M, rank, fused, x.dtype, banked, allow_tf32)
+        block_m, block_r = tiles.block_m, tiles.block_r
+        block_n, block_k = (tiles.block_k, tiles.block_n) if tiles.block_m == 128 else (32, 64)
         grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
         dummy = g
         _perturbed_linear_dgrad_kernel[grid](
@@ -141,9 +148,9 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
             g.stride(0), weight.stride(0), weight.stride(1), R.stride(0), S.stride(0), U.stride(0), U.stride(1),
             U.stride(2), V.stride(0), V.stride(1), V.stride(2), dx.stride(0) if dx is not None else 0,
             HAS_TASKS=banked, HAS_RANK=rank > 0, FUSE_GU=fused, WRITE_DX=nx, WRITE_GX=ns,
-            WRITE_GU=gu is not None and fused, ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32),
+            WRITE_GU=gu is not None and fused, ALLOW_TF32=allow_tf32,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-            num_warps=linear_warps(block_m, banked, fused),
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
     dw = (g * R[row_task]).T @ (x2 * S[row_task]) if nw else None
     dR = torch.zeros_like(R) if nr else None

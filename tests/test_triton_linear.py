@@ -51,6 +51,15 @@ def test_rank_zero_and_no_bias():
     assert_close(hf.perturbed_linear(x, W, r, s, U, V), linear(x, W, r, s, U, V), torch.float32)
 
 
+def test_rank_zero_gradients():
+    """Rank 0 in training: the forward saves an empty x V (M, 0) for the backward."""
+    args = [a.requires_grad_() for a in (rnd(6, 13), rnd(11, 13), rnd(11), rnd(13), rnd(11, 0), rnd(13, 0), rnd(11))]
+    g = rnd(6, 11)
+    grads = torch.autograd.grad(hf.perturbed_linear(*args), args, g)
+    for a, e in zip(grads, _oracle_grads(args, g)):
+        assert_close(a, e, torch.float32)
+
+
 def test_poisoned_output_is_fully_written():
     from halrp_fast.kernels.perturbed_linear import perturbed_linear_fwd
 
@@ -177,6 +186,62 @@ def test_mixed_backward_matches_oracle(k):
     ref = torch.autograd.grad(linear_mt(leaves[0], ids, W.double(), *leaves[1:]), leaves, g.double())
     for a, e in zip(grads, ref):
         assert_close(a, e, torch.float32)
+
+
+@pytest.fixture
+def tf32_if_interpreted():
+    """TF32 allowed in the interpreter (which computes fp32 products exactly either way), as before elsewhere."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = before or INTERPRETED
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("k", [8, 40])  # fused (single task) and unfused
+@pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
+def test_large_row_tiles_match_oracle(k, mixed, tf32_if_interpreted):
+    """M above LARGE_M takes the 128 × 128 tiles where products run on tensor cores (fp32: with TF32 allowed, which
+    the interpreter computes exactly; on a GPU fp32 keeps IEEE products and the 64 × 64 tiles, and the float16 test
+    below takes the large ones), mixed batches x V and g U from per-task GEMMs; forward and backward, odd sizes."""
+    from halrp_fast.kernels.perturbed_linear import LARGE_M, linear_tiles
+
+    M = LARGE_M + 37
+    if INTERPRETED:
+        assert linear_tiles(M, k, True, torch.float32, allow_tf32=True).block_m == 128
+    x, W = rnd(M, 37).requires_grad_(), rnd(45, 37) / 37**0.5
+    if mixed:
+        ids = torch.randint(0, 4, (M,), device=DEVICE)
+        banks = [b.requires_grad_() for b in (1 + 0.3 * rnd(4, 45), 1 + 0.3 * rnd(4, 37), 0.3 * rnd(4, 45, k),
+                                              0.3 * rnd(4, 37, k), rnd(4, 45))]
+        y = hf.perturbed_linear_mt(x, ids, W, *banks)
+        leaves = [a.detach().double().requires_grad_() for a in (x, *banks)]
+        expected = linear_mt(leaves[0], ids, W.double(), *leaves[1:])
+    else:
+        banks = [b.requires_grad_() for b in (1 + 0.3 * rnd(45), 1 + 0.3 * rnd(37), 0.3 * rnd(45, k),
+                                              0.3 * rnd(37, k), rnd(45))]
+        y = hf.perturbed_linear(x, W, *banks)
+        leaves = [a.detach().double().requires_grad_() for a in (x, *banks)]
+        expected = linear(leaves[0], W.double(), *leaves[1:])
+    assert_close(y, expected, torch.float32)
+    g = rnd(M, 45)
+    grads = torch.autograd.grad(y, [x, *banks], g)
+    for a, e in zip(grads, torch.autograd.grad(expected, leaves, g.double())):
+        assert_close(a, e, torch.float32)
+
+
+def test_large_row_tiles_low_precision():
+    """The 128 × 128 tiles in float16: the rank-k product on tensor cores in the inputs' type, as PyTorch's
+    (x V) Uᵀ — within the low-precision rule of the same math in PyTorch."""
+    from halrp_fast.kernels.perturbed_linear import LARGE_M
+
+    M = LARGE_M + 9
+    a64 = [torch.randn(*shape, dtype=torch.float64) for shape in ((M, 40), (33, 40), (33,), (40,), (33, 8),
+                                                                   (40, 8), (33,))]
+    a64[1] /= 40**0.5
+    expected = linear(*a64)
+    x, W, r, s, U, V, b = (a.half().to(DEVICE) for a in a64)
+    baseline = torch.nn.functional.linear(x * s, W) * r + (x @ V) @ U.T + b
+    assert_low_precision(hf.perturbed_linear(x, W, r, s, U, V, b).cpu(), baseline.cpu(), expected)
 
 
 @pytest.mark.parametrize("save", [True, False])
