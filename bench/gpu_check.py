@@ -16,10 +16,11 @@ atomically after every stage so that a run stopped at any point leaves every fin
    serves the device, in fp32 / fp16 / bf16, on odd shapes and ranks 1..>64 against the float64 oracle (the plain
    formula on each task's explicit weight; fp32: within 1e-4 of the scale, TF32 off; fp16/bf16: error ≤ 2 × PyTorch's
    own error on the same math at that type + the type's eps at the tensor's scale).
-4. ``linear``, ``mixed``, ``conv``, ``rsvd``: medians (``triton.testing.do_bench`` on CUDA) of our op against the
+4. ``tests``: the Triton test files under pytest (on a GPU they run on CUDA, bf16 included).
+5. ``linear``, ``mixed``, ``conv``, ``rsvd``: medians (``triton.testing.do_bench`` on CUDA) of our op against the
    dense floor, the eager formula and ``torch.compile`` of it, each beside its roofline bound
    (``bench/roofline.py``) and the target it serves.
-5. ``end_to_end``: 3 tasks of permuted digits with LeNet, seconds per phase.
+6. ``end_to_end``: 3 tasks of permuted digits with LeNet, seconds per phase.
 
 The exit status is 1 when an op check failed or a stage raised, else 0 (a missed performance target is a finding,
 reported in the table, not a failure of the check).
@@ -297,6 +298,22 @@ def stage_ops(ctx, records) -> None:
         raise AssertionError(f"{failures} op checks failed (rows with ok = no)")
 
 
+#: the test files whose tests run on CUDA when a GPU is visible (on the CPU they take the Triton interpreter)
+GPU_TEST_FILES = ("tests/test_triton_linear.py", "tests/test_triton_conv.py")
+
+
+def stage_tests(ctx, records) -> None:
+    """The Triton test files under pytest (on the GPU: the same tests the CPU runs in the interpreter, bf16
+    included); the dry run takes one quick test of them."""
+    selection = ["-k", "rank_zero_gradients"] if ctx.dry_run else []
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TEST_FILES, *selection]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+    records.append({"files": len(GPU_TEST_FILES), "summary": summary, "exit status": done.returncode})
+    if done.returncode != 0:
+        raise AssertionError(f"pytest exited with {done.returncode}:\n{done.stdout[-3000:]}")
+
+
 def _served(op: str, ctx) -> str:
     from halrp_fast import _backend
 
@@ -462,6 +479,7 @@ def stage_end_to_end(ctx, records) -> None:
 
 
 STAGES = [("environment", stage_environment, 0), ("build", stage_build, 60), ("ops", stage_ops, 60),
+          ("tests", stage_tests, 60),
           ("linear", stage_linear, 60), ("mixed", stage_mixed, 30), ("conv", stage_conv, 30),
           ("rsvd", stage_rsvd, 30), ("end_to_end", stage_end_to_end, 45)]
 

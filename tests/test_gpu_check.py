@@ -29,7 +29,7 @@ def test_dry_run_passes_every_stage(dry_run):
     data = json.loads((out / "gpu-check.json").read_text())
     assert data["dry_run"] is True
     stages = data["stages"]
-    assert set(stages) == {"environment", "ops", "linear", "mixed", "conv", "rsvd", "end_to_end"}
+    assert set(stages) == {"environment", "ops", "tests", "linear", "mixed", "conv", "rsvd", "end_to_end"}
     for name, st in stages.items():
         assert st["status"] == "done", (name, st.get("error"))
         assert st["records"], name
