@@ -221,9 +221,10 @@ def _ours(op: str, x, W, params, ids, padding: int):
 
 
 def _check_case(op: str, shape: tuple, dtype, device: str) -> dict:
-    """The output and the gradients of x, r, s, U, V, b of one call against the float64 oracle: fp32 within 1e-4 of
-    each tensor's scale; fp16/bf16 each within 2 × PyTorch's own error on the same math at that type plus one unit of
-    the type's precision at the tensor's scale (eps: 2⁻¹⁰ fp16, 2⁻⁷ bf16).  Returns the worst ratio of error to allowance (≤ 1 passes)."""
+    """The output and the gradients of x, r, s, U, V, b of one call against the float64 oracle: fp32 within 1e-4
+    of each tensor's scale; fp16/bf16 each within 2 × PyTorch's own error on the same math at that type plus one
+    unit of the type's precision at the tensor's scale (eps: 2⁻¹⁰ fp16, 2⁻⁷ bf16).  Returns the worst ratio of
+    error to allowance (≤ 1 passes)."""
     import torch
 
     g = torch.Generator().manual_seed(zlib.crc32(repr((op, shape)).encode()))
