@@ -84,6 +84,28 @@ def test_tasks_after_the_first_reuse_the_compiled_graphs(aot_eager, ranks):
     assert all_ranks == {1} if ranks == "flat_1" else len(all_ranks) > 1
 
 
+def test_importance_pass_runs_through_the_compiled_free_model(aot_eager, monkeypatch):
+    """The empirical Fisher of each free model is computed through the compiled template (in eval mode, with
+    gradients), and its values equal the eager pass's."""
+    from halrp_fast.continual import estimation, importance
+
+    calls = []
+
+    def spy(model, weights, loader, device="cpu", dist=None, forward=None):
+        calls.append(forward is not None)
+        got = importance.empirical_fisher(model, weights, loader, device, dist, forward)
+        if forward is not None:
+            eager = importance.empirical_fisher(model, weights, loader, device, dist)
+            assert got.keys() == eager.keys()
+            for k in got:
+                assert got[k] == pytest.approx(eager[k], rel=1e-9, abs=1e-15)
+        return got
+
+    monkeypatch.setattr(estimation, "empirical_fisher", spy)
+    _run("default", tasks=3)
+    assert calls == [True, True]  # tasks 1 and 2
+
+
 def test_compile_is_refused_for_an_unknown_mode():
     with pytest.raises(ValueError, match="compile must be one of"):
         HALRPConfig(compile="fast")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +49,8 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
                             approx_rate: float, upper_rank: int, rank_mode: str = "hessian",
                             device: str = "cpu", svd: str = "rsvd",
                             generator: torch.Generator | None = None, dist: DistContext | None = None,
-                            scalings: str = "least_squares") -> Estimate:
+                            scalings: str = "least_squares",
+                            free_forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Estimate:
     """Fit task ``t`` of ``model`` to the trained ``free`` model.
 
     Per layer: scalings ``r, s`` (``scalings``: see :func:`~halrp_fast.linalg.fit_scalings`), discrepancy ``D``,
@@ -59,13 +60,14 @@ def estimate_and_initialise(model: TaskModel, t: int, free: nn.Module, importanc
     ``U = U_k √Σ_k``, ``V = V_k √Σ_k`` go into task ``t``, and its biases, BatchNorm and head are taken
     from ``free``.  ``generator`` drives the randomized sketches (so they leave the global RNG alone); with an active
     ``dist`` the importance is reduced over the processes, and every process then takes the same decisions.
+    ``free_forward``: ``free``'s forward another way for the importance pass (the learner's compiled pass).
     """
     layers = model.perturbed_layers()
     sources = model.plain_sources()
     seconds = {}
     tic = time.perf_counter()
     weights = {n: free.get_parameter(sources[n][0]) for n in layers}
-    importance = empirical_fisher(free, weights, importance_loader, device, dist)
+    importance = empirical_fisher(free, weights, importance_loader, device, dist, free_forward)
     seconds["importance"] = time.perf_counter() - tic
 
     tic = time.perf_counter()

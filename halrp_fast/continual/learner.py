@@ -200,7 +200,8 @@ class HALRPLearner:
             est = estimate_and_initialise(model, t, free, val_loader if val_loader is not None else loader,
                                           cfg.approx_rate, cfg.upper_rank, cfg.rank_mode, cfg.device, cfg.svd,
                                           generator=torch.Generator().manual_seed(cfg.seed + 7919 * t),
-                                          dist=self.dist, scalings=cfg.scalings)
+                                          dist=self.dist, scalings=cfg.scalings,
+                                          free_forward=None if self.compiled is None else free_forward)
         seconds.update(est.seconds)
         del free
         layers = list(model.perturbed_layers().values())
