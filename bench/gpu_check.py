@@ -20,7 +20,8 @@ atomically after every stage so that a run stopped at any point leaves every fin
 5. ``linear``, ``mixed``, ``conv``, ``rsvd``: medians (``triton.testing.do_bench`` on CUDA) of our op against the
    dense floor, the eager formula and ``torch.compile`` of it, each beside its roofline bound
    (``bench/roofline.py``) and the target it serves.
-6. ``end_to_end``: 3 tasks of permuted digits with LeNet, seconds per phase.
+6. ``end_to_end``: 3 tasks of permuted digits with LeNet, seconds per phase; ``end_to_end_compiled``: the same with
+   ``HALRPConfig(compile="reduce-overhead")`` (CUDA graphs; ``"default"`` on the CPU), when the budget leaves 2 minutes.
 
 The exit status is 1 when an op check failed or a stage raised, else 0 (a missed performance target is a finding,
 reported in the table, not a failure of the check).
@@ -459,7 +460,7 @@ def stage_rsvd(ctx, records) -> None:
                         "met": t_loop / t_ours >= 10 and t_low / t_ours >= 3 and err_ours <= 2 * err_low + 1e-6})
 
 
-def stage_end_to_end(ctx, records) -> None:
+def stage_end_to_end(ctx, records, compile_mode: str = "off") -> None:
     import torch
 
     from halrp_fast import models
@@ -468,21 +469,25 @@ def stage_end_to_end(ctx, records) -> None:
 
     torch.manual_seed(0)
     tasks = permuted_digits(num_tasks=3, batch_size=64, seed=0, max_per_task=64 if ctx.dry_run else None)
-    cfg = HALRPConfig(epochs=2, est_rank_epochs=1, device=ctx.device, seed=0)
+    cfg = HALRPConfig(epochs=2, est_rank_epochs=1, device=ctx.device, seed=0, compile=compile_mode)
     learner = HALRPLearner(models.lenet(1, 8, 10), cfg)
     for t, d in enumerate(tasks):
         tic = time.perf_counter()
         report = learner.learn_task(d.train, d.val, d.num_classes)
         wall = time.perf_counter() - tic
         acc = learner.evaluate(d.test, t)
-        records.append({"task": t, "wall s": wall, **{f"{p} s": v for p, v in report.seconds.items()},
+        records.append({"compile": compile_mode, "task": t, "wall s": wall,
+                        **{f"{p} s": v for p, v in report.seconds.items()},
                         "test acc %": acc})
 
 
 STAGES = [("environment", stage_environment, 0), ("build", stage_build, 60), ("ops", stage_ops, 60),
           ("tests", stage_tests, 60),
           ("linear", stage_linear, 60), ("mixed", stage_mixed, 30), ("conv", stage_conv, 30),
-          ("rsvd", stage_rsvd, 30), ("end_to_end", stage_end_to_end, 45)]
+          ("rsvd", stage_rsvd, 30), ("end_to_end", stage_end_to_end, 45),
+          # compiled graphs shared by the tasks; on CUDA with CUDA graphs ("reduce-overhead"), on the CPU "default"
+          ("end_to_end_compiled", lambda ctx, records: stage_end_to_end(
+              ctx, records, "default" if ctx.device == "cpu" else "reduce-overhead"), 120)]
 
 
 class Context:

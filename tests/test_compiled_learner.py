@@ -106,6 +106,19 @@ def test_importance_pass_runs_through_the_compiled_free_model(aot_eager, monkeyp
     assert calls == [True, True]  # tasks 1 and 2
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune"])
+def test_every_mode_reaches_torch_compile(mode, monkeypatch):
+    """Each HALRPConfig(compile=mode) is a torch.compile mode of the inductor graphs ("reduce-overhead": CUDA graphs
+    on CUDA), fullgraph."""
+    from halrp_fast.continual.config import COMPILE_MODES
+
+    assert mode in COMPILE_MODES
+    seen = []
+    monkeypatch.setattr(compiled_module.torch, "compile", lambda fn, **options: seen.append(options) or fn)
+    compiled_module.CompiledTasks(hf.convert(_net(), head="10"), HALRPConfig(compile=mode).compile)
+    assert seen and all(o == {"fullgraph": True, "backend": "inductor", "mode": mode} for o in seen)
+
+
 def test_compile_is_refused_for_an_unknown_mode():
     with pytest.raises(ValueError, match="compile must be one of"):
         HALRPConfig(compile="fast")

@@ -29,7 +29,8 @@ def test_dry_run_passes_every_stage(dry_run):
     data = json.loads((out / "gpu-check.json").read_text())
     assert data["dry_run"] is True
     stages = data["stages"]
-    assert set(stages) == {"environment", "ops", "tests", "linear", "mixed", "conv", "rsvd", "end_to_end"}
+    assert set(stages) == {"environment", "ops", "tests", "linear", "mixed", "conv", "rsvd", "end_to_end",
+                           "end_to_end_compiled"}
     for name, st in stages.items():
         assert st["status"] == "done", (name, st.get("error"))
         assert st["records"], name
@@ -60,9 +61,10 @@ def test_dry_run_benchmarks_take_the_triton_path_beside_their_bounds(dry_run):
         assert {r["provider"] for r in rows} == {"triton"}, name
         assert all(r["bound ms"] > 0 and r["ours ms"] > 0 for r in rows), name
     assert all("target" in r and "met" in r for r in stages["linear"]["records"])
-    phases = stages["end_to_end"]["records"]
-    assert [r["task"] for r in phases] == [0, 1, 2]
-    assert all(0 <= r["test acc %"] <= 100 for r in phases)
+    for name, mode in (("end_to_end", "off"), ("end_to_end_compiled", "default")):
+        phases = stages[name]["records"]
+        assert [r["task"] for r in phases] == [0, 1, 2] and {r["compile"] for r in phases} == {mode}
+        assert all(0 <= r["test acc %"] <= 100 for r in phases)
 
 
 def test_a_failing_stage_is_recorded_and_the_next_runs(tmp_path, monkeypatch):

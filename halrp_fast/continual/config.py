@@ -11,7 +11,7 @@ from ..linalg.scalings import SCALINGS
 from .pruning import MODES, parse_value
 
 #: ``HALRPConfig.compile`` values: off, or the ``torch.compile`` mode of the training and evaluation passes
-COMPILE_MODES = ("off", "default", "max-autotune")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 #: ``--channels-last`` choices of the command line and benchmarks → :attr:`HALRPConfig.channels_last`
 CHANNELS_LAST_CHOICES = {"auto": None, "on": True, "off": False}
@@ -49,10 +49,11 @@ class HALRPConfig:
     convolutions, where oneDNN's channels-last kernels are faster, off on other devices.  Results are
     the same up to floating-point summation order.
 
-    ``compile``: ``"off"`` (default), or the ``torch.compile`` mode (``"default"``, ``"max-autotune"``) in which the
-    training passes (base, free model, perturbation) and evaluation run through one compiled graph per structure,
-    reused by every task (:mod:`halrp_fast.continual.compiled`); results equal the eager run up to floating-point
-    summation order.  Not with data-parallel runs.
+    ``compile``: ``"off"`` (default), or the ``torch.compile`` mode (``"default"``; ``"reduce-overhead"``: CUDA graphs
+    on CUDA, re-recorded per distinct shape; ``"max-autotune"``: tuned kernels, and CUDA graphs) in which the training
+    passes (base, free model, perturbation), the importance pass and evaluation run through one compiled graph per
+    structure, reused by every task (:mod:`halrp_fast.continual.compiled`); results equal the eager run up to
+    floating-point summation order.  Not with data-parallel runs.
 
     ``dtype``: ``"float32"`` (default) or ``"float64"`` for every parameter, buffer and input batch.  Float64
     runs are slower and serve checks: runs that should agree up to summation order (data parallel against one
