@@ -44,6 +44,18 @@ def test_linear_mt_matches_oracle(case, k, dtype, provider):
     assert_close(y, linear_mt(x, ids, W, *bk), dtype)
 
 
+@pytest.mark.parametrize("k", [8, 16, 24, 32])  # the vectorised row forms (8 ranks per vector) of the cpp provider
+@pytest.mark.parametrize("n_out", [5, 16, 37])  # tail only, whole blocks of 8 outputs, blocks and a tail
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_mt_vector_ranks_match_oracle(k, n_out, bias, provider):
+    provider.require("perturbed_linear_mt", torch.float32)
+    ids = torch.tensor([3, 0, 2, 0, 1, 3, 4])  # one or two rows per task: the row-wise low-rank form
+    x = torch.randn(len(ids), 29)
+    W = torch.randn(n_out, 29) / 29**0.5
+    bk = banks(5, 29, n_out, k, bias=bias)
+    assert_close(hf.perturbed_linear_mt(x, ids, W, *bk), linear_mt(x, ids, W, *bk), torch.float32)
+
+
 def test_linear_mt_rows_equal_single_task_op(provider):
     provider.require("perturbed_linear_mt", torch.float32)
     ids = torch.tensor([2, 0, 2, 1, 0])
