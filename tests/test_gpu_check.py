@@ -96,3 +96,22 @@ def test_no_cuda_device_is_a_one_line_error(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2
     assert "no CUDA device is visible" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_failing_compiled_baseline_costs_only_its_column(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    import torch
+
+    def broken(fn, **options):
+        def run(*args, **kwargs):
+            raise RuntimeError("planted compile failure")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--stages", "environment", "linear"]) == 0
+    rows = json.loads((tmp_path / "gpu-check.json").read_text())["stages"]["linear"]["records"]
+    fwd = [r for r in rows if r["kind"] == "fwd"]
+    assert fwd and all("planted compile failure" in r["compile error"] for r in fwd)
+    assert all(r["ours ms"] > 0 and r["dense ms"] > 0 for r in rows)
