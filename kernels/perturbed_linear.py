@@ -4,11 +4,13 @@
 
 One kernel, grid over (M tiles, N tiles):
 
-* The ``W`` product runs once per M tile whatever the tasks of its rows: ``s`` is gathered per row and
-  applied to the x tile in registers, ``r`` and the bias are gathered per row in the epilogue.
-* ``x V`` is accumulated inside the K loop from the x tiles already loaded (ranks ≤ ``fused_rank_max(dtype)``);
-  larger ranks get ``x V`` from one GEMM per task before the launch and the epilogue walks the rank in
-  chunks, so registers stay bounded for any rank.
+* The ``W`` product runs once per M tile whatever the tasks of its rows: ``s`` is applied to the x tile in
+  registers, ``r`` and the bias in the epilogue (one broadcast row for a one-task launch, gathered per row in a
+  mixed one).
+* ``x V`` is accumulated inside the K loop from the x tiles already loaded (ranks ≤ ``fused_rank_max(dtype)``,
+  except mixed batches above ``LARGE_M`` rows: see :func:`fuses_rank`); otherwise ``x V`` comes from one GEMM per
+  task before the launch and the epilogue walks the rank in chunks, so registers stay bounded for any rank.
+* Tiles per M bucket: :func:`linear_tiles`.
 * Mixed batches: the launcher orders rows by task (a permutation, no copy of x) so that an M tile holds
   few distinct tasks; the low-rank work loops over the tasks present in the tile only, so the cost grows
   with the number of distinct tasks, not with the batch.
