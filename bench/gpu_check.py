@@ -287,7 +287,7 @@ def stage_ops(ctx, records) -> None:
                 served = _backend.select(name, ctx.device, dtype)[0]
                 if served != provider:
                     continue
-                row = {"provider": provider, "dtype": str(dtype).replace("torch.", ""), "op": op, "shape": shape}
+                row = {"provider": provider, "dtype": _backend.dtype_name(dtype), "op": op, "shape": shape}
                 try:
                     row.update(_check_case(op, shape, dtype, ctx.device))
                 except Exception as err:  # noqa: BLE001 — every failure is a finding of the check
@@ -338,7 +338,7 @@ def stage_linear(ctx, records) -> None:
     import halrp_fast as hf
 
     dev, dtype = ctx.device, ctx.dtype
-    dname = str(dtype).replace("torch.", "")
+    dname = hf._backend.dtype_name(dtype)
     rdev = _roofline_device(ctx)
     NK = 64 if ctx.dry_run else 4096
     compiled = torch.compile(bl.eager)
@@ -395,7 +395,7 @@ def stage_mixed(ctx, records) -> None:
     import halrp_fast as hf
 
     dev, dtype = ctx.device, ctx.dtype
-    dname = str(dtype).replace("torch.", "")
+    dname = hf._backend.dtype_name(dtype)
     NK = 64 if ctx.dry_run else 4096
     for M in ((32,) if ctx.dry_run else (128, 2048)):
         for T in (8,) if ctx.dry_run else (8, 32):
@@ -424,7 +424,7 @@ def stage_conv(ctx, records) -> None:
     import halrp_fast as hf
 
     dev, dtype = ctx.device, ctx.dtype
-    dname = str(dtype).replace("torch.", "")
+    dname = hf._backend.dtype_name(dtype)
     for name, c_in, c_out, hw, kern, pad in bc.LAYERS:
         batch = 2 if ctx.dry_run else 256
         x, W, r, s, U, V, b = bc._tensors(batch, c_in, c_out, hw, kern, 8, dtype, dev)

@@ -41,6 +41,16 @@ def task_rows(ptr, tid, stride_t, offs, m_mask, o_mask, HAS_TASKS: tl.constexpr)
 
 
 @triton.jit
+def rows_of_task(z, tid, t, HAS_TASKS: tl.constexpr):
+    """``z (BLOCK_M, ·)`` with the rows of other tasks than ``t`` zeroed; a one-task launch's tile as it is."""
+    if HAS_TASKS:
+        out = tl.where((tid == t)[:, None], z, 0.0)
+    else:
+        out = z
+    return out
+
+
+@triton.jit
 def add_task_products(acc, z, tid, t_lo, t_hi, mat_ptr, stride_t, offs_o, stride_o, offs_r, stride_r, o_mask, r_mask,
                       HAS_TASKS: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """``acc (BLOCK_M, BLOCK_O) += z[m] · mat[tid[m]]ᵀ`` for the tile's tasks ``t_lo..t_hi``: each row's rank
@@ -50,11 +60,7 @@ def add_task_products(acc, z, tid, t_lo, t_hi, mat_ptr, stride_t, offs_o, stride
     for t in range(t_lo, t_hi + 1):
         m = tl.load(mat_ptr + t * stride_t + offs_o[None, :] * stride_o + offs_r[:, None] * stride_r,
                     mask=r_mask[:, None] & o_mask[None, :], other=0.0)
-        if HAS_TASKS:
-            zt = tl.where((tid == t)[:, None], z, 0.0)
-        else:
-            zt = z
-        acc += tl.dot(zt.to(m.dtype), m, allow_tf32=ALLOW_TF32)
+        acc += tl.dot(rows_of_task(z, tid, t, HAS_TASKS).to(m.dtype), m, allow_tf32=ALLOW_TF32)
     return acc
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from halrp_fast._math import rows_by_task
 
-from ._common import add_task_products, next_pow2, row_tile, task_rows
+from ._common import add_task_products, next_pow2, row_tile, rows_of_task, task_rows
 
 # Above this rank x V comes from a separate GEMM: an x V accumulator of BLOCK_M × 64 fp32 values next to the
 # BLOCK_M × BLOCK_N one spilled registers on sm_80 and sm_90a at 32- and 64-row tiles even with 8 warps
@@ -73,11 +73,7 @@ def _perturbed_linear_fwd_kernel(
             for t in range(t_lo, t_hi + 1):
                 v = tl.load(v_ptr + t * stride_vt + offs_k[:, None] * stride_vk + offs_r[None, :] * stride_vr,
                             mask=kr, other=0.0)
-                if HAS_TASKS:
-                    xt = tl.where((tid == t)[:, None], x, 0.0).to(v.dtype)
-                else:
-                    xt = x.to(v.dtype)
-                xv += tl.dot(xt, v, allow_tf32=ALLOW_TF32)
+                xv += tl.dot(rows_of_task(x, tid, t, HAS_TASKS).to(v.dtype), v, allow_tf32=ALLOW_TF32)
 
     mn = m_mask[:, None] & n_mask[None, :]
     if SAVE:  # the unscaled base product and x V, for the backward (same layout as y / (M, RANK))
@@ -130,8 +126,8 @@ def linear_tiles(M: int, rank: int, fused: bool, dtype: torch.dtype, mixed: bool
     * M > 512 on tensor cores (2-byte inputs, or fp32 with TF32 allowed) is compute bound: 128 × 128 output tiles,
       the shape of Triton's own fastest matmul configurations on Ampere and Hopper, 8 warps (two warpgroups for
       Hopper's wgmma); BLOCK_K 64 with 4 stages for 2-byte inputs, 32 with 3 stages for fp32 (32 KiB of shared memory
-      a stage either way).  fp32 without TF32 (FMA products) keeps the 64 × 64 tiles: 128 × 128 spilled 300–600 B per
-      thread, as did 128 × 256 with 2-byte inputs (bench/kernel_resources.py).
+      a stage either way).  fp32 without TF32 (FMA products) keeps the 64 × 64 tiles: 128 × 128 spilled about 600 B per
+      thread (bench/kernel_resources.py).
     """
     tensor_cores = dtype.itemsize <= 2 or allow_tf32
     block_r = max(16, next_pow2(rank))

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from halrp_fast._math import row_task_ids, rows_by_task
 
-from ._common import add_task_products, row_tile, task_rows
+from ._common import add_task_products, row_tile, rows_of_task, task_rows
 from .perturbed_linear import fuses_rank, linear_tiles
 
 
@@ -59,11 +59,7 @@ def _perturbed_linear_dgrad_kernel(
             for t in range(t_lo, t_hi + 1):
                 u = tl.load(u_ptr + t * stride_ut + offs_n[:, None] * stride_un + offs_r[None, :] * stride_ur,
                             mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-                if HAS_TASKS:
-                    gt = tl.where((tid == t)[:, None], g, 0.0).to(u.dtype)
-                else:
-                    gt = g.to(u.dtype)
-                gu += tl.dot(gt, u, allow_tf32=ALLOW_TF32)
+                gu += tl.dot(rows_of_task(g, tid, t, HAS_TASKS).to(u.dtype), u, allow_tf32=ALLOW_TF32)
 
     mk = m_mask[:, None] & k_mask[None, :]
     if WRITE_GX:
