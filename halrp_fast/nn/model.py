@@ -327,9 +327,13 @@ class TaskModel(nn.Module):
         sel = select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
         if self._lazy:
             self.ensure_loaded([sel.single] if sel.single is not None else sel.tasks)
-        if sel.single is not None:
-            with self._ctx.use(sel):
+        if sel.single is not None:  # the serving path: TaskContext.use() inlined
+            ctx = self._ctx
+            previous, ctx.selection = ctx.selection, sel
+            try:
                 return self.model(x)
+            finally:
+                ctx.selection = previous
         # Rows of a task next to each other once, so every layer takes its task groups as views.
         in_order = sel.spans is not None
         rows_sel = sel.sorted()

@@ -69,11 +69,11 @@ class PerturbedLayer(TaskModule):
     # ---------------------------------------------------------------- sizes
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self._parameters["weight"].shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self._parameters["weight"].shape[1]
 
     def rank(self, t: int) -> int:
         """Rank of task ``t``'s perturbation (0 for the base)."""
@@ -215,22 +215,22 @@ class PerturbedLayer(TaskModule):
 
     def _can_merge(self, tensors) -> bool:
         """The merged weight serves when no gradient w.r.t. the layer's parameters (``None``: no bias) is needed."""
-        if _is_compiling():
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in tensors):
             return False
-        return not torch.is_grad_enabled() or not any(p is not None and p.requires_grad for p in tensors)
+        return not _is_compiling()
 
     # ---------------------------------------------------------------- reads behind the layer's back
     def __getattr__(self, name: str):
-        """Parameters and submodules as ``nn.Module`` gives them; besides, a read of ``weight``/``bias`` by code
-        outside this layer's forward while a later task runs is recorded: if the layer's own forward does not run
-        in that pass (e.g. attention that passes ``self.qkv.weight`` to a function), that code computed the base for
-        every task, and :class:`TaskModel` raises (reading only metadata such as the weight's dtype, next to
-        calling the layer, is harmless)."""
+        """Parameters and submodules as ``nn.Module`` gives them; besides, a read of ``weight``/``bias`` while a later
+        task runs is recorded: if the layer's own forward does not run in that pass (e.g. attention that passes
+        ``self.qkv.weight`` to a function), that code computed the base for every task, and :class:`TaskModel`
+        raises (reading only metadata such as the weight's dtype, next to calling the layer, is harmless; the
+        layer's own forward reads its tensors from ``_parameters``)."""
         value = super().__getattr__(name)
         if name in _BASE_TENSORS:
             d = self.__dict__
             ctx = d.get("_ctx")
-            if ctx is not None and ctx.watch is not None and not d.get("_in_forward", False):
+            if ctx is not None and ctx.watch is not None:
                 ctx.watch["read"].add(d.get("layer_name") or type(self).__name__)
         return value
 
@@ -238,20 +238,14 @@ class PerturbedLayer(TaskModule):
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         """``x`` → this layer's output for task ``task_ids`` (int or ``(M,)`` int64; default: the
         selection of the enclosing :class:`TaskModel`)."""
-        watch = self._ctx.watch
-        if watch is None or torch.compiler.is_compiling():
-            return self._forward(x, task_ids)
-        d = self.__dict__
-        watch["ran"].add(d.get("layer_name") or type(self).__name__)
-        d["_in_forward"] = True
-        try:
-            return self._forward(x, task_ids)
-        finally:
-            d["_in_forward"] = False
-
-    def _forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
-        sel = self._selection(task_ids, x)
-        if sel.single is not None:
+        ctx = self._ctx
+        watch = ctx.watch
+        if watch is not None and not torch.compiler.is_compiling():
+            watch["ran"].add(self.layer_name or type(self).__name__)
+        sel = ctx.selection if task_ids is None else None
+        if sel is None:
+            sel = self._selection(task_ids, x)
+        if sel.single is not None:  # the serving path: as few Python steps as the checks allow
             self._check_input(x)
             return self._forward_single(x, sel.single)
         if not sel.holds_grouped(x):
@@ -279,9 +273,10 @@ class PerturbedLayer(TaskModule):
         """``(W, r, s, U, V)`` and the bias of task ``t ≥ 1`` (id already checked), read from the containers
         directly: the reads of :meth:`tensors_of_tasks` for one task, on the hot path of every forward."""
         params, key, containers = self._parameters, str(t), self._modules
-        r, s, U, V = (containers[name]._parameters[key] for name in _PER_TASK[:4])
+        sources = (params["weight"], containers["r"]._parameters[key], containers["s"]._parameters[key],
+                   containers["U"]._parameters[key], containers["V"]._parameters[key])
         b = containers["task_bias"]._parameters[key] if params.get("bias") is not None else None
-        return (params["weight"], r, s, U, V), b
+        return sources, b
 
     def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
         if t == 0:  # no bias: a plain None attribute
@@ -376,7 +371,8 @@ class TaskLinear(PerturbedLayer):
         return F.linear(x, weight, bias)
 
     def _check_input(self, x):
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
+        shape = x.shape
+        if not shape or shape[-1] != self._parameters["weight"].shape[1]:
             raise self._input_error(x, f"{self.in_features} features in the last dimension")
 
     def _op(self, x, r, s, U, V, bias):
@@ -496,7 +492,7 @@ class TaskConv2d(PerturbedLayer):
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1] * self.groups
+        return self._parameters["weight"].shape[1] * self.groups
 
     @property
     def kernel_size(self) -> tuple[int, int]:
@@ -506,7 +502,8 @@ class TaskConv2d(PerturbedLayer):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _check_input(self, x):
-        if x.dim() != 4 or x.shape[1] != self.in_features:
+        shape = x.shape
+        if len(shape) != 4 or shape[1] != self._parameters["weight"].shape[1] * self.groups:
             raise self._input_error(x, f"{self.in_features} channels, (N, C, H, W)")
 
     def _op(self, x, r, s, U, V, bias):
