@@ -274,6 +274,46 @@ def test_multihead_attention_sequence_first_mixed_batches_and_masks():
         assert isinstance(model.export_task(t).attn, nn.MultiheadAttention)
 
 
+def test_wrapped_attention_serving_follows_every_change_of_its_projections():
+    """Without autograd a later task's attention reuses its prepared weights while the projections are unchanged: an
+    in-place step, a replaced perturbation and a new base all show in the next call (against the exported model,
+    rebuilt each time), and task 0 after freezing still equals the original module."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    original = Block().eval()
+    model = hf.convert(original, head="fc").eval()
+    t = model.add_task(3)
+    _perturb(model, t, 0.3)
+    x = torch.randn(4, 5, 8)
+    in_proj = model.model.attn.projections["in_proj"]
+
+    def check():
+        with torch.no_grad():
+            assert_close(model(x, t), model.export_task(t)(x), torch.float32)
+
+    check()
+    with torch.no_grad():
+        in_proj.U[str(t)].mul_(-2)  # an optimiser-like in-place step
+    check()
+    in_proj.set_rank(t, torch.randn(24, 3), torch.randn(8, 3))  # new U, V parameters
+    check()
+    with torch.no_grad():
+        in_proj.weight.add_(0.5)  # the base itself
+    check()
+    model.freeze_task(0)
+    with torch.no_grad():
+        assert_close(model(x, 0), model.export_task(0)(x), torch.float32)
+
+
 def test_a_wrapped_attentions_own_parameters_train_with_the_base():
     """swin_t's relative position bias tables live in the wrapped attention modules: they are task 0's parameters
     (trained with the base, frozen with it), not any later task's."""
