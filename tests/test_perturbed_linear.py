@@ -31,6 +31,33 @@ def test_forward_matches_oracle(M, n_in, n_out, k, dtype, provider):
     assert_close(y, linear(*args), dtype)
 
 
+@pytest.mark.parametrize("k", [0, 1, 8, 24, 40])
+@pytest.mark.parametrize("n_in,n_out", [(7, 3), (29, 37), (301, 1001)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(), (1, 1)])
+def test_one_row_values_and_gradients_match_oracle(k, n_in, n_out, bias, lead, provider):
+    """One row (the serving case; cpp: the fused row kernels, four outputs at a time with an odd tail, the
+    vectorised rank forms at 8-32, outputs split over threads at 1001×301), as (in,), (1, in) and (1, 1, in), forward
+    and backward (the saved intermediates) against the float64 oracle."""
+    provider.require("perturbed_linear", torch.float32)
+    args = list(make(1, n_in, n_out, k, bias=bias))
+    args[0] = args[0].reshape(*lead, n_in)
+    y = hf.perturbed_linear(*args)
+    assert y.shape == (*lead, n_out)
+    assert_close(y, linear(*args), torch.float32)
+    leaves = [a.detach().clone().requires_grad_() if a is not None else None for a in args]
+    grad = torch.randn(*lead, n_out)
+    hf.perturbed_linear(*leaves).backward(grad)
+    expected = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+    linear(*expected).backward(grad.double())
+    for name, got, want in zip("x W r s U V b".split(), leaves, expected, strict=True):
+        if got is not None:
+            try:
+                assert_close(got.grad, want.grad, torch.float32)
+            except AssertionError as err:
+                raise AssertionError(f"gradient of {name}: {err}") from None
+
+
 def test_no_bias_and_leading_dims(provider):
     provider.require("perturbed_linear", torch.float32)
     x, W, r, s, U, V, _ = make(5, 9, 4, 2, lead=(3, 2))

@@ -4,10 +4,14 @@
 //   y = r ⊙ ((s ⊙ x) Wᵀ) + (x V) Uᵀ + b
 //
 // The same ATen products, in the same order, as the reference provider (halrp_fast/reference.py): at serving sizes
-// the arithmetic is a few microseconds and the cost is the calls around it, which here are C++ calls.
+// the arithmetic is a few microseconds and the cost is the calls around it, which here are C++ calls.  One dense
+// float32 row (serving one request) goes through the row kernels of rows.h instead: one pass, no ATen products.
 #include "../halrp.h"
+#include "rows.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/addcmul.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
@@ -32,11 +36,58 @@ std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
   return shape;
 }
 
+bool dense(const at::Tensor& t) { return t.is_contiguous(); }
+
+// Whether one row takes the fused row kernels: float32, every operand dense (W, U, V row-major).
+bool one_fused_row(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& r, const at::Tensor& s,
+                   const at::Tensor& U, const at::Tensor& V, const std::optional<at::Tensor>& bias) {
+  return x2.size(0) == 1 && x2.scalar_type() == at::kFloat && x2.stride(1) == 1 && dense(weight) && dense(r) &&
+         dense(s) && dense(U) && dense(V) && (!bias.has_value() || dense(*bias));
+}
+
+// One row: c = W (s ⊙ x) by the row kernel (outputs split over threads for large layers), then z = Vᵀ x and
+// y = r ⊙ c + b + U z in one pass over the outputs; at serving sizes the five ATen calls of the general path cost
+// more than the arithmetic.  Returns (y, c, z) as (1, out), (1, out), (1, k); c is y's storage unless `save`.
+Outputs linear_row_cpu(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& r, const at::Tensor& s,
+                       const at::Tensor& U, const at::Tensor& V, const std::optional<at::Tensor>& bias, bool save) {
+  const int64_t out = weight.size(0), in = weight.size(1), k = U.size(1);
+  const float* x = x2.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  std::vector<float> xs(in);
+  for (int64_t i = 0; i < in; ++i) xs[i] = sp[i] * x[i];
+  at::Tensor y = at::empty({1, out}, x2.options());
+  at::Tensor c = save ? at::empty({1, out}, x2.options()) : y;
+  const float* W = weight.data_ptr<float>();
+  float* cp = c.data_ptr<float>();
+  at::parallel_for(0, out, std::max<int64_t>(1, 65536 / std::max<int64_t>(in, 1)),
+                   [&](int64_t lo, int64_t hi) { base_row_f32(W, xs.data(), in, lo, hi, cp); });
+  at::Tensor z = at::empty({1, k}, x2.options());
+  const float* rp = r.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  if (k > 0) {
+    std::vector<float> zr(k);
+    lowrank_row_f32(x, V.data_ptr<float>(), U.data_ptr<float>(), rp, cp, bp, in, out, k, zr.data(),
+                    z.data_ptr<float>(), yp);
+  } else {
+    for (int64_t o = 0; o < out; ++o) yp[o] = rp[o] * cp[o] + (bp ? bp[o] : 0.f);
+  }
+  return {y, c, z};
+}
+
 Outputs linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& r, const at::Tensor& s,
                    const at::Tensor& U, const at::Tensor& V, const std::optional<at::Tensor>& bias, bool save) {
   const int64_t out = weight.size(0), in = weight.size(1), k = U.size(1);
   const bool flat = x.dim() != 2;
   const at::Tensor x2 = flat ? x.reshape({-1, in}) : x;
+  if (one_fused_row(x2, weight, r, s, U, V, bias)) {
+    auto [y, c, z] = linear_row_cpu(x2, weight, r, s, U, V, bias, save);
+    if (!save) {
+      const at::Tensor empty = x.new_empty({0});
+      return {y.view(with_last(x, out)), empty, empty};
+    }
+    return {y.view(with_last(x, out)), c.view(with_last(x, out)), z.view(with_last(x, k))};
+  }
   at::Tensor c = at::linear(at::mul(x2, s), weight);
   at::Tensor y = bias.has_value() ? at::addcmul(*bias, c, r) : (save ? at::mul(c, r) : c.mul_(r));
   at::Tensor xv;

@@ -11,6 +11,7 @@
 
 #include "../halrp.h"
 #include "parallel.h"
+#include "rows.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -69,131 +70,6 @@ RowGroups group_rows(const int64_t* ids, int64_t batch, int64_t rows_per_item) {
 // Row-wise low-rank products beat two BLAS calls on a task block up to about this many multiply-adds
 // (size · k · (in + out)); measured with bench/bench_compiled_cpu.py.
 constexpr int64_t kRowWiseWork = 32768;
-
-// One row of a small task block: z = x V[t] (stored) and y = R[t] ⊙ c + B[t] + U[t] z, fp32+ accumulation.
-template <typename T>
-__attribute__((always_inline)) inline void lowrank_row(const T* xr, const T* Vt, const T* Ut, const T* rr, const T* cr,
-                                                       const T* br, int64_t in, int64_t out, int64_t k,
-                                                       at::opmath_type<T>* zr, T* zout, T* yr) {
-  using acc_t = at::opmath_type<T>;
-  for (int64_t j = 0; j < k; ++j) zr[j] = acc_t(0);
-  for (int64_t i = 0; i < in; ++i) {
-    const acc_t xi = static_cast<acc_t>(xr[i]);
-    const T* vrow = Vt + i * k;
-#pragma omp simd
-    for (int64_t j = 0; j < k; ++j) zr[j] += xi * static_cast<acc_t>(vrow[j]);
-  }
-  for (int64_t j = 0; j < k; ++j) zout[j] = static_cast<T>(zr[j]);
-  for (int64_t o = 0; o < out; ++o) {
-    const T* urow = Ut + o * k;
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < k; ++j) sum += static_cast<acc_t>(urow[j]) * zr[j];
-    const acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]) + (br ? static_cast<acc_t>(br[o]) : acc_t(0));
-    yr[o] = static_cast<T>(v + sum);
-  }
-}
-
-// lowrank_row with the rank known at compile time: the per-output dot over the k ranks unrolls into a few vector
-// instructions instead of a loop with its own setup, which dominates at small k.
-template <typename T, int K>
-__attribute__((always_inline)) inline void lowrank_row_fixed(const T* xr, const T* Vt, const T* Ut, const T* rr,
-                                                             const T* cr, const T* br, int64_t in, int64_t out, T* zout,
-                                                             T* yr) {
-  using acc_t = at::opmath_type<T>;
-  acc_t zr[K] = {};
-  for (int64_t i = 0; i < in; ++i) {
-    const acc_t xi = static_cast<acc_t>(xr[i]);
-    const T* vrow = Vt + i * K;
-    for (int j = 0; j < K; ++j) zr[j] += xi * static_cast<acc_t>(vrow[j]);
-  }
-  for (int j = 0; j < K; ++j) zout[j] = static_cast<T>(zr[j]);
-  for (int64_t o = 0; o < out; ++o) {
-    const T* urow = Ut + o * K;
-    acc_t sum = 0;
-    for (int j = 0; j < K; ++j) sum += static_cast<acc_t>(urow[j]) * zr[j];
-    const acc_t v = static_cast<acc_t>(rr[o]) * static_cast<acc_t>(cr[o]) + (br ? static_cast<acc_t>(br[o]) : acc_t(0));
-    yr[o] = static_cast<T>(v + sum);
-  }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// The float32 row for ranks 8, 16, 24, 32 with AVX2/FMA.  The expand y[o] = Σ_j U[o, j] z[j] is a dot over the ranks
-// per output: one horizontal sum each in the portable form.  Here eight outputs at a time: their 8×K block of U (rows
-// contiguous) times z, and the eight horizontal sums done together (two rounds of hadd and a lane exchange).
-template <int C>  // K = 8·C ranks
-__attribute__((target("avx2,fma"))) void lowrank_row_f32_avx2(const float* xr, const float* Vt, const float* Ut,
-                                                               const float* rr, const float* cr, const float* br,
-                                                               int64_t in, int64_t out, float* zout, float* yr) {
-  constexpr int K = 8 * C;
-  __m256 z[C];
-  for (int c = 0; c < C; ++c) z[c] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < in; ++i) {
-    const __m256 xi = _mm256_set1_ps(xr[i]);
-    for (int c = 0; c < C; ++c) z[c] = _mm256_fmadd_ps(xi, _mm256_loadu_ps(Vt + i * K + 8 * c), z[c]);
-  }
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(zout + 8 * c, z[c]);
-  int64_t o = 0;
-  for (; o + 8 <= out; o += 8) {
-    __m256 p[8];
-    for (int q = 0; q < 8; ++q) {
-      const float* u = Ut + (o + q) * K;
-      p[q] = _mm256_mul_ps(_mm256_loadu_ps(u), z[0]);
-      for (int c = 1; c < C; ++c) p[q] = _mm256_fmadd_ps(_mm256_loadu_ps(u + 8 * c), z[c], p[q]);
-    }
-    // hadd pairs: [p0.., p1.., p2.., p3.. | ...] → the four 128-bit halves hold the half sums of p0..p3 and p4..p7
-    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
-    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(rr + o), _mm256_loadu_ps(cr + o));
-    if (br) v = _mm256_add_ps(v, _mm256_loadu_ps(br + o));
-    _mm256_storeu_ps(yr + o, _mm256_add_ps(v, sums));
-  }
-  float zs[K];
-  for (int c = 0; c < C; ++c) _mm256_storeu_ps(zs + 8 * c, z[c]);
-  for (; o < out; ++o) {
-    float sum = 0;
-    for (int j = 0; j < K; ++j) sum += Ut[o * K + j] * zs[j];
-    yr[o] = rr[o] * cr[o] + (br ? br[o] : 0.f) + sum;
-  }
-}
-
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
-#endif
-
-// The float32 row, compiled twice on x86-64 (AVX2/FMA and the baseline), chosen once at load by the CPU it runs on:
-// the baseline build targets SSE2 only.  Ranks up to 16 take the unrolled form.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=haswell", "default")))
-#endif
-void lowrank_row_f32(const float* xr, const float* Vt, const float* Ut, const float* rr, const float* cr,
-                     const float* br, int64_t in, int64_t out, int64_t k, float* zr, float* zout, float* yr) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (k % 8 == 0 && k <= 32 && cpu_has_avx2_fma()) {
-    switch (k / 8) {
-      case 1: return lowrank_row_f32_avx2<1>(xr, Vt, Ut, rr, cr, br, in, out, zout, yr);
-      case 2: return lowrank_row_f32_avx2<2>(xr, Vt, Ut, rr, cr, br, in, out, zout, yr);
-      case 3: return lowrank_row_f32_avx2<3>(xr, Vt, Ut, rr, cr, br, in, out, zout, yr);
-      default: return lowrank_row_f32_avx2<4>(xr, Vt, Ut, rr, cr, br, in, out, zout, yr);
-    }
-  }
-#endif
-  switch (k) {
-#define HALRP_FIXED_RANK(K) \
-  case K:                   \
-    return lowrank_row_fixed<float, K>(xr, Vt, Ut, rr, cr, br, in, out, zout, yr);
-    HALRP_FIXED_RANK(1) HALRP_FIXED_RANK(2) HALRP_FIXED_RANK(3) HALRP_FIXED_RANK(4) HALRP_FIXED_RANK(5)
-    HALRP_FIXED_RANK(6) HALRP_FIXED_RANK(7) HALRP_FIXED_RANK(8) HALRP_FIXED_RANK(9) HALRP_FIXED_RANK(10)
-    HALRP_FIXED_RANK(11) HALRP_FIXED_RANK(12) HALRP_FIXED_RANK(13) HALRP_FIXED_RANK(14) HALRP_FIXED_RANK(15)
-    HALRP_FIXED_RANK(16)
-#undef HALRP_FIXED_RANK
-    default:
-      lowrank_row<float>(xr, Vt, Ut, rr, cr, br, in, out, k, zr, zout, yr);
-  }
-}
 
 // Every row in the caller's order: y = R[t] ⊙ c + B[t], plus (x V[t]) U[t]ᵀ for the rows whose task block is
 // small (`rowwise[t]`), with z = x V[t] stored.  `y` may alias `c`.
