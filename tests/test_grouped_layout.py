@@ -8,7 +8,7 @@ import halrp_fast as hf
 from halrp_fast import models
 from halrp_fast.nn import TaskBatchNorm, TaskHeads
 from halrp_fast.nn._context import grouped_selection, select_tasks
-from halrp_fast.nn.perturbed import TaskConv2d
+from halrp_fast.nn.conv import TaskConv2d
 
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 

@@ -1,10 +1,13 @@
 """Task-aware modules and ``convert()``."""
 from ._context import TaskContext, TaskSelection, select_tasks
 from .batchnorm import TaskBatchNorm
+from .conv import TaskConv2d
+from .conversion import convert
 from .heads import TaskHeads
-from .model import TaskModel, convert
+from .linear import TaskLinear
+from .model import TaskModel
 from .norm import TaskNorm
-from .perturbed import PerturbedLayer, TaskConv2d, TaskLinear
+from .perturbed import PerturbedLayer
 
 __all__ = [
     "PerturbedLayer",

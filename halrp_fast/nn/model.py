@@ -1,4 +1,5 @@
-"""``convert(model)``: any PyTorch model → a :class:`TaskModel` serving one task or a mixed batch."""
+"""A converted model (:class:`TaskModel`, built by :func:`~halrp_fast.nn.conversion.convert`): serves one task or a
+mixed batch, and holds every task's tensors."""
 from __future__ import annotations
 
 import copy
@@ -9,11 +10,9 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection, outermost, select_tasks, take_rows
-from .batchnorm import TaskBatchNorm
 from .heads import TaskHeads
-from .norm import SAMPLE_NORMS, TaskNorm
-from .perturbed import PerturbedLayer, TaskConv1D, TaskConv2d, TaskLinear, _is_compiling, is_conv1d
-from .reparametrized import TaskReparametrized, projection_modules, reparametrized_wrapper
+from .perturbed import PerturbedLayer, _is_compiling
+from .reparametrized import TaskReparametrized
 
 
 def _task_aware_modules(module: nn.Module, prefix: str = "", seen: set | None = None
@@ -67,7 +66,12 @@ class TaskModel(nn.Module):
     # ---------------------------------------------------------------- structure
     @property
     def heads(self) -> TaskHeads:
-        return self.model.get_submodule(self.head_name)
+        """The :class:`TaskHeads` at :attr:`head_name` (resolved once: every forward asks for the task count)."""
+        heads = self.__dict__.get("_heads")
+        if heads is None:
+            heads = self.model.get_submodule(self.head_name)
+            self.__dict__["_heads"] = heads  # a plain reference, not a second registration of the submodule
+        return heads
 
     @property
     def num_tasks(self) -> int:
@@ -438,121 +442,7 @@ class TaskModel(nn.Module):
             self.add_task(n)
 
 
-_LAZY = (nn.LazyLinear, nn.LazyConv2d, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d)
-
-
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
-
-
-def _find_head(model: nn.Module, head: str) -> str:
-    if head == "last":
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError("head='last' found no nn.Linear in the model; name the classifier module with head=")
-        return linears[-1]
-    try:
-        model.get_submodule(head)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        raise ValueError(f"head={head!r} names no submodule of the model; submodules: {names[:50]}") from None
-    return head
-
-
-_UNSUPPORTED_PROJECTIONS = (nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.Bilinear)
-
-
-def _is_unsupported_projection(m: nn.Module) -> bool:
-    """A layer whose weight maps inputs to outputs as a Linear or Conv2d does, but which convert cannot perturb
-    (other convolutions). Left shared silently, it would look converted and adapt nothing."""
-    return isinstance(m, _UNSUPPORTED_PROJECTIONS)
-
-
-def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
-            exclude: Iterable[str] = (), head_factory: Callable[[int], nn.Module] | None = None,
-            grouped_mixed_batches: bool | None = None, example_input: torch.Tensor | None = None) -> TaskModel:
-    """Make ``model`` task-aware and return a :class:`TaskModel` with one task (task 0 = the model).
-
-    Every ``nn.Linear``, ``nn.Conv2d`` (grouped and depthwise included) and transformers ``Conv1D`` becomes
-    :class:`TaskLinear`/:class:`TaskConv2d`/:class:`~halrp_fast.nn.perturbed.TaskConv1D`; modules whose code reads
-    their projections' weights (``nn.MultiheadAttention``, torchvision's shifted-window attention) become a
-    :class:`~halrp_fast.nn.reparametrized.TaskReparametrized` that runs them with each task's weights; every
-    ``BatchNorm1d``/``BatchNorm2d`` a :class:`TaskBatchNorm`, every ``LayerNorm``/``GroupNorm`` a
-    :class:`~halrp_fast.nn.norm.TaskNorm` (per-task affine parameters), and the classifier named by ``head``
-    (a qualified module name, or ``"last"`` for the last ``nn.Linear``) a :class:`TaskHeads`.
-
-    ``exclude``: qualified names of modules (and everything below them) to leave as they are; they
-    stay shared by all tasks and belong to the base.  Non-zero padding modes and weight layers it cannot perturb
-    (Conv1d/Conv3d, transposed convs, Bilinear) are refused unless excluded, all in one error.
-    ``inplace=False`` converts a deep copy.
-
-    ``grouped_mixed_batches`` (default: the model's ``halrp_grouped_mixed_batches`` attribute, else False):
-    see :class:`TaskModel`; set it only for a network whose non-converted operations never mix channels.
-
-    ``example_input``: a batch the model accepts; the converted model then runs it once and refuses (one error
-    naming them all, see :meth:`TaskModel.check_coverage`) converted layers whose forward never runs or whose
-    weights other code reads directly.  Without it such a read is still an error, at the first forward of a
-    task after the base.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, TaskModel):
-        raise TypeError("model is already a TaskModel")
-    if not inplace:
-        model = copy.deepcopy(model)
-    head_name = _find_head(model, head)
-    skip = tuple(exclude)
-    for name in skip:
-        model.get_submodule(name)  # raises for a wrong name
-    ctx = TaskContext()
-    refused: list[tuple[str, str]] = []  # every module that cannot be converted, reported together
-    replacements: dict[str, nn.Module] = {}
-    def under(name: str, prefixes) -> bool:
-        return any(name == p or name.startswith(p + ".") for p in prefixes)
-
-    readers = {n: reparametrized_wrapper(m) for n, m in model.named_modules()
-               if n and not under(n, skip) and reparametrized_wrapper(m)}
-    taken_over = {f"{n}.{p}" for n in readers for p in projection_modules(model.get_submodule(n))}
-    for name, m in model.named_modules():
-        if not name or under(name, skip) or name in readers or under(name, taken_over):
-            continue
-        if isinstance(m, _LAZY) and name != head_name:
-            raise ValueError(f"module {name!r} is lazy (uninitialised): run one forward pass before convert()")
-        if name == head_name:
-            replacements[name] = TaskHeads(m, ctx, head_factory)
-        elif isinstance(m, TaskModule):
-            raise TypeError(f"module {name!r} is already task-aware")
-        elif isinstance(m, nn.Conv2d):
-            try:
-                replacements[name] = TaskConv2d.from_conv(m, ctx)
-            except ValueError as exc:
-                refused.append((name, str(exc)))
-        elif isinstance(m, nn.Linear):
-            replacements[name] = TaskLinear.from_linear(m, ctx)
-        elif is_conv1d(m):
-            replacements[name] = TaskConv1D.from_conv1d(m, ctx)
-        elif _is_unsupported_projection(m):
-            refused.append((name, f"{type(m).__name__} is a weight layer halrp_fast cannot perturb (it perturbs "
-                                  f"nn.Linear and nn.Conv2d)"))
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            replacements[name] = TaskBatchNorm(m, ctx)
-        elif isinstance(m, SAMPLE_NORMS):
-            replacements[name] = TaskNorm(m, ctx)
-    if refused:
-        names = [name for name, _ in refused]
-        reasons = "; ".join(f"{name!r}: {why}" for name, why in refused)
-        raise ValueError(f"cannot convert {len(refused)} module(s): {reasons}. Pass exclude={names} to keep them "
-                         f"shared by all tasks")
-    # Children of replaced modules must not be replaced twice (e.g. a head that is a Sequential).
-    for name in outermost(replacements):
-        _set_submodule(model, name, replacements[name])
-    for name in sorted(readers, key=len, reverse=True):  # after their children: task-aware modules inside stay so
-        _set_submodule(model, name, readers[name](model.get_submodule(name), ctx))
-    if grouped_mixed_batches is None:
-        grouped_mixed_batches = bool(getattr(model, "halrp_grouped_mixed_batches", False))
-    task_model = TaskModel(model, ctx, head_name, grouped_mixed_batches)
-    if example_input is not None:
-        task_model.check_coverage(example_input)
-    return task_model

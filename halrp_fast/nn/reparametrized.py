@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._cache import DerivedCache
 from ._context import TaskContext, TaskModule, TaskSelection, outermost
-from .perturbed import TaskLinear
+from .linear import TaskLinear
 
 #: projection name → (weight path, bias path or None) inside the wrapped module
 Paths = dict[str, tuple[str, str | None]]
