@@ -64,6 +64,26 @@ def add_task_products(acc, z, tid, t_lo, t_hi, mat_ptr, stride_t, offs_o, stride
     return acc
 
 
+@triton.jit
+def add_chunked_task_products(acc, z_ptr, rows, stride_zm, m_mask, RANK, tid, t_lo, t_hi, mat_ptr, stride_t, offs_o,
+                              stride_o, offs_r, stride_r, o_mask, HAS_TASKS: tl.constexpr, ALLOW_TF32: tl.constexpr,
+                              BLOCK_R: tl.constexpr):
+    """:func:`add_task_products` for a rank of any size: ``z (M, RANK)`` (rows ``rows`` of ``z_ptr``, row stride
+    ``stride_zm``) read in ``BLOCK_R``-wide chunks.  One flat loop over (task, chunk) pairs: nested dynamic loops here
+    (chunks around tasks) made ptxas outline the inner one and save registers on the stack around it (8 B stack, 128
+    registers, in every fp32 and some 2-byte configurations; bench/kernel_resources.py)."""
+    chunks = tl.cdiv(RANK, BLOCK_R)
+    for i in range(0, (t_hi - t_lo + 1) * chunks):
+        t = t_lo + i // chunks
+        offs_rr = (i % chunks) * BLOCK_R + offs_r
+        rr_mask = offs_rr < RANK
+        zc = tl.load(z_ptr + rows[:, None] * stride_zm + offs_rr[None, :], mask=m_mask[:, None] & rr_mask[None, :],
+                     other=0.0)
+        acc = add_task_products(acc, zc, tid, t, t, mat_ptr, stride_t, offs_o, stride_o, offs_rr, stride_r, o_mask,
+                                rr_mask, HAS_TASKS, ALLOW_TF32)
+    return acc
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two ≥ ``n`` (1 for n ≤ 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from halrp_fast._math import rows_by_task
 
-from ._common import add_task_products, next_pow2, row_tile, rows_of_task, task_rows
+from ._common import add_chunked_task_products, add_task_products, next_pow2, row_tile, rows_of_task, task_rows
 
 # Above this rank x V comes from a separate GEMM: an x V accumulator of BLOCK_M × 64 fp32 values next to the
 # BLOCK_M × BLOCK_N one spilled registers on sm_80 and sm_90a at 32- and 64-row tiles even with 8 warps
@@ -88,13 +88,9 @@ def _perturbed_linear_fwd_kernel(
             acc = add_task_products(acc, xv, tid, t_lo, t_hi, u_ptr, stride_ut, offs_n, stride_un, offs_r, stride_ur,
                                     n_mask, r_mask, HAS_TASKS, ALLOW_TF32)
         else:
-            for r0 in range(0, RANK, BLOCK_R):
-                offs_rr = r0 + offs_r
-                rr_mask = offs_rr < RANK
-                xvc = tl.load(xv_ptr + rows[:, None] * stride_xvm + offs_rr[None, :],
-                              mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
-                acc = add_task_products(acc, xvc, tid, t_lo, t_hi, u_ptr, stride_ut, offs_n, stride_un, offs_rr,
-                                        stride_ur, n_mask, rr_mask, HAS_TASKS, ALLOW_TF32)
+            acc = add_chunked_task_products(acc, xv_ptr, rows, stride_xvm, m_mask, RANK, tid, t_lo, t_hi, u_ptr,
+                                            stride_ut, offs_n, stride_un, offs_r, stride_ur, n_mask, HAS_TASKS,
+                                            ALLOW_TF32, BLOCK_R)
     if HAS_BIAS:
         acc += task_rows(b_ptr, tid, stride_bt, offs_n, m_mask, n_mask, HAS_TASKS).to(tl.float32)
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mn)
@@ -126,14 +122,17 @@ def linear_tiles(M: int, rank: int, fused: bool, dtype: torch.dtype, mixed: bool
     * M > 512 on tensor cores (2-byte inputs, or fp32 with TF32 allowed) is compute bound: 128 × 128 output tiles,
       the shape of Triton's own fastest matmul configurations on Ampere and Hopper, 8 warps (two warpgroups for
       Hopper's wgmma); BLOCK_K 64 with 4 stages for 2-byte inputs, 32 with 3 stages for fp32 (32 KiB of shared memory
-      a stage either way).  fp32 without TF32 (FMA products) keeps the 64 × 64 tiles: 128 × 128 spilled about 600 B per
-      thread (bench/kernel_resources.py).
+      a stage either way).  Mixed batches in TF32 take 128 × 64 output tiles: their per-row gathers of r, s and the bias
+      next to a 128 × 128 TF32 accumulator spilled 16–120 B per thread on sm_80 and sm_90a.  fp32 without TF32 (FMA
+      products) keeps the 64 × 64 tiles: 128 × 128 spilled about 600 B per thread (bench/kernel_resources.py).
     """
     tensor_cores = dtype.itemsize <= 2 or allow_tf32
     block_r = max(16, next_pow2(rank))
     block_r = block_r if fused else min(block_r, UNFUSED_RANK_CHUNK)  # 16 for small unfused ranks: no spills
     if M > LARGE_M and tensor_cores:
         wide = dtype.itemsize <= 2
+        if mixed and not wide:  # TF32 with per-row r/s/b gathers: 128 × 128 spilled 16-120 B on sm_80 and sm_90a
+            return LinearTiles(128, 64, 32, block_r, 8, 3)
         return LinearTiles(128, 128, 64 if wide else 32, block_r, 8, 4 if wide else 3)
     block_m = 16 if M <= 16 else (32 if M <= 64 else 64)
     return LinearTiles(block_m, 64, 64 if M <= 16 else 32, block_r, linear_warps(block_m, mixed, fused), 3)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from halrp_fast._math import row_task_ids, rows_by_task
 
-from ._common import add_task_products, row_tile, rows_of_task, task_rows
+from ._common import add_chunked_task_products, add_task_products, row_tile, rows_of_task, task_rows
 from .perturbed_linear import fuses_rank, linear_tiles
 
 
@@ -74,13 +74,9 @@ def _perturbed_linear_dgrad_kernel(
                 dx = add_task_products(dx, gu, tid, t_lo, t_hi, v_ptr, stride_vt, offs_k, stride_vk, offs_r,
                                        stride_vr, k_mask, r_mask, HAS_TASKS, ALLOW_TF32)
             else:
-                for r0 in range(0, RANK, BLOCK_R):
-                    rr = r0 + offs_r
-                    rr_mask = rr < RANK
-                    guc = tl.load(gu_in_ptr + rows[:, None] * RANK + rr[None, :],
-                                  mask=m_mask[:, None] & rr_mask[None, :], other=0.0)
-                    dx = add_task_products(dx, guc, tid, t_lo, t_hi, v_ptr, stride_vt, offs_k, stride_vk, rr,
-                                           stride_vr, k_mask, rr_mask, HAS_TASKS, ALLOW_TF32)
+                dx = add_chunked_task_products(dx, gu_in_ptr, rows, RANK, m_mask, RANK, tid, t_lo, t_hi, v_ptr,
+                                               stride_vt, offs_k, stride_vk, offs_r, stride_vr, k_mask, HAS_TASKS,
+                                               ALLOW_TF32, BLOCK_R)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mk)
 
 

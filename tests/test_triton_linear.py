@@ -200,30 +200,32 @@ def tf32_if_interpreted():
 @pytest.mark.parametrize("k", [8, 40])  # fused (single task) and unfused
 @pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
 def test_large_row_tiles_match_oracle(k, mixed, tf32_if_interpreted):
-    """M above LARGE_M takes the 128 × 128 tiles where products run on tensor cores (fp32: with TF32 allowed, which
+    """M above LARGE_M takes the 128-row tiles where products run on tensor cores (fp32: with TF32 allowed, which
     the interpreter computes exactly; on a GPU fp32 keeps IEEE products and the 64 × 64 tiles, and the float16 test
-    below takes the large ones), mixed batches x V and g U from per-task GEMMs; forward and backward, odd sizes."""
+    below takes the large ones): 128 × 128, or 128 × 64 for a mixed TF32 batch (two column tiles here); mixed batches
+    take x V and g U from per-task GEMMs; forward and backward, odd sizes."""
     from halrp_fast.kernels.perturbed_linear import LARGE_M, linear_tiles
 
     M = LARGE_M + 37
     if INTERPRETED:
-        assert linear_tiles(M, k, True, torch.float32, allow_tf32=True).block_m == 128
-    x, W = rnd(M, 37).requires_grad_(), rnd(45, 37) / 37**0.5
+        tiles = linear_tiles(M, k, True, torch.float32, mixed=mixed, allow_tf32=True)
+        assert (tiles.block_m, tiles.block_n) == ((128, 64) if mixed else (128, 128))
+    x, W = rnd(M, 37).requires_grad_(), rnd(70, 37) / 37**0.5
     if mixed:
         ids = torch.randint(0, 4, (M,), device=DEVICE)
-        banks = [b.requires_grad_() for b in (1 + 0.3 * rnd(4, 45), 1 + 0.3 * rnd(4, 37), 0.3 * rnd(4, 45, k),
-                                              0.3 * rnd(4, 37, k), rnd(4, 45))]
+        banks = [b.requires_grad_() for b in (1 + 0.3 * rnd(4, 70), 1 + 0.3 * rnd(4, 37), 0.3 * rnd(4, 70, k),
+                                              0.3 * rnd(4, 37, k), rnd(4, 70))]
         y = hf.perturbed_linear_mt(x, ids, W, *banks)
         leaves = [a.detach().double().requires_grad_() for a in (x, *banks)]
         expected = linear_mt(leaves[0], ids, W.double(), *leaves[1:])
     else:
-        banks = [b.requires_grad_() for b in (1 + 0.3 * rnd(45), 1 + 0.3 * rnd(37), 0.3 * rnd(45, k),
-                                              0.3 * rnd(37, k), rnd(45))]
+        banks = [b.requires_grad_() for b in (1 + 0.3 * rnd(70), 1 + 0.3 * rnd(37), 0.3 * rnd(70, k),
+                                              0.3 * rnd(37, k), rnd(70))]
         y = hf.perturbed_linear(x, W, *banks)
         leaves = [a.detach().double().requires_grad_() for a in (x, *banks)]
         expected = linear(leaves[0], W.double(), *leaves[1:])
     assert_close(y, expected, torch.float32)
-    g = rnd(M, 45)
+    g = rnd(M, 70)
     grads = torch.autograd.grad(y, [x, *banks], g)
     for a, e in zip(grads, torch.autograd.grad(expected, leaves, g.double())):
         assert_close(a, e, torch.float32)
