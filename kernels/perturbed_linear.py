@@ -129,6 +129,8 @@ def linear_tiles(M: int, rank: int, fused: bool, dtype: torch.dtype, mixed: bool
     tensor_cores = dtype.itemsize <= 2 or allow_tf32
     block_r = max(16, next_pow2(rank))
     block_r = block_r if fused else min(block_r, UNFUSED_RANK_CHUNK)  # 16 for small unfused ranks: no spills
+    if not fused and mixed and not tensor_cores:  # FMA products: 32-wide chunks took a stack frame on sm_90a
+        block_r = 16
     if M > LARGE_M and tensor_cores:
         wide = dtype.itemsize <= 2
         if mixed and not wide:  # TF32 with per-row r/s/b gathers: 128 × 128 spilled 16-120 B on sm_80 and sm_90a

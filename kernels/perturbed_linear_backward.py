@@ -131,6 +131,8 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
         block_m, block_r = tiles.block_m, tiles.block_r
         block_n, block_k = (tiles.block_k, tiles.block_n) if tiles.block_m == 128 else (32, 64)
         grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+        # fp32 FMA products, mixed batch, unfused rank: a third stage took a 16 B stack frame (M = 4096, sm_80)
+        stages = 2 if banked and not fused and not allow_tf32 and x.dtype == torch.float32 else tiles.num_stages
         dummy = g
         _perturbed_linear_dgrad_kernel[grid](
             g, rows, tids, weight, R, S, U, V, gu_in if gu_in.numel() else dummy,
@@ -142,7 +144,7 @@ def perturbed_linear_bwd(grad, x, weight, R, S, U, V, c, xv, has_bias, needs, ta
             HAS_TASKS=banked, HAS_RANK=rank > 0, FUSE_GU=fused, WRITE_DX=nx, WRITE_GX=ns,
             WRITE_GU=gu is not None and fused, ALLOW_TF32=allow_tf32,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            num_warps=tiles.num_warps, num_stages=stages,
         )
     dw = (g * R[row_task]).T @ (x2 * S[row_task]) if nw else None
     dR = torch.zeros_like(R) if nr else None
