@@ -1,6 +1,7 @@
 """convert() on the paper's networks and other models; TaskModel behaviour end to end."""
 import pytest
 import torch
+from task_modules import AttentionClassifier
 from torch import nn
 
 import halrp_fast as hf
@@ -223,16 +224,7 @@ def test_exclude_and_grouped_conv():
 
 
 def test_multihead_attention_projections_are_perturbed():
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.last = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.last(self.mha(x, x, x)[0].mean(1))
-
-    net = Attn()
+    net = AttentionClassifier()
     x = torch.randn(2, 5, 8)
     model = hf.convert(net, example_input=x)
     assert sorted(model.perturbed_layers()) == ["mha.projections.in_proj", "mha.projections.out_proj"]

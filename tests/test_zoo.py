@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 from oracle import assert_close
+from task_modules import AttentionClassifier
 from torch import nn
 
 import halrp_fast as hf
@@ -278,23 +279,12 @@ def test_wrapped_attention_serving_follows_every_change_of_its_projections():
     """Without autograd a later task's attention reuses its prepared weights while the projections are unchanged: an
     in-place step, a replaced perturbation and a new base all show in the next call (against the exported model,
     rebuilt each time), and task 0 after freezing still equals the original module."""
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
-
     torch.manual_seed(0)
-    original = Block().eval()
-    model = hf.convert(original, head="fc").eval()
+    model = hf.convert(AttentionClassifier().eval(), head="last").eval()
     t = model.add_task(3)
     _perturb(model, t, 0.3)
     x = torch.randn(4, 5, 8)
-    in_proj = model.model.attn.projections["in_proj"]
+    in_proj = model.model.mha.projections["in_proj"]
 
     def check():
         with torch.no_grad():

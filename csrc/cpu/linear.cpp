@@ -36,13 +36,12 @@ std::vector<int64_t> with_last(const at::Tensor& x, int64_t last) {
   return shape;
 }
 
-bool dense(const at::Tensor& t) { return t.is_contiguous(); }
-
 // Whether one row takes the fused row kernels: float32, every operand dense (W, U, V row-major).
 bool one_fused_row(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& r, const at::Tensor& s,
                    const at::Tensor& U, const at::Tensor& V, const std::optional<at::Tensor>& bias) {
-  return x2.size(0) == 1 && x2.scalar_type() == at::kFloat && x2.stride(1) == 1 && dense(weight) && dense(r) &&
-         dense(s) && dense(U) && dense(V) && (!bias.has_value() || dense(*bias));
+  return x2.size(0) == 1 && x2.scalar_type() == at::kFloat && x2.stride(1) == 1 && weight.is_contiguous() &&
+         r.is_contiguous() && s.is_contiguous() && U.is_contiguous() && V.is_contiguous() &&
+         (!bias.has_value() || bias->is_contiguous());
 }
 
 // One row: c = W (s ⊙ x) by the row kernel (outputs split over threads for large layers), then z = Vᵀ x and
@@ -62,16 +61,10 @@ Outputs linear_row_cpu(const at::Tensor& x2, const at::Tensor& weight, const at:
   at::parallel_for(0, out, std::max<int64_t>(1, 65536 / std::max<int64_t>(in, 1)),
                    [&](int64_t lo, int64_t hi) { base_row_f32(W, xs.data(), in, lo, hi, cp); });
   at::Tensor z = at::empty({1, k}, x2.options());
-  const float* rp = r.data_ptr<float>();
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  if (k > 0) {
-    std::vector<float> zr(k);
-    lowrank_row_f32(x, V.data_ptr<float>(), U.data_ptr<float>(), rp, cp, bp, in, out, k, zr.data(),
-                    z.data_ptr<float>(), yp);
-  } else {
-    for (int64_t o = 0; o < out; ++o) yp[o] = rp[o] * cp[o] + (bp ? bp[o] : 0.f);
-  }
+  std::vector<float> zr(k);  // rank 0: the epilogue alone, y = r ⊙ c + b
+  lowrank_row_f32(x, V.data_ptr<float>(), U.data_ptr<float>(), r.data_ptr<float>(), cp,
+                  bias.has_value() ? bias->data_ptr<float>() : nullptr, in, out, k, zr.data(), z.data_ptr<float>(),
+                  y.data_ptr<float>());
   return {y, c, z};
 }
 

@@ -65,7 +65,7 @@ __attribute__((target_clones("arch=haswell", "default")))
 void lowrank_row_f32(const float* xr, const float* Vt, const float* Ut, const float* rr, const float* cr,
                      const float* br, int64_t in, int64_t out, int64_t k, float* zr, float* zout, float* yr) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (k % 8 == 0 && k <= 32 && cpu_has_avx2_fma()) {
+  if (k > 0 && k % 8 == 0 && k <= 32 && cpu_has_avx2_fma()) {
     switch (k / 8) {
       case 1: return lowrank_row_f32_avx2<1>(xr, Vt, Ut, rr, cr, br, in, out, zout, yr);
       case 2: return lowrank_row_f32_avx2<2>(xr, Vt, Ut, rr, cr, br, in, out, zout, yr);

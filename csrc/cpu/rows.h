@@ -60,7 +60,7 @@ __attribute__((always_inline)) inline void lowrank_row_fixed(const T* xr, const 
 }
 
 // lowrank_row for float32: AVX2/FMA for ranks 8, 16, 24, 32 on CPUs that have it, unrolled forms up to rank 16,
-// else the generic loop.  `zr` is scratch of k floats; `yr` may alias `cr`.
+// else the generic loop (rank 0 included: y = r ⊙ c + b).  `zr` is scratch of k floats; `yr` may alias `cr`.
 void lowrank_row_f32(const float* xr, const float* Vt, const float* Ut, const float* rr, const float* cr,
                      const float* br, int64_t in, int64_t out, int64_t k, float* zr, float* zout, float* yr);
 

@@ -34,13 +34,11 @@ class DerivedCache:
 
     def get(self, name: Hashable, sources: Sequence[torch.Tensor | None], build: Callable[[], object]):
         key = tensor_key(sources)
-        hit = self._entries.get(name)
-        if key is not None and hit is not None and hit[0] == key:  # lookup(), inline: on every serving call
-            self._entries.move_to_end(name)
-            return hit[1]
-        with torch.inference_mode(False), torch.no_grad():
-            value = build()
-        self.put(name, sources, value, key)
+        value = self.lookup(name, sources, key)
+        if value is None:
+            with torch.inference_mode(False), torch.no_grad():
+                value = build()
+            self.put(name, sources, value, key)
         return value
 
     def lookup(self, name: Hashable, sources: Sequence[torch.Tensor | None], key: tuple | None = None):

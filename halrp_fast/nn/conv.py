@@ -77,7 +77,7 @@ class TaskConv2d(PerturbedLayer):
 
     def _check_input(self, x):
         shape = x.shape
-        if len(shape) != 4 or shape[1] != self._parameters["weight"].shape[1] * self.groups:
+        if len(shape) != 4 or shape[1] != self.in_features:
             raise self._input_error(x, f"{self.in_features} channels, (N, C, H, W)")
 
     def _op(self, x, r, s, U, V, bias):

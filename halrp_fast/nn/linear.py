@@ -26,7 +26,7 @@ class TaskLinear(PerturbedLayer):
 
     def _check_input(self, x):
         shape = x.shape
-        if not shape or shape[-1] != self._parameters["weight"].shape[1]:
+        if not shape or shape[-1] != self.in_features:
             raise self._input_error(x, f"{self.in_features} features in the last dimension")
 
     def _op(self, x, r, s, U, V, bias):

@@ -241,9 +241,7 @@ class PerturbedLayer(TaskModule):
         watch = ctx.watch
         if watch is not None and not torch.compiler.is_compiling():
             watch["ran"].add(self.layer_name or type(self).__name__)
-        sel = ctx.selection if task_ids is None else None
-        if sel is None:
-            sel = self._selection(task_ids, x)
+        sel = self._selection(task_ids, x)
         if sel.single is not None:  # the serving path: as few Python steps as the checks allow
             self._check_input(x)
             return self._forward_single(x, sel.single)

@@ -133,8 +133,7 @@ class TaskReparametrized(TaskModule):
             weights, bias = layer._single_task_tensors(t)
             sources += weights
             sources.append(bias)
-        return self._serving.get(t, sources, lambda: {k: v if v.requires_grad else v.detach().requires_grad_()
-                                                      for k, v in self._tensors(t).items()})
+        return self._serving.get(t, sources, lambda: _requiring_grad(self._tensors(t)))
 
     def _apply(self, fn, recurse=True):
         self._serving.clear()
@@ -144,7 +143,7 @@ class TaskReparametrized(TaskModule):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             tensors = self._tensors(t)
         elif t == 0:  # the original parameters (frozen ones too, for the same matmul choice)
-            tensors = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in self._tensors(0).items()}
+            tensors = _requiring_grad(self._tensors(0))
         else:
             tensors = self._serving_tensors(t)
         # The tensors become plain attributes of their owners for the call (the parameters were removed from the
@@ -201,6 +200,12 @@ class TaskReparametrized(TaskModule):
 
     def extra_repr(self) -> str:
         return f"projections={list(self.paths)}, tasks={self.num_tasks}"
+
+
+def _requiring_grad(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each one that does not require grad replaced by a detached alias that does (no copy; see
+    :meth:`TaskReparametrized._serving_tensors` for why, in calls without autograd)."""
+    return {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in tensors.items()}
 
 
 def _leading_batch_dims(args, kwargs) -> list[int | None]:
