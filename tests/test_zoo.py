@@ -151,6 +151,12 @@ def test_zoo_model_converts_and_serves_every_task(name, tmp_path):
     with torch.no_grad():
         single = _logits(model(x, t))
         assert not torch.allclose(single, _logits(model(x, 0))[:, :CLASSES])  # the task's layers are its own
+        # stand-ins (norms, heads, attention; inside serving() every task-aware module, prepared once): bit for bit
+        assert torch.equal(_logits(model._forward(x, t, stand_ins=False)), single)
+        with model.serving():
+            for _ in range(2):
+                assert torch.equal(_logits(model(x, t)), single)
+                assert torch.equal(_logits(model(x, 0)), _logits(original(x)))
         assert_close(_logits(model.export_task(t).eval()(x)), single, torch.float32)
         fresh = _convert(name)[1]
         fresh.add_task(CLASSES)
@@ -173,6 +179,9 @@ def test_zoo_model_converts_and_serves_every_task(name, tmp_path):
             mixed = _logits(model(x, ids))
             for task, width in ((t, CLASSES), (0, 10)):
                 assert_close(mixed[ids == task][:, :width], _logits(model(x[ids == task], task)), torch.float64)
+    with torch.no_grad(), model.serving():  # BatchNorm on batch statistics through the stand-ins
+        rows = x[ids == t]
+        assert torch.equal(_logits(model(rows, t)), _logits(model._forward(rows, t, stand_ins=False)))
 
 
 def _expected_grads(layer, G, t):

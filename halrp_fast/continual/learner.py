@@ -240,7 +240,8 @@ class HALRPLearner:
             else:
                 def forward(x):
                     return self.model(x, task_id)
-            with synced_batchnorm(self.model, self._parallel):
+            # serving(): the task's merged weights and stand-ins are prepared once for all the loader's batches
+            with synced_batchnorm(self.model, self._parallel), self.model.serving():
                 return accuracy(forward, loader, self.config.device, self.dist, self.config.torch_dtype,
                                 self.model.num_classes[task_id])
         finally:

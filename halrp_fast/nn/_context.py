@@ -215,6 +215,9 @@ class TaskContext:
         #: while a forward of a later task or a coverage check runs: {"ran": layers whose forward ran, "read":
         #: layers whose weight or bias other code read directly}; else None
         self.watch: dict[str, set[str]] | None = None
+        #: bumped whenever the library changes a module's tensors or ranks (set_rank, load_state_dict, to()): what
+        #: was prepared from the old ones is stale
+        self.generation = 0
 
     @contextmanager
     def use(self, selection: TaskSelection) -> Iterator[None]:
@@ -242,6 +245,23 @@ class TaskModule(torch.nn.Module):
                 f"that holds it (model(x, task_ids))"
             )
         return self._ctx.selection
+
+    # ------------------------------------------------------------ stand-ins (see stand_ins.py)
+    #: whether :meth:`stand_in` may give a module to run in this one's place in a single-task forward without
+    #: autograd; ``stands_in_per_call``: also outside a serving session (where it is prepared for every call)
+    has_stand_in = False
+    stands_in_per_call = False
+
+    def stand_in(self, t: int, constant: bool):
+        """A :class:`~halrp_fast.nn.stand_ins.StandIn` computing this module's forward for task ``t`` (an id already
+        checked) from the same arguments without autograd, or ``None`` (the module runs itself).  ``constant``: for
+        reuse while the parameters do not change (a serving session); its ``sources`` then list the tensors it was
+        derived from."""
+        return None
+
+    def stand_in_tree(self) -> torch.nn.Module | None:
+        """A module tree that the stand-in runs and in which other task-aware modules may sit (``None``: none)."""
+        return None
 
     #: state-dict key prefixes (relative to the module) of per-task containers: "<prefix>.<task>.<...>"
     _task_containers: tuple[str, ...] = ()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._context import TaskContext, TaskModule
+from .stand_ins import StandIn
 
 
 class TaskHeads(TaskModule):
@@ -68,6 +69,12 @@ class TaskHeads(TaskModule):
 
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         return list(self.heads[self._check_task(t)].parameters())
+
+    #: a single task's forward is its head's: that head stands in
+    has_stand_in = stands_in_per_call = True
+
+    def stand_in(self, t: int, constant: bool) -> StandIn:
+        return StandIn(self.heads._modules[str(t)])
 
     def to_plain(self, t: int) -> nn.Module:
         return copy.deepcopy(self.heads[self._check_task(t)])

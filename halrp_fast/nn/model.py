@@ -13,6 +13,7 @@ from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection,
 from .heads import TaskHeads
 from .perturbed import PerturbedLayer, _is_compiling
 from .reparametrized import TaskReparametrized
+from .stand_ins import NOT_RUN, StandInServing
 
 
 def _task_aware_modules(module: nn.Module, prefix: str = "", seen: set | None = None
@@ -35,7 +36,7 @@ def _task_aware_modules(module: nn.Module, prefix: str = "", seen: set | None = 
         yield from _task_aware_modules(child, qualified, seen)
 
 
-class TaskModel(nn.Module):
+class TaskModel(StandInServing, nn.Module):
     """A converted model: the frozen base is task 0, every later task adds its own small parameters.
 
     ``forward(x, task_ids)``: ``task_ids`` is an int (the whole batch) or an int64 tensor ``(M,)``
@@ -232,6 +233,7 @@ class TaskModel(nn.Module):
                     delattr(container, str(t))
             m.num_tasks -= 1
         self.heads.num_classes.pop()
+        self._ctx.generation += 1
 
     @property
     def unloaded_tasks(self) -> list[int]:
@@ -325,7 +327,8 @@ class TaskModel(nn.Module):
                 f"convert(..., example_input=x) lists every such layer")
         return out
 
-    def _forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, task_ids, stand_ins: bool = True) -> torch.Tensor:
+        """``stand_ins``: a single-task forward without autograd may run the wrappers' stand-ins (stand_ins.py)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         sel = select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
@@ -335,6 +338,10 @@ class TaskModel(nn.Module):
             ctx = self._ctx
             previous, ctx.selection = ctx.selection, sel
             try:
+                if stand_ins and not torch.is_grad_enabled():
+                    out = self._run_with_stand_ins(sel.single, lambda: self.model(x))
+                    if out is not NOT_RUN:
+                        return out
                 return self.model(x)
             finally:
                 ctx.selection = previous
@@ -373,7 +380,7 @@ class TaskModel(nn.Module):
         previous, self._ctx.watch = self._ctx.watch, audit
         try:
             with torch.no_grad():
-                self._forward(x, 0)
+                self._forward(x, 0, stand_ins=False)  # every wrapper's own forward, which notes what ran
         finally:
             self._ctx.watch = previous
         layers = self.perturbed_layers()

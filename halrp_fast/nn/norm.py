@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ._context import TaskContext, TaskModule
+from .stand_ins import StandIn
 
 #: the normalisations made task-aware by :class:`TaskNorm` (they normalise each sample on its own)
 SAMPLE_NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -22,6 +23,12 @@ class PerTaskModules(TaskModule):
     def module_of(self, t: int) -> nn.Module:
         """Task ``t``'s module (``t`` checked by the caller, as a selection's are)."""
         return self._copies()._modules[str(t)]
+
+    #: a single task's forward is its module's: that module stands in
+    has_stand_in = stands_in_per_call = True
+
+    def stand_in(self, t: int, constant: bool) -> StandIn:
+        return StandIn(self.module_of(t))
 
     def add_task(self) -> int:
         copies = self._copies()

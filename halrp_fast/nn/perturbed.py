@@ -18,6 +18,7 @@ from torch import nn
 from .. import _checks
 from ._cache import DerivedCache, tensor_key
 from ._context import TaskContext, TaskModule, TaskSelection
+from .stand_ins import StandIn
 
 _PER_TASK = ("r", "s", "U", "V", "task_bias", "allocated")
 _BASE_TENSORS = frozenset(("weight", "bias"))
@@ -148,6 +149,7 @@ class PerturbedLayer(TaskModule):
     def clear_caches(self) -> None:
         self._merged.clear()
         self._banks.clear()
+        self._ctx.generation += 1  # what a serving session prepared from this layer is stale too
 
     def _apply(self, fn, recurse=True):
         self.clear_caches()
@@ -334,6 +336,21 @@ class PerturbedLayer(TaskModule):
         B = None if bs[0] is None or not with_bias else torch.stack(bs)
         return R, S, U, V, B
 
+    # ---------------------------------------------------------------- stand-in (a serving session's)
+    has_stand_in = True
+
+    def stand_in(self, t: int, constant: bool) -> StandIn | None:
+        """For a serving session: task ``t`` as a plain layer of this kind holding its merged weight (outside one,
+        the layer runs itself: its merged-weight cache costs the same as a stand-in would)."""
+        if not constant:
+            return None
+        if t == 0:
+            weight, bias = self._parameters["weight"], self._parameters.get("bias")
+            return StandIn(_MergedStandIn(self, weight, bias), sources=(weight, bias))
+        sources, bias = self._single_task_tensors(t)
+        weight = self._merged.get(t, sources, lambda: self._merge(*sources))
+        return StandIn(_MergedStandIn(self, weight, bias), sources=(*sources, bias))
+
     # ---------------------------------------------------------------- per-kind hooks
     def _plain(self, x, weight, bias):
         raise NotImplementedError
@@ -353,3 +370,35 @@ class PerturbedLayer(TaskModule):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, tasks={self.num_tasks}"
+
+
+class _MergedStandIn(nn.Module):
+    """One task of ``layer`` as a plain layer: ``layer``'s own op (``F.linear``, ``F.conv2d`` with its stride,
+    padding and groups) on a prepared weight and bias.  Every other attribute is read from ``layer``; a forward
+    still counts as the layer's for the checks of reads behind its back."""
+
+    def __init__(self, layer: PerturbedLayer, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        d = self.__dict__
+        d["source"], d["weight"], d["bias"], d["ctx"], d["plain"] = layer, weight, bias, layer._ctx, layer._plain
+        d["name"] = layer.layer_name or type(layer).__name__
+        del d["training"]  # read from the layer, as every other attribute
+
+    def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
+        d = self.__dict__
+        if task_ids is not None:
+            return d["source"](x, task_ids)
+        watch = d["ctx"].watch
+        if watch is not None:
+            watch["ran"].add(d["name"])
+        try:
+            return d["plain"](x, d["weight"], d["bias"])
+        except RuntimeError:
+            d["source"]._check_input(x)  # the library's error naming the layer, when the input is the cause
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["source"], name)
+
+    def extra_repr(self) -> str:
+        return f"stand-in of {self.__dict__['name']}"

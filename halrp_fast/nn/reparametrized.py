@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._cache import DerivedCache
 from ._context import TaskContext, TaskModule, TaskSelection, outermost
 from .linear import TaskLinear
+from .stand_ins import StandIn
 
 #: projection name → (weight path, bias path or None) inside the wrapped module
 Paths = dict[str, tuple[str, str | None]]
@@ -128,24 +129,27 @@ class TaskReparametrized(TaskModule):
         transposed query): with a weight that requires grad it folds the batch into one mm, as for the original
         module's parameters; with a plain tensor it takes bmm (measured 396 against 320 µs per in-projection of a
         12-layer ViT on CPU)."""
+        return self._serving.get(t, self._sources(t), lambda: _requiring_grad(self._tensors(t)))
+
+    def _sources(self, t: int) -> list[torch.Tensor | None]:
+        """What task ``t`` of every projection derives from: ``W, r, s, U, V`` and the bias (task 0: ``W`` and the
+        bias)."""
         sources = []
         for layer in self.projections._modules.values():
+            if t == 0:
+                sources += [layer._parameters["weight"], layer._parameters.get("bias")]
+                continue
             weights, bias = layer._single_task_tensors(t)
             sources += weights
             sources.append(bias)
-        return self._serving.get(t, sources, lambda: _requiring_grad(self._tensors(t)))
+        return sources
 
     def _apply(self, fn, recurse=True):
         self._serving.clear()
+        self._ctx.generation += 1
         return super()._apply(fn, recurse)
 
     def _run(self, t: int, args, kwargs):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            tensors = self._tensors(t)
-        elif t == 0:  # the original parameters (frozen ones too, for the same matmul choice)
-            tensors = _requiring_grad(self._tensors(0))
-        else:
-            tensors = self._serving_tensors(t)
         # The tensors become plain attributes of their owners for the call (the parameters were removed from the
         # modules, so nothing else answers these names).  Eagerly they go straight into the instance dicts
         # (Module.__setattr__ would register a Parameter and cost ~4 µs each; functional_call's generic swapping
@@ -154,7 +158,7 @@ class TaskReparametrized(TaskModule):
         compiling = torch.compiler.is_compiling()
         placed = []
         try:
-            for path, value in tensors.items():
+            for path, value in self._call_tensors(t).items():
                 owner, leaf = self._owners[path]
                 if compiling:
                     setattr(owner, leaf, value)
@@ -168,6 +172,26 @@ class TaskReparametrized(TaskModule):
                     delattr(owner, leaf)
                 else:
                     owner.__dict__.pop(leaf, None)
+
+    def _call_tensors(self, t: int) -> dict[str, torch.Tensor]:
+        """Task ``t``'s weights and biases by path, prepared for the call in progress."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._tensors(t)
+        if t == 0:  # the original parameters (frozen ones too, for the same matmul choice)
+            return _requiring_grad(self._tensors(0))
+        return self._serving_tensors(t)
+
+    # ---------------------------------------------------------------- stand-in: ``inner`` with the task's weights
+    has_stand_in = stands_in_per_call = True
+
+    def stand_in(self, t: int, constant: bool) -> StandIn:
+        """``inner`` with task ``t``'s weights placed, prepared as for a call without autograd (a forward that turns
+        autograd on inside itself would not reach the task's parameters)."""
+        places = [(*self._owners[path], value) for path, value in self._call_tensors(t).items()]
+        return StandIn(self.inner, places, tuple(self._sources(t)) if constant else ())
+
+    def stand_in_tree(self) -> nn.Module:
+        return self.inner
 
     def _leaf_dims(self, args, kwargs, leaves) -> list[int | None]:
         dims = self._batch_dims(args, kwargs)
