@@ -218,3 +218,19 @@ def test_a_session_with_autograd_trains_the_task():
     layer = model.perturbed_layers()["fc"]
     assert layer.U["1"].grad is not None and layer.r["1"].grad is not None
     assert all(isinstance(m, PerturbedLayer) for m in model.perturbed_layers().values())
+
+
+def test_clear_caches_makes_a_change_through_data_seen():
+    """An in-place change through ``.data`` keeps the version counter (PyTorch gives ``.data`` its own): the merged
+    weight of the layer and of the attention's projections stay stale until ``model.clear_caches()``."""
+    model, x = _model(), _x()
+    with torch.no_grad():
+        model(x, 1)
+        for layer in model.perturbed_layers().values():
+            layer.r["1"].data.mul_(2.0)
+        stale = model(x, 1)
+        model.clear_caches()
+        fresh = model(x, 1)
+    assert not torch.equal(stale, fresh)
+    with torch.enable_grad():  # through the op with autograd: no cache involved
+        assert torch.allclose(model(x, 1), fresh)

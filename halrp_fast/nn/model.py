@@ -292,6 +292,15 @@ class TaskModel(StandInServing, nn.Module):
         else:
             raise KeyError(f"{key} is neither a parameter nor a buffer of the model")
 
+    def clear_caches(self) -> None:
+        """Forget every merged weight and prepared tensor (they are rebuilt when next needed).  Changes through the
+        library and in-place updates are seen without this; an in-place change made through ``.data`` is not (PyTorch
+        gives ``.data`` a version counter of its own), so call it after one."""
+        for m in self.task_modules().values():
+            clear = getattr(m, "clear_caches", None)
+            if clear is not None:
+                clear()
+
     def _apply(self, fn, recurse=True):
         if not self._lazy:
             return super()._apply(fn, recurse)

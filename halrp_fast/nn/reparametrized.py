@@ -144,9 +144,13 @@ class TaskReparametrized(TaskModule):
             sources.append(bias)
         return sources
 
-    def _apply(self, fn, recurse=True):
+    def clear_caches(self) -> None:
+        """Forget the prepared weights (the projections keep their own caches: clear those too)."""
         self._serving.clear()
         self._ctx.generation += 1
+
+    def _apply(self, fn, recurse=True):
+        self.clear_caches()
         return super()._apply(fn, recurse)
 
     def _run(self, t: int, args, kwargs):

@@ -162,8 +162,8 @@ class StandInServing:
 
     def _run_with_stand_ins(self, t: int, run: Callable[[], object]):
         """``run()`` (a single-task forward of task ``t`` without autograd) with the task-aware modules' stand-ins in
-        their places (the module docstring): inside :meth:`serving` every one's, prepared once; else the wrappers' (norms,
-        heads, attention).  :data:`NOT_RUN` when compiling or when a hook would be skipped."""
+        their places (see the module docstring): inside :meth:`serving` every one's, prepared once; else the
+        wrappers' (norms, heads, attention).  :data:`NOT_RUN` when compiling or when a hook would be skipped."""
         if torch.compiler.is_compiling() or global_hooks():
             return NOT_RUN
         session = self.__dict__.get("_session")
