@@ -6,6 +6,10 @@ Each result is compared bit for bit with the same forward through the task-aware
 ``nn.MultiheadAttention`` (its weights placed), a linear layer and the head.  Provider: whatever ``auto`` picks on
 CPU (the merged-weight path calls plain ``F.linear``/``F.conv2d``; the ops' own tests check every provider).
 """
+import copy
+import pickle
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -234,3 +238,30 @@ def test_clear_caches_makes_a_change_through_data_seen():
     assert not torch.equal(stale, fresh)
     with torch.enable_grad():  # through the op with autograd: no cache involved
         assert torch.allclose(model(x, 1), fresh)
+
+
+def test_forwards_from_several_threads_take_turns():
+    """Two threads serving different tasks of one model (the selection and the stand-ins' places are shared by its
+    modules): every output is its task's, with and without a session; copies and pickles get their own lock."""
+    model, x = _model(), _x()
+    expected = {t: _reference(model, x, t) for t in (1, 2)}
+    wrong = []
+
+    def serve(t):
+        with torch.no_grad():
+            for _ in range(150):
+                if not torch.equal(model(x, t), expected[t]):
+                    wrong.append(t)
+
+    for session in (False, True):
+        with model.serving() if session else torch.no_grad():
+            threads = [threading.Thread(target=serve, args=(t,)) for t in (1, 2)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+    assert not wrong
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # torch.save(model) pickles it
+        assert clone._ctx.lock is not model._ctx.lock
+        with torch.no_grad():
+            assert torch.equal(clone(x, 1), expected[1])

@@ -7,6 +7,7 @@ still routes every layer to the right task.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -218,6 +219,17 @@ class TaskContext:
         #: bumped whenever the library changes a module's tensors or ranks (set_rank, load_state_dict, to()): what
         #: was prepared from the old ones is stale
         self.generation = 0
+        #: held by a TaskModel's forward (re-entrant): a second thread waits instead of overwriting the selection
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["lock"]  # a lock is not copied or pickled: a copy gets its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     @contextmanager
     def use(self, selection: TaskSelection) -> Iterator[None]:

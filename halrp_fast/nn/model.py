@@ -317,8 +317,15 @@ class TaskModel(StandInServing, nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
-        if torch.compiler.is_compiling() or self._ctx.watch is not None or (isinstance(task_ids, int)
-                                                                          and task_ids == 0):
+        if torch.compiler.is_compiling():
+            return self._forward(x, task_ids)
+        # One forward at a time (threads wait their turn): the task selection, the watch and the stand-ins' places
+        # are state shared by the model's modules for the duration of a forward.
+        with self._ctx.lock:
+            return self._watched_forward(x, task_ids)
+
+    def _watched_forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
+        if self._ctx.watch is not None or (isinstance(task_ids, int) and task_ids == 0):
             return self._forward(x, task_ids)
         # A later task: note which layers run and which have their weights read by other code.
         watch: dict[str, set[str]] = {"ran": set(), "read": set()}

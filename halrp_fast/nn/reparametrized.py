@@ -54,7 +54,7 @@ class TaskReparametrized(TaskModule):
             if bias is None:
                 self.paths[name] = (weight_path, None)
         self._batch_dims = batch_dims or _leading_batch_dims
-        self._out_batch_dims = out_batch_dims or (lambda out: 0)
+        self._out_batch_dims = out_batch_dims or _OutputDims(0)
         #: path → (the module inside ``inner`` that owns it, attribute name), resolved once: every call places the
         #: task's tensors there (``get_submodule`` per path per call cost ~2 µs each)
         self._owners: dict[str, tuple[nn.Module, str]] = {}
@@ -256,16 +256,36 @@ def _mha_wrapper(mha: nn.MultiheadAttention, ctx: TaskContext) -> TaskReparametr
         paths = {n: (f"{n}_weight", None) for n in ("q_proj", "k_proj", "v_proj")}
     paths["out_proj"] = ("out_proj.weight", "out_proj.bias")
     seq_dim = 0 if mha.batch_first else 1
+    return TaskReparametrized(mha, paths, ctx, _MHABatchDims(seq_dim), _OutputDims([seq_dim, 0]))
+
+
+class _OutputDims:
+    """``out_batch_dims`` that are the same for every call (a class, not a closure: a converted model pickles)."""
+
+    def __init__(self, dims) -> None:
+        self.dims = dims
+
+    def __call__(self, out):
+        return self.dims
+
+
+class _MHABatchDims:
+    """``batch_dims`` of ``nn.MultiheadAttention.forward``'s arguments (``seq_dim``: 0 for batch-first inputs, else
+    1)."""
+
     names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
              "is_causal")
 
-    def batch_dims(args, kwargs):
+    def __init__(self, seq_dim: int) -> None:
+        self.seq_dim = seq_dim
+
+    def __call__(self, args, kwargs) -> list[int | None]:
         dims = []
-        for name, value in list(zip(names, args, strict=False)) + list(kwargs.items()):
+        for name, value in list(zip(self.names, args, strict=False)) + list(kwargs.items()):
             if not isinstance(value, torch.Tensor):
                 dims.append(None)
             elif name in ("query", "key", "value"):
-                dims.append(seq_dim if value.dim() == 3 else None)
+                dims.append(self.seq_dim if value.dim() == 3 else None)
             elif name == "key_padding_mask":
                 dims.append(0 if value.dim() == 2 else None)
             elif name == "attn_mask" and value.dim() == 3:
@@ -274,11 +294,6 @@ def _mha_wrapper(mha: nn.MultiheadAttention, ctx: TaskContext) -> TaskReparametr
             else:
                 dims.append(None)
         return dims
-
-    def out_dims(out):
-        return [seq_dim, 0]
-
-    return TaskReparametrized(mha, paths, ctx, batch_dims, out_dims)
 
 
 def _swin_attention_wrapper(module: nn.Module, ctx: TaskContext) -> TaskReparametrized:
