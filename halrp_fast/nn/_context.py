@@ -271,6 +271,9 @@ class TaskModule(torch.nn.Module):
         derived from."""
         return None
 
+    def clear_caches(self) -> None:
+        """Forget what was derived from the parameters (merged weights, prepared tensors; none here)."""
+
     def stand_in_tree(self) -> torch.nn.Module | None:
         """A module tree that the stand-in runs and in which other task-aware modules may sit (``None``: none)."""
         return None

@@ -297,9 +297,7 @@ class TaskModel(StandInServing, nn.Module):
         library and in-place updates are seen without this; an in-place change made through ``.data`` is not (PyTorch
         gives ``.data`` a version counter of its own), so call it after one."""
         for m in self.task_modules().values():
-            clear = getattr(m, "clear_caches", None)
-            if clear is not None:
-                clear()
+            m.clear_caches()
 
     def _apply(self, fn, recurse=True):
         if not self._lazy:

@@ -344,12 +344,9 @@ class PerturbedLayer(TaskModule):
         the layer runs itself: its merged-weight cache costs the same as a stand-in would)."""
         if not constant:
             return None
-        if t == 0:
-            weight, bias = self._parameters["weight"], self._parameters.get("bias")
-            return StandIn(_MergedStandIn(self, weight, bias), sources=(weight, bias))
-        sources, bias = self._single_task_tensors(t)
-        weight = self._merged.get(t, sources, lambda: self._merge(*sources))
-        return StandIn(_MergedStandIn(self, weight, bias), sources=(*sources, bias))
+        weight, bias = self.task_weight(t)
+        sources = (weight, bias) if t == 0 else (*self._single_task_tensors(t)[0], bias)
+        return StandIn(_MergedStandIn(self, weight, bias), sources=sources)
 
     # ---------------------------------------------------------------- per-kind hooks
     def _plain(self, x, weight, bias):

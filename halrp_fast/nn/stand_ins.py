@@ -82,21 +82,25 @@ def global_hooks() -> bool:
                 or g._global_backward_pre_hooks)
 
 
-#: what :func:`run_with_stand_ins` returns when it did not run: an edge no longer holds its module, or has a hook
+#: what :func:`run_with_stand_ins` returns when it did not run because a task-aware module has a forward hook (or
+#: stand-ins may not be used at all), and when an edge's parent no longer holds its module
 NOT_RUN = object()
+MOVED = object()
 
 
 def run_with_stand_ins(edges: list[Edge], stand_ins: list[StandIn | None], run: Callable[[], object]):
     """``run()`` with each edge's module replaced in its parent by its stand-in (``stand_ins[i]`` for ``edges[i]``,
     ``None``: left in place) and the stand-ins' attributes placed; everything is put back afterwards, whatever
-    ``run`` does.  Returns :data:`NOT_RUN` without running when an edge's parent no longer holds its module (the
-    structure changed: walk it again) or the module has a forward hook (it would not run)."""
+    ``run`` does.  Returns without running :data:`MOVED` when an edge's parent no longer holds its module (the
+    structure changed: walk it again), :data:`NOT_RUN` when the module has a forward hook (it would not run)."""
     swapped: list[Edge] = []
     placed: list[tuple[nn.Module, str]] = []
     try:
         for edge, stand_in in zip(edges, stand_ins, strict=True):
             parent, name, module = edge
-            if parent._modules.get(name) is not module or module._forward_hooks or module._forward_pre_hooks:
+            if parent._modules.get(name) is not module:
+                return MOVED
+            if module._forward_hooks or module._forward_pre_hooks:
                 return NOT_RUN
             if stand_in is None:
                 continue
@@ -179,7 +183,7 @@ class StandInServing:
                 edges = walked[1]
                 stand_ins = [module.stand_in(t, constant=False) for _, _, module in edges]
             out = run_with_stand_ins(edges, stand_ins, run)
-            if out is not NOT_RUN or not any(parent._modules.get(name) is not module for parent, name, module in edges):
+            if out is not MOVED:
                 return out  # ran, or a hook forbids stand-ins
             del self.__dict__["_edges"]
         return NOT_RUN
