@@ -14,6 +14,15 @@ task's test split) is timed per task; the table gives the mean seconds per task 
 eager / fast, and both implementations' mean test accuracy over the learned tasks (equal accuracy is
 part of the comparison: a gap of more than 2 points is flagged).
 
+The floor (``--floor on``, the default): the same phases' dense work done by the plain network alone — its
+training steps over the task's training split for the free model's and the perturbation's epochs, its
+importance pass over the validation split, its evaluation of the test split — through the same loops
+(``halrp_fast.continual.training``), in halrp_fast's layout, eager and compiled with inductor (compile time
+left out: the floor is the compiled code's own time).  Every phase of the method does at least that work, so
+``eager / plain compiled`` over the whole task is the most any implementation could gain over the eager
+baseline with this network's steps at inductor's speed.  Scalings, SVD and pruning have no dense counterpart
+(floor 0 s, which only raises that bound).
+
     python bench/bench_end_to_end.py                          # permuted Fashion-MNIST, 3 networks
     python bench/bench_end_to_end.py --models lenet --tasks 4 --max-per-task 4000 --epochs 5
 
@@ -32,9 +41,46 @@ from _naive_halrp import NaiveHALRP
 from halrp_fast import models
 from halrp_fast.continual import HALRPConfig, HALRPLearner
 from halrp_fast.continual.config import CHANNELS_LAST_CHOICES, COMPILE_MODES
+from halrp_fast.continual.importance import empirical_fisher
+from halrp_fast.continual.training import accuracy, train
 from halrp_fast.data import benchmarks
 
 PHASES = ("free_training", "importance", "svd_allocation", "training", "pruning", "evaluation")
+
+
+def plain_phases(network: torch.nn.Module, task, cfg: HALRPConfig, compiled: bool) -> dict[str, float]:
+    """Seconds of each phase's dense work done by ``network`` (a plain model, trained in place) on ``task``:
+    ``free_training`` / ``training`` its steps for ``est_rank_epochs`` / ``epochs − est_rank_epochs`` epochs of
+    the training split, ``importance`` the empirical Fisher pass over the validation split, ``evaluation`` the
+    test split.  ``compiled``: the forward through inductor, every phase run once untimed first so that no
+    compilation (a new batch size included) is timed."""
+    forward = torch.compile(network) if compiled else network
+    weights = {n: p for n, p in network.named_parameters() if p.dim() > 1}
+    work = {
+        "free_training": lambda: train(forward, list(network.parameters()), task.train, cfg.est_rank_epochs, cfg,
+                                       modules=[network]),
+        "importance": lambda: empirical_fisher(network, weights, task.val, cfg.device, forward=forward),
+        "training": lambda: train(forward, list(network.parameters()), task.train, cfg.epochs - cfg.est_rank_epochs,
+                                  cfg, modules=[network]),
+        "evaluation": lambda: _evaluate(network, forward, task.test, cfg),
+    }
+    seconds = {}
+    for phase, run in work.items():
+        if compiled:
+            run()
+        tic = time.perf_counter()
+        run()
+        seconds[phase] = time.perf_counter() - tic
+    return seconds
+
+
+def _evaluate(network: torch.nn.Module, forward, loader, cfg: HALRPConfig) -> float:
+    network.eval()
+    try:
+        with torch.no_grad():
+            return accuracy(forward, loader, cfg.device, dtype=cfg.torch_dtype)
+    finally:
+        network.train()
 
 
 def run_network(name: str, tasks, args) -> list[list]:
@@ -49,6 +95,15 @@ def run_network(name: str, tasks, args) -> list[list]:
     # the straightforward implementation keeps PyTorch's default (NCHW) layout
     naive = NaiveHALRP(learner.model.export_task(0).to(memory_format=torch.contiguous_format),
                        learner.model.head_name, cfg)
+
+    floor_s = {}
+    if args.floor == "on":
+        for compiled in (False, True):
+            plain = learner.model.export_task(0).train().requires_grad_(True)  # in halrp_fast's layout
+            floor_s[compiled] = plain_phases(plain, tasks[1], cfg, compiled)
+            torch._dynamo.reset()
+        print(f"  plain network per task: eager {sum(floor_s[False].values()):.2f} s, compiled "
+              f"{sum(floor_s[True].values()):.2f} s (compile time left out)", flush=True)
 
     fast_s = {p: [] for p in PHASES}
     eager_s = {p: [] for p in PHASES}
@@ -76,8 +131,12 @@ def run_network(name: str, tasks, args) -> list[list]:
         f = sum(map(sum, fast_s.values())) if p == "total" else sum(fast_s[p])
         e = sum(map(sum, eager_s.values())) if p == "total" else sum(eager_s[p])
         f, e = f / len(learned), e / len(learned)
-        rows.append([name, p, f, e, e / f if f > 0 else float("nan"), acc_fast if p == "total" else "",
-                     acc_eager if p == "total" else ""])
+        row = [name, p, f, e, e / f if f > 0 else float("nan")]
+        if floor_s:
+            plain, floor = ((sum(s.values()) if p == "total" else s.get(p, 0.0)) for s in (floor_s[False],
+                                                                                        floor_s[True]))
+            row += [plain, floor, f / floor if floor > 0 else float("nan"), e / floor if floor > 0 else float("nan")]
+        rows.append(row + [acc_fast if p == "total" else "", acc_eager if p == "total" else ""])
     if abs(acc_fast - acc_eager) > 2:
         print(f"  warning: {name}: mean accuracies differ by {abs(acc_fast - acc_eager):.1f} points", flush=True)
     return rows
@@ -96,6 +155,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", default="off", choices=list(COMPILE_MODES),
                     help="HALRPConfig.compile of the fast run (compile time counted in the phases it falls in)")
+    ap.add_argument("--floor", default="on", choices=["on", "off"],
+                    help="also time the plain network's share of every phase, eager and compiled (the floor)")
     ap.add_argument("--channels-last", default="auto", choices=list(CHANNELS_LAST_CHOICES),
                     help="layout of halrp_fast's run (auto: channels-last on CPU); the eager baseline stays NCHW")
     args = parse_args(ap, argv)
@@ -115,8 +176,9 @@ def main(argv=None) -> None:
     rows = []
     for name in args.models:
         rows += run_network(name, tasks, args)
-    print(markdown_table(["network", "phase", "fast s", "eager s", "eager / fast", "fast acc %", "eager acc %"],
-                         rows))
+    floor = ["plain eager s", "plain compiled s", "fast / plain compiled", "eager / plain compiled"]
+    print(markdown_table(["network", "phase", "fast s", "eager s", "eager / fast",
+                          *(floor if args.floor == "on" else []), "fast acc %", "eager acc %"], rows))
 
 
 if __name__ == "__main__":
