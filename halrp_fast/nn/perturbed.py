@@ -277,6 +277,14 @@ class PerturbedLayer(TaskModule):
         b = containers["task_bias"]._parameters[key] if params.get("bias") is not None else None
         return sources, b
 
+    def task_sources(self, t: int) -> tuple[torch.Tensor | None, ...]:
+        """Every tensor task ``t`` (id already checked) is derived from: the weight and bias for task 0, else
+        ``W, r, s, U, V`` and the task's bias (``None``: no bias)."""
+        if t == 0:
+            return self._parameters["weight"], self._parameters.get("bias")
+        weights, bias = self._single_task_tensors(t)
+        return (*weights, bias)
+
     def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
         if t == 0:  # no bias: a plain None attribute
             return self._plain(x, self._parameters["weight"], self._parameters.get("bias"))
@@ -345,8 +353,7 @@ class PerturbedLayer(TaskModule):
         if not constant:
             return None
         weight, bias = self.task_weight(t)
-        sources = (weight, bias) if t == 0 else (*self._single_task_tensors(t)[0], bias)
-        return StandIn(_MergedStandIn(self, weight, bias), sources=sources)
+        return StandIn(_MergedStandIn(self, weight, bias), sources=self.task_sources(t))
 
     # ---------------------------------------------------------------- per-kind hooks
     def _plain(self, x, weight, bias):

@@ -132,16 +132,10 @@ class TaskReparametrized(TaskModule):
         return self._serving.get(t, self._sources(t), lambda: _requiring_grad(self._tensors(t)))
 
     def _sources(self, t: int) -> list[torch.Tensor | None]:
-        """What task ``t`` of every projection derives from: ``W, r, s, U, V`` and the bias (task 0: ``W`` and the
-        bias)."""
+        """What task ``t`` of every projection derives from (:meth:`PerturbedLayer.task_sources`, in order)."""
         sources = []
         for layer in self.projections._modules.values():
-            if t == 0:
-                sources += [layer._parameters["weight"], layer._parameters.get("bias")]
-                continue
-            weights, bias = layer._single_task_tensors(t)
-            sources += weights
-            sources.append(bias)
+            sources += layer.task_sources(t)
         return sources
 
     def clear_caches(self) -> None:
