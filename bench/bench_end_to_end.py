@@ -56,12 +56,14 @@ def plain_phases(network: torch.nn.Module, task, cfg: HALRPConfig, compiled: boo
     compilation (a new batch size included) is timed."""
     forward = torch.compile(network) if compiled else network
     weights = {n: p for n, p in network.named_parameters() if p.dim() > 1}
+
+    def steps(epochs: int):
+        return lambda: train(forward, list(network.parameters()), task.train, epochs, cfg, modules=[network])
+
     work = {
-        "free_training": lambda: train(forward, list(network.parameters()), task.train, cfg.est_rank_epochs, cfg,
-                                       modules=[network]),
+        "free_training": steps(cfg.est_rank_epochs),
         "importance": lambda: empirical_fisher(network, weights, task.val, cfg.device, forward=forward),
-        "training": lambda: train(forward, list(network.parameters()), task.train, cfg.epochs - cfg.est_rank_epochs,
-                                  cfg, modules=[network]),
+        "training": steps(cfg.epochs - cfg.est_rank_epochs),
         "evaluation": lambda: _evaluate(network, forward, task.test, cfg),
     }
     seconds = {}
@@ -133,8 +135,7 @@ def run_network(name: str, tasks, args) -> list[list]:
         f, e = f / len(learned), e / len(learned)
         row = [name, p, f, e, e / f if f > 0 else float("nan")]
         if floor_s:
-            plain, floor = ((sum(s.values()) if p == "total" else s.get(p, 0.0)) for s in (floor_s[False],
-                                                                                        floor_s[True]))
+            plain, floor = (sum(s.values()) if p == "total" else s.get(p, 0.0) for s in (floor_s[False], floor_s[True]))
             row += [plain, floor, f / floor if floor > 0 else float("nan"), e / floor if floor > 0 else float("nan")]
         rows.append(row + [acc_fast if p == "total" else "", acc_eager if p == "total" else ""])
     if abs(acc_fast - acc_eager) > 2:
