@@ -59,9 +59,7 @@ def test_a_checkpoint_survives_kills_at_random_instants_of_its_saves(tmp_path):
     one_save = (time.perf_counter() - tic) / 3
     rng = random.Random(0)
     last, survived, next_gen = 3, 0, 4
-    deadline = time.perf_counter() + 90
-    for _ in range(200):
-        assert time.perf_counter() < deadline, f"only {survived} kills in 90 s"
+    for _ in range(200):  # bounded by kills, not by this machine's speed
         start = next_gen
         pid = os.fork()
         if pid == 0:  # child: save until killed
@@ -204,11 +202,13 @@ def test_a_read_only_output_is_refused_before_training(tmp_path, monkeypatch, ca
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run started training before its output was found unwritable")
+
     monkeypatch.setattr(checks.tempfile, "mkstemp", read_only)
-    tic = time.perf_counter()
+    monkeypatch.setattr("halrp_fast.continual.runner.run_stream", no_training)
     assert main([*DEMO, "--out", str(tmp_path / "out")]) == 2
     assert "cannot write there (Read-only file system)" in capsys.readouterr().err
-    assert time.perf_counter() - tic < 5  # refused before any training
 
 
 @pytest.mark.parametrize("kind", ["task file", "manifest truncated", "manifest edited", "task file missing"])
