@@ -164,7 +164,7 @@ def _linear_grid(quick: bool, rows=LINEAR_ROWS):
 
 def linear_configs(quick: bool = False, rows=LINEAR_ROWS) -> list[Config]:
     """The forward's launches over :func:`_linear_grid`, with and without saving ``c`` and ``x V``."""
-    from kernels import perturbed_linear as mod
+    from halrp_fast.kernels import perturbed_linear as mod
 
     out = []
     for dtype, m, rank, mixed, prefix in _linear_grid(quick, rows):
@@ -181,8 +181,7 @@ def linear_configs(quick: bool = False, rows=LINEAR_ROWS) -> list[Config]:
 def dgrad_configs(quick: bool = False, rows=LINEAR_ROWS) -> list[Config]:
     """The backward's dgrad launches over :func:`_linear_grid`, writing dx, gx and g U."""
     import torch
-
-    from kernels import perturbed_linear_backward as mod
+    from halrp_fast.kernels import perturbed_linear_backward as mod
 
     out = []
     for dtype, m, rank, mixed, prefix in _linear_grid(quick, rows):
@@ -202,8 +201,7 @@ def dgrad_configs(quick: bool = False, rows=LINEAR_ROWS) -> list[Config]:
 def conv_configs(quick: bool = False) -> list[Config]:
     """The conv epilogue's launches: channel/pixel tiles from small to the 64×64 cap × ranks × single/mixed."""
     import torch
-
-    from kernels import perturbed_conv2d as mod
+    from halrp_fast.kernels import perturbed_conv2d as mod
 
     out = []
     for dtype in DTYPES:
@@ -232,11 +230,11 @@ def all_configs(quick: bool = False, dtypes=DTYPES, rows=LINEAR_ROWS, conv: bool
 
 def _kernel(name: str):
     if name == "perturbed_linear_fwd":
-        from kernels.perturbed_linear import _perturbed_linear_fwd_kernel as k
+        from halrp_fast.kernels.perturbed_linear import _perturbed_linear_fwd_kernel as k
     elif name == "perturbed_linear_dgrad":
-        from kernels.perturbed_linear_backward import _perturbed_linear_dgrad_kernel as k
+        from halrp_fast.kernels.perturbed_linear_backward import _perturbed_linear_dgrad_kernel as k
     else:
-        from kernels.perturbed_conv2d import _conv_epilogue_kernel as k
+        from halrp_fast.kernels.perturbed_conv2d import _conv_epilogue_kernel as k
     return k
 
 

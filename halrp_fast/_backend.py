@@ -8,7 +8,9 @@ lazily: an optional dependency is imported on the first call that could use it, 
 
 The environment variable ``HALRP_FAST_BACKEND`` (read here only, by :func:`requested`, on every selection)
 picks a provider for every op it implements (``auto`` — the default —, ``reference``, or any registered provider
-name); ops or dtypes that provider does not implement fall back to ``reference`` and :func:`env_report` says so.
+name).  Forcing a provider is an explicit contract: an op or dtype it does not implement is served by what ``auto``
+would choose, one :class:`ProviderFallbackWarning` per forced provider, device type and dtype names every such op
+and who serves it, and :func:`env_report` shows each one.
 """
 from __future__ import annotations
 
@@ -16,21 +18,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import reference
+from . import _optable, reference
 
 ENV_VAR = "HALRP_FAST_BACKEND"
 
-OPS = (
-    "perturbed_linear",
-    "perturbed_linear_backward",
-    "perturbed_linear_mt",
-    "perturbed_linear_mt_backward",
-    "perturbed_conv2d",
-    "perturbed_conv2d_backward",
-    "perturbed_conv2d_mt",
-    "perturbed_conv2d_mt_backward",
-    "fit_scalings",
-)
+#: every op a provider may serve, from the op table
+OPS = _optable.OPS
 
 
 @dataclass
@@ -91,19 +84,18 @@ register_provider(
 )
 
 
+#: the modules of kernels/ that hold Triton providers' functions, each named after the op it serves
+TRITON_MODULES = ("perturbed_linear", "perturbed_linear_backward", "perturbed_conv2d")
+
+
 def _load_triton() -> dict[str, Callable]:
+    import importlib
     import importlib.util
 
     if importlib.util.find_spec("triton") is None:
         raise ImportError("triton is not installed (pip install triton)")
-    from .kernels import perturbed_conv2d, perturbed_linear, perturbed_linear_backward
-
-    return {"perturbed_linear": perturbed_linear.perturbed_linear,
-            "perturbed_linear_mt": perturbed_linear.perturbed_linear_mt,
-            "perturbed_linear_backward": perturbed_linear_backward.perturbed_linear_backward,
-            "perturbed_linear_mt_backward": perturbed_linear_backward.perturbed_linear_mt_backward,
-            "perturbed_conv2d": perturbed_conv2d.perturbed_conv2d,
-            "perturbed_conv2d_mt": perturbed_conv2d.perturbed_conv2d_mt}
+    modules = [importlib.import_module(f"{__package__}.kernels.{name}") for name in TRITON_MODULES]
+    return {op: getattr(m, op) for op in OPS for m in modules if callable(getattr(m, op, None))}
 
 
 # Triton kernels serve CUDA tensors; with TRITON_INTERPRET=1 (read at import, as Triton does) they also
@@ -166,6 +158,13 @@ def _computes(p: Provider, dtype: str | None) -> bool:
     return dtype is None or p.dtypes is None or dtype in p.dtypes
 
 
+class ProviderFallbackWarning(UserWarning):
+    """``HALRP_FAST_BACKEND`` names a provider that does not implement some ops (or dtypes) on a device type."""
+
+
+_WARNED: set[tuple] = set()
+
+
 def _choose(op: str, device_type: str, want: str, dtype: str | None) -> tuple[str, Callable]:
     if want != "auto":
         p = _PROVIDERS[want]
@@ -178,12 +177,39 @@ def _choose(op: str, device_type: str, want: str, dtype: str | None) -> tuple[st
             raise RuntimeError(f"{ENV_VAR}={want} is not available: {p.why_not()}")
         if op in impls and _computes(p, dtype):
             return p.name, impls[op]
-        return "reference", _PROVIDERS["reference"].impls()[op]
+        _warn_fallbacks(p, device_type, dtype)
+    return _choose_auto(op, device_type, dtype)
+
+
+def _choose_auto(op: str, device_type: str, dtype: str | None) -> tuple[str, Callable]:
     for p in sorted(_PROVIDERS.values(), key=lambda p: -p.priority):
         auto_ok = p.auto and (p.auto_devices is None or device_type in p.auto_devices)
         if auto_ok and _serves(p, device_type) and _computes(p, dtype) and op in p.impls():
             return p.name, p.impls()[op]
     raise RuntimeError(f"no provider implements {op} on {device_type}")
+
+
+def fallbacks(provider: str, device_type: str, dtype: str | None = None) -> dict[str, str]:
+    """``{op: provider serving it}`` for every op that ``provider``, when forced by ``HALRP_FAST_BACKEND``, does not
+    serve itself on ``device_type`` tensors of ``dtype`` (``None``: the dtypes it computes)."""
+    p = _PROVIDERS[provider]
+    impls = p.impls()
+    return {op: _choose_auto(op, device_type, dtype)[0] for op in OPS
+            if op not in impls or not _computes(p, dtype)}
+
+
+def _warn_fallbacks(p: Provider, device_type: str, dtype: str | None) -> None:
+    key = (p.name, device_type, dtype)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    import warnings
+
+    served = fallbacks(p.name, device_type, dtype)
+    what = ", ".join(f"{op} -> {who}" for op, who in served.items())
+    of_dtype = f" in {dtype}" if dtype is not None else ""
+    warnings.warn(f"{ENV_VAR}={p.name} does not implement {len(served)} op(s) on {device_type} tensors{of_dtype}; "
+                  f"served instead as auto mode chooses: {what}", ProviderFallbackWarning, stacklevel=4)
 
 
 def select(op: str, device_type: str, dtype=None) -> tuple[str, Callable]:
@@ -236,11 +262,19 @@ def env_report(devices: tuple[str, ...] | None = None) -> str:
         dtypes = f" dtypes={','.join(p.dtypes)}" if p.dtypes else ""
         lines.append(f"  {p.name:<10} devices={','.join(p.devices):<10} {state}{dtypes}")
     lines.append("ops:")
+    try:
+        want = requested()
+    except ValueError:
+        want = "auto"  # each op's line below says what is wrong
     for dev in devices:
+        p = _PROVIDERS.get(want)
+        forced = p is not None and want != "auto" and _serves(p, dev) and p.why_not() is None
+        missing = fallbacks(want, dev) if forced else {}
         for op in OPS:
             try:
                 name, _ = select(op, dev)
             except (RuntimeError, ValueError) as exc:
                 name = f"error: {exc}"
-            lines.append(f"  {op:<30} {dev:<5} -> {name}")
+            note = f"  (fallback: {ENV_VAR}={want} does not implement it)" if op in missing else ""
+            lines.append(f"  {op:<30} {dev:<5} -> {name}{note}")
     return "\n".join(lines)

@@ -80,6 +80,23 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"--device {device}: only cpu and cuda devices are supported")
 
 
+def in_cli_words(exc: Exception) -> str:
+    """The one-line message of a library error, its ways out named by this CLI's flags instead of the API's
+    arguments (a checkpoint's run mismatch, starting over, unknown fields to allow)."""
+    from .continual.checkpoint import CheckpointError
+    from .continual.identity import RunMismatch, UnknownRunFields
+
+    if isinstance(exc, UnknownRunFields):
+        return f"--allow-change names no field of a run: {exc.unknown}; fields: {exc.fields}"
+    if not isinstance(exc, CheckpointError):
+        return str(exc)
+    remedy = exc.remedy
+    if isinstance(exc, RunMismatch):
+        remedy = "continue it deliberately with " + " ".join(f"--allow-change {name}" for name, _, _ in exc.fields)
+    start_over = "to start over: --no-resume, or another --out" if exc.start_over else None
+    return "; ".join(part for part in (exc.problem, remedy, start_over) if part)
+
+
 def interrupted_message(out: str | None) -> str:
     """What a Ctrl-C left: the completed tasks in ``out``'s checkpoint and how to continue."""
     if out is None:

@@ -112,18 +112,6 @@ def merge_conv_weight(weight, r, s, U, V, groups: int = 1) -> torch.Tensor:
     return r[..., :, None, None, None] * weight * s_rows[..., None, None] + lowrank[..., None, None]
 
 
-def block_diagonal_conv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped conv's ``(C_out, C_in/G, kh, kw)`` weight as the dense ``(C_out, C_in, kh, kw)`` weight of the same
-    conv (zero outside the diagonal blocks)."""
-    if groups == 1:
-        return weight
-    c_out, c_in_g = weight.shape[:2]
-    dense = weight.new_zeros(c_out, groups, c_in_g, *weight.shape[2:])
-    rows = torch.arange(c_out, device=weight.device)
-    dense[rows, rows // (c_out // groups)] = weight
-    return dense.reshape(c_out, groups * c_in_g, *weight.shape[2:])
-
-
 # --------------------------------------------------------------------------------------------
 # the conv's low-rank branch
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._cli_checks import Parser, check_device, integer, interrupted_message, number, prepare_out_dir
+from ._cli_checks import Parser, check_device, in_cli_words, integer, interrupted_message, number, prepare_out_dir
 from .cpu_allocator import add_option as add_allocator_option
 from .cpu_allocator import apply_choice as apply_allocator_choice
 from .cpu_allocator import cpu_allocator_state
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"halrp-fast: error: {exc}", file=sys.stderr)
+        print(f"halrp-fast: error: {in_cli_words(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"halrp-fast: error: {exc}", file=sys.stderr)

@@ -1,7 +1,7 @@
-"""The op table: every op of namespace ``halrp`` declared once, and everything driven from it.
+"""The ops of namespace ``halrp``, registered and run from the op table (:mod:`halrp_fast._optable`).
 
-An :class:`OpSpec` says what an op is: its name and schema, its checker, whether it is mixed-task (a
-``task_ids`` argument after ``x``) and whether it is a conv (``stride, padding, dilation`` after ``save``).
+An :class:`OpSpec` says what an op is: its name and schema, its checker, whether it is mixed-task (a ``task_ids``
+argument after ``x``) and whether it is a conv (``stride, padding, dilation`` after ``save``).
 From that one declaration this module registers the op, its fake kernel (output shapes and strides from the
 inputs alone), its backward op and its autograd, and runs eager calls:
 
@@ -21,81 +21,25 @@ dispatcher's generic custom-op wrapper (at serving sizes that wrapper alone cost
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import _backend, _checks
 from ._math import conv_layout, conv_out_hw, in_layout, layout_of
+from ._optable import (  # noqa: F401  (the table's entries are this module's public names too)
+    CONV2D,
+    CONV2D_MT,
+    FIT_SCALINGS_SCHEMA,
+    LINEAR,
+    LINEAR_MT,
+    N_GRADS,
+    TABLE,
+    OpSpec,
+)
 
 _LIB = torch.library.Library("halrp", "DEF")
-_N_GRADS = 7
-_OUTPUTS = "(Tensor, Tensor, Tensor)"
-_GRADS = "(" + ", ".join(["Tensor"] * _N_GRADS) + ")"
-_GEOMETRY = "int[] stride, int[] padding, int[] dilation"
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """One forward op (and, named ``{name}_backward``, its backward op).
-
-    ``check(*inputs, *geometry)`` validates the static properties (FakeTensor-safe); ``mixed``: a ``task_ids``
-    argument follows ``x`` and banks ``R, S, U, V, B`` stacked per task replace ``r, s, U, V, bias``; ``conv``:
-    the op takes ``stride, padding, dilation`` after ``save`` (and before ``needs`` in its backward).
-    """
-
-    name: str
-    check: Callable[..., None]
-    mixed: bool
-    conv: bool
-
-    @property
-    def weight_index(self) -> int:
-        """Position of ``weight`` among the inputs."""
-        return 2 if self.mixed else 1
-
-    @property
-    def n_inputs(self) -> int:
-        """Inputs before ``save``: ``x, [task_ids,] weight, r|R, s|S, U, V, bias|B``."""
-        return 8 if self.mixed else 7
-
-    def _input_schema(self) -> str:
-        scale = "R, S" if self.mixed else "r, s"
-        names = ["x", *(["task_ids"] if self.mixed else []), "weight", *scale.split(", "), "U", "V"]
-        return ", ".join(f"Tensor {n}" for n in names)
-
-    def schema(self) -> str:
-        bias = "Tensor? B" if self.mixed else "Tensor? bias"
-        geo = f", {_GEOMETRY}" if self.conv else ""
-        return f"({self._input_schema()}, {bias}, bool save{geo}) -> {_OUTPUTS}"
-
-    def backward_schema(self) -> str:
-        geo = f"{_GEOMETRY}, " if self.conv else ""
-        return (f"(Tensor grad, {self._input_schema()}, Tensor saved_base, Tensor saved_lowrank, bool has_bias, "
-                f"{geo}bool[] needs) -> {_GRADS}")
-
-    def grad_mask(self, needs_input_grad: Sequence[bool]) -> list[bool]:
-        """The 7-entry mask ``needs`` from autograd's flags over the inputs (``task_ids`` left out)."""
-        n = list(needs_input_grad[:self.n_inputs])
-        if self.mixed:
-            del n[1]
-        return n
-
-    def input_grads(self, grads: Sequence[Tensor], needs: Sequence[bool]) -> list[Tensor | None]:
-        """The op's 7 gradients as autograd wants them over the inputs: ``None`` where not needed and for
-        ``task_ids``."""
-        out: list[Tensor | None] = [g if n else None for g, n in zip(grads, needs, strict=True)]
-        if self.mixed:
-            out.insert(1, None)
-        return out
-
-
-LINEAR = OpSpec("perturbed_linear", _checks.check_linear, mixed=False, conv=False)
-LINEAR_MT = OpSpec("perturbed_linear_mt", _checks.check_linear_mt, mixed=True, conv=False)
-CONV2D = OpSpec("perturbed_conv2d", _checks.check_conv, mixed=False, conv=True)
-CONV2D_MT = OpSpec("perturbed_conv2d_mt", _checks.check_conv_mt, mixed=True, conv=True)
-TABLE: tuple[OpSpec, ...] = (LINEAR, LINEAR_MT, CONV2D, CONV2D_MT)
+_N_GRADS = N_GRADS
 
 
 # ============================================================================================
@@ -256,7 +200,7 @@ perturbed_conv2d_mt, perturbed_conv2d_mt_backward = _OPS["perturbed_conv2d_mt"]
 # ============================================================================================
 # least-squares scalings (rank estimation; no autograd)
 # ============================================================================================
-_LIB.define("fit_scalings(Tensor W_free, Tensor W) -> (Tensor, Tensor)")
+_LIB.define("fit_scalings" + FIT_SCALINGS_SCHEMA)
 
 
 def _fit_scalings_kernel(W_free, W):

@@ -64,3 +64,15 @@ def assert_low_precision(actual, baseline, expected):
     base = (baseline.double() - expected).abs().max().item()
     floor = 1e-3 * scale(expected)
     assert err <= 2 * base + floor, f"error {err:.3g} > 2 × PyTorch's {base:.3g} (+{floor:.1g})"
+
+
+def block_diagonal_conv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's ``(C_out, C_in/G, kh, kw)`` weight as the dense ``(C_out, C_in, kh, kw)`` weight of the same
+    conv (zero outside the diagonal blocks)."""
+    if groups == 1:
+        return weight
+    c_out, c_in_g = weight.shape[:2]
+    dense = weight.new_zeros(c_out, groups, c_in_g, *weight.shape[2:])
+    rows = torch.arange(c_out, device=weight.device)
+    dense[rows, rows // (c_out // groups)] = weight
+    return dense.reshape(c_out, groups * c_in_g, *weight.shape[2:])

@@ -247,3 +247,31 @@ VALID_CLI = [[], ["--max-per-task", "32"], ["--subset", "1.0"], ["--est-rank-epo
 def test_awkward_but_valid_flags_work(args, tmp_path, capsys):
     rc, err = run(capsys, *["demo", "--out", str(tmp_path / "o"), *TINY, *args])
     assert rc == 0, err
+
+
+def test_library_errors_speak_of_the_api_and_the_cli_of_its_flags(tmp_path):
+    import halrp_fast as hf
+    from halrp_fast._cli_checks import in_cli_words
+    from halrp_fast.continual.checkpoint import CheckpointError, read_manifest, save_checkpoint
+    from halrp_fast.continual.identity import RunMismatch, UnknownRunFields, compare
+
+    with pytest.raises(RunMismatch) as mismatch:
+        compare({"config.seed": 0}, {"config.seed": 1}, (), "runs/x")
+    with pytest.raises(UnknownRunFields) as unknown:
+        compare({"config.seed": 0}, {"config.seed": 0}, ["config.nonsense"], "runs/x")
+    save_checkpoint(tmp_path, hf.convert(hf.models.lenet(1, 8, 10)))
+    manifest = tmp_path / "manifest.json"
+    edited_manifest = json.loads(manifest.read_text())
+    edited_manifest["head_name"] = "elsewhere"
+    manifest.write_text(json.dumps(edited_manifest))
+    with pytest.raises(CheckpointError) as edited:
+        read_manifest(tmp_path)
+    api = [str(e.value) for e in (mismatch, unknown, edited)]
+    assert "allow_changes=['config.seed']" in api[0] and "allow_changes names no field" in api[1]
+    assert "restore the file" in api[2]
+    assert not any("--" in text for text in api), api
+    mismatch.value.start_over = "to start over: run_stream(..., resume=False), or another out_dir"
+    cli = [in_cli_words(e.value) for e in (mismatch, unknown, edited)]
+    assert "--allow-change config.seed" in cli[0] and "--no-resume" in cli[0] and "resume=False" not in cli[0]
+    assert "--allow-change names no field" in cli[1] and "restore the file" in cli[2]
+    assert in_cli_words(ValueError("plain")) == "plain"

@@ -1,7 +1,10 @@
 """Every package the setup installs comes at a tested version: the constraints file pins each requirement."""
 import re
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,8 +32,9 @@ def test_single_task_matches_oracle(M, n_in, n_out, k):
     assert_close(hf.perturbed_linear(*args), linear(*args), torch.float32)
 
 
-def test_float64_is_served_by_the_reference_at_float64_accuracy():
-    # The kernels accumulate in fp32 (and tl.dot mixes no fp64): float64 calls go to the reference provider.
+def test_float64_is_served_by_auto_modes_choice_at_float64_accuracy():
+    # The kernels accumulate in fp32 (and tl.dot mixes no fp64): float64 calls go where auto mode sends them (the
+    # reference on CUDA; the compiled kernels or the reference on CPU), never to Triton.
     args = (rnd(7, 13, dtype=torch.float64), rnd(11, 13, dtype=torch.float64), rnd(11, dtype=torch.float64),
             rnd(13, dtype=torch.float64), rnd(11, 3, dtype=torch.float64), rnd(13, 3, dtype=torch.float64))
     ids = torch.tensor([0, 1, 1, 0, 2, 2, 1], device=DEVICE)
@@ -41,7 +42,8 @@ def test_float64_is_served_by_the_reference_at_float64_accuracy():
     assert_close(hf.perturbed_linear(*args), linear(*args), torch.float64)
     assert_close(hf.perturbed_linear_mt(args[0], ids, args[1], *banks), linear_mt(args[0], ids, args[1], *banks),
                  torch.float64)
-    assert hf._backend.select("perturbed_linear", DEVICE, "float64")[0] == "reference"
+    served = hf._backend.select("perturbed_linear", DEVICE, "float64")[0]
+    assert served == hf._backend._choose_auto("perturbed_linear", DEVICE, "float64")[0] != "triton"
     assert hf._backend.select("perturbed_linear", DEVICE, "float32")[0] == "triton"
 
 

@@ -16,12 +16,11 @@ import warnings
 
 import pytest
 import torch
-from oracle import assert_close
+from oracle import assert_close, block_diagonal_conv_weight
 from task_modules import AttentionClassifier
 from torch import nn
 
 import halrp_fast as hf
-from halrp_fast._math import block_diagonal_conv_weight
 from halrp_fast.continual.checkpoint import load_into, save_checkpoint
 
 tv = pytest.importorskip("torchvision")

@@ -39,7 +39,20 @@ _TASK_FILE = re.compile(r"task_\d{4}(-[0-9a-f]{16})?\.safetensors")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory is missing, corrupted or does not match the model."""
+    """A checkpoint directory is missing, corrupted or does not match the model.
+
+    ``problem`` says what is wrong, ``remedy`` (or ``None``) how to go on, and ``start_over`` (set by the code that
+    chose the directory, e.g. :func:`~halrp_fast.continual.runner.run_stream`) how to start again instead; both are
+    worded for the library's API, and the CLI words them with its own flags.
+    """
+
+    def __init__(self, problem: str, remedy: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem, self.remedy = problem, remedy
+        self.start_over: str | None = None
+
+    def __str__(self) -> str:
+        return "; ".join(part for part in (self.problem, self.remedy, self.start_over) if part)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -163,8 +176,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')}, this library reads "
                               f"{READABLE_VERSIONS}")
     if manifest["version"] >= 2 and manifest.get("checksum") != manifest_checksum(manifest):
-        raise CheckpointError(f"{path} was modified or corrupted (its checksum does not match its content); "
-                              f"start over with --no-resume or restore the file")
+        raise CheckpointError(f"{path} was modified or corrupted (its checksum does not match its content)",
+                              "restore the file")
     for key in ("head_name", "num_classes", "tasks"):
         if key not in manifest:
             raise CheckpointError(f"{path} lacks the field {key!r}")

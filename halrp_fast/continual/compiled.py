@@ -7,8 +7,8 @@ specialise on ``t`` and compile again for every task.  Here the model's structur
 
 * ``plain(params, x)``: the template on a full set of plain tensors (the base, a free model, or a task's merged
   weights in inference);
-* ``task(merges, params, x)``: task ``t``'s layers computed inside the graph from ``W, r, s, U, V`` (so gradients
-  reach the task's ``r, s, U, V``), everything else from ``params``.
+* ``task(layers, merges, params, x)``: task ``t``'s layers computed inside the graph from ``W, r, s, U, V`` by each
+  layer's own merge (so gradients reach the task's ``r, s, U, V``), everything else from ``params``.
 
 Tasks ≥ 1 have the same structure, so the graph is reused; ranks differ per task and per layer, so the rank
 dimension of ``U``/``V`` is marked dynamic.  A new head size, a train/eval switch or gradient mode compile once more.
@@ -21,42 +21,39 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .._math import merge_conv_weight, merge_linear_weight
 from ..nn import TaskModel
 from ..nn.heads import TaskHeads
 from ..nn.norm import PerTaskModules
-from ..nn.reparametrized import TaskReparametrized
+from ..nn.reparametrized import TaskReparametrized, exported_name
 from .config import COMPILE_MODES
-
-
-def _merged(W, r, s, U, V, groups: int, transposed: bool) -> torch.Tensor:
-    w = merge_conv_weight(W, r, s, U, V, groups) if W.dim() == 4 else merge_linear_weight(W, r, s, U, V)
-    return w.T if transposed else w
 
 
 def _plain_forward(template: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor):
     return functional_call(template, params, (x,), strict=False)
 
 
-def _task_forward(template: nn.Module, merges: dict[str, tuple], params: dict[str, torch.Tensor], x: torch.Tensor):
+def _task_forward(template: nn.Module, layers: dict[str, nn.Module], merges: dict[str, tuple],
+                  params: dict[str, torch.Tensor], x: torch.Tensor):
+    """``merges``: template weight path → ``(W, r, s, U, V)`` of the task-aware layer ``layers[path]``, merged here by
+    that layer's own rule."""
     tensors = dict(params)
-    for path, (W, r, s, U, V, groups, transposed) in merges.items():
-        tensors[path] = _merged(W, r, s, U, V, groups, transposed)
+    for path, sources in merges.items():
+        tensors[path] = layers[path].merge_as_plain(*sources)
     return functional_call(template, tensors, (x,), strict=False)
 
 
 def _rank_dynamic(sources: tuple) -> tuple:
-    """A layer's ``(W, r, s, U, V, ...)`` with the rank dimension of ``U``, ``V`` dynamic: ranks 0 and 1 (which would
+    """A layer's ``(W, r, s, U, V)`` with the rank dimension of ``U``, ``V`` dynamic: ranks 0 and 1 (which would
     specialise the graph) padded to 2 with zero columns (which add exact zeros), others as plain-tensor views (the
     graph guards on the type).  Per call, so that the optimiser's in-place updates are seen."""
-    W, r, s, U, V, *rest = sources
+    W, r, s, U, V = sources
     if U.shape[1] < 2:
         U, V = (torch.nn.functional.pad(m, (0, 2 - m.shape[1])) for m in (U, V))
     else:
         U, V = U.view_as(U), V.view_as(V)
     torch._dynamo.mark_dynamic(U, 1)
     torch._dynamo.mark_dynamic(V, 1)
-    return (W, r, s, U, V, *rest)
+    return (W, r, s, U, V)
 
 
 class CompiledTasks:
@@ -83,6 +80,7 @@ class CompiledTasks:
         self._task = torch.compile(_task_forward, **options)
         self._layers = model.perturbed_layers()
         self._sources = model.plain_sources()
+        self._layer_at = {self._sources[name][0]: layer for name, layer in self._layers.items()}
 
     # ---------------------------------------------------------------- the template's tensors for task t
     def _shared(self) -> dict[str, torch.Tensor]:
@@ -94,11 +92,7 @@ class CompiledTasks:
         for key, value in self.model.model.state_dict(keep_vars=True).items():
             if any(key.startswith(n + ".") for n in owned):
                 continue
-            for w in wrappers:  # a wrapper's own tensors: "<w>.inner.<k>" in the model, "<w>.<k>" in the template
-                if key.startswith(f"{w}.inner."):
-                    key = f"{w}.{key[len(w) + 7:]}"
-                    break
-            out[key] = value
+            out[exported_name(key, wrappers)] = value
         return out
 
     def _per_task(self, t: int) -> dict[str, torch.Tensor]:
@@ -125,8 +119,8 @@ class CompiledTasks:
                 weight, bias = layer.task_weight(t)
                 plain[weight_path] = weight.T if layer.plain_transposed else weight
             else:
-                W, r, s, U, V, bias = (layer.weight, *layer.task_tensors(t))
-                merges[weight_path] = (W, r, s, U, V, getattr(layer, "groups", 1), layer.plain_transposed)
+                r, s, U, V, bias = layer.task_tensors(t)
+                merges[weight_path] = (layer.weight, r, s, U, V)
             if bias_path is not None:
                 plain[bias_path] = bias
         return merges, plain
@@ -146,8 +140,8 @@ class CompiledTasks:
         def run(x):
             self.template.train(self.model.training)
             if merges:
-                return self._run(self._task, self.template, {k: _rank_dynamic(v) for k, v in merges.items()},
-                                 params, x)
+                return self._run(self._task, self.template, self._layer_at,
+                                 {k: _rank_dynamic(v) for k, v in merges.items()}, params, x)
             return self._run(self._plain, self.template, params, x)
         return run
 

@@ -26,8 +26,16 @@ class RunMismatch(CheckpointError):
     def __init__(self, where: str, fields: list[tuple[str, object, object]]) -> None:
         self.fields = fields
         shown = "; ".join(f"{name} {_short(a)} ≠ {_short(b)}" for name, a, b in fields)
-        names = " ".join(f"--allow-change {name}" for name, _, _ in fields)
-        super().__init__(f"{where} holds another run: {shown}. Continue it deliberately with {names}")
+        super().__init__(f"{where} holds another run: {shown}",
+                         f"continue it deliberately with allow_changes={[name for name, _, _ in fields]}")
+
+
+class UnknownRunFields(ValueError):
+    """``allow_changes`` names fields that no run has; ``unknown`` and ``fields`` list them and the real ones."""
+
+    def __init__(self, unknown: list[str], fields: list[str]) -> None:
+        self.unknown, self.fields = unknown, fields
+        super().__init__(f"allow_changes names no field of a run: {unknown}; fields: {fields}")
 
 
 def _short(value: object) -> str:
@@ -103,8 +111,7 @@ def compare(stored: Mapping, current: Mapping, allow: Iterable[str], where: str)
     allow = set(allow)
     unknown = allow - set(stored) - set(current)
     if unknown:
-        raise ValueError(f"--allow-change names no field of a run: {sorted(unknown)}; fields: "
-                         f"{sorted(set(stored) | set(current))}")
+        raise UnknownRunFields(sorted(unknown), sorted(set(stored) | set(current)))
     fields = [(k, stored.get(k), current.get(k)) for k in sorted(set(stored) | set(current))
               if k not in allow and _normal(stored.get(k)) != _normal(current.get(k))]
     if fields:

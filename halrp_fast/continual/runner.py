@@ -69,7 +69,8 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
         try:
             learner, A = _resume(ckpt, fresh, identity, allow_changes, T, dist)
         except checkpoint.CheckpointError as exc:
-            raise checkpoint.CheckpointError(f"{exc} (to start over: --no-resume, or another --out)") from None
+            exc.start_over = "to start over: run_stream(..., resume=False), or another out_dir"
+            raise
         log(f"resuming from {ckpt}: {learner.num_learned} task(s) done")
     learner.dist = dist
     start = learner.num_learned

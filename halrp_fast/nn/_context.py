@@ -271,6 +271,17 @@ class TaskModule(torch.nn.Module):
         derived from."""
         return None
 
+    def remove_last_task(self) -> None:
+        """Undo this module's last ``add_task`` (the newest task, never task 0): what it added is gone and the
+        module's state dict is what it was before.  Every task-aware module type undoes its own ``add_task``."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to remove a task")
+
+    def _check_removable(self) -> int:
+        """The id of the newest task, which :meth:`remove_last_task` removes (never the base)."""
+        if self.num_tasks < 2:
+            raise ValueError(f"{type(self).__name__} holds only the base (task 0), which cannot be removed")
+        return self.num_tasks - 1
+
     def clear_caches(self) -> None:
         """Forget what was derived from the parameters (merged weights, prepared tensors; none here)."""
 

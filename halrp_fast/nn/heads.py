@@ -67,6 +67,11 @@ class TaskHeads(TaskModule):
         self.num_tasks += 1
         return self.num_tasks - 1
 
+    def remove_last_task(self) -> None:
+        del self.heads[self._check_removable()]
+        self.num_classes.pop()
+        self.num_tasks -= 1
+
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         return list(self.heads[self._check_task(t)].parameters())
 

@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_map
 from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection, outermost, select_tasks, take_rows
 from .heads import TaskHeads
 from .perturbed import PerturbedLayer, _is_compiling
-from .reparametrized import TaskReparametrized
+from .reparametrized import TaskReparametrized, exported_name
 from .stand_ins import NOT_RUN, StandInServing
 
 
@@ -219,20 +219,10 @@ class TaskModel(StandInServing, nn.Module):
         return t
 
     def _remove_last_task(self) -> None:
-        """Undo the last :meth:`add_task` (used when a lazy task's description is refused)."""
-        t = self.num_tasks - 1
+        """Undo the last :meth:`add_task` (used when a lazy task's description is refused): each task-aware module
+        removes what its own ``add_task`` added."""
         for m in self.task_modules().values():
-            for name in m._task_containers:
-                container = getattr(m, name)
-                if isinstance(container, nn.ModuleList):
-                    del container[t]
-                elif isinstance(container, nn.ParameterDict):
-                    if str(t) in container:
-                        del container[str(t)]
-                elif hasattr(container, str(t)):
-                    delattr(container, str(t))
-            m.num_tasks -= 1
-        self.heads.num_classes.pop()
+            m.remove_last_task()
         self._ctx.generation += 1
 
     @property
@@ -439,12 +429,7 @@ class TaskModel(StandInServing, nn.Module):
                                                          bias_path and f"{name}.{bias_path}")
         for name, layer in self.perturbed_layers().items():
             if name not in out:
-                for w in wrappers:  # inside a wrapper's inner module: that level is gone once exported
-                    if name.startswith(f"{w}.inner."):
-                        name_out = f"{w}.{name[len(w) + 7:]}"
-                        break
-                else:
-                    name_out = name
+                name_out = exported_name(name, wrappers)
                 out[name] = (f"{name_out}.weight", f"{name_out}.bias" if layer.bias is not None else None)
         return out
 

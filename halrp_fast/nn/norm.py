@@ -38,6 +38,10 @@ class PerTaskModules(TaskModule):
         self.num_tasks += 1
         return self.num_tasks - 1
 
+    def remove_last_task(self) -> None:
+        del self._copies()[self._check_removable()]
+        self.num_tasks -= 1
+
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         return list(self._copies()[self._check_task(t)].parameters())
 

@@ -100,6 +100,16 @@ class PerturbedLayer(TaskModule):
         self.num_tasks += 1
         return t
 
+    def remove_last_task(self) -> None:
+        key = str(self._check_removable())
+        for name in ("r", "s", "U", "V", "task_bias"):
+            container = getattr(self, name)
+            if key in container:
+                del container[key]
+        delattr(self.allocated, key)
+        self.num_tasks -= 1
+        self.clear_caches()
+
     def task_tensors(self, t: int) -> tuple[torch.Tensor, ...]:
         """``(r, s, U, V, bias)`` of task ``t``; for task 0 the identity scales and an empty rank."""
         self._check_task(t)
@@ -213,6 +223,12 @@ class PerturbedLayer(TaskModule):
 
     #: whether a plain layer of this kind stores the weight transposed, ``(in, out)`` (transformers' ``Conv1D``)
     plain_transposed = False
+
+    def merge_as_plain(self, weight, r, s, U, V) -> torch.Tensor:
+        """``diag(r) W diag(s) + U Vᵀ`` from the given tensors (with autograd), laid out as this layer's plain form
+        (:meth:`to_plain`) holds its weight."""
+        w = self._merge(weight, r, s, U, V)
+        return w.T if self.plain_transposed else w
 
     def _can_merge(self, tensors) -> bool:
         """The merged weight serves when no gradient w.r.t. the layer's parameters (``None``: no bias) is needed."""

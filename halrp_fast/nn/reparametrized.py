@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -67,6 +67,11 @@ class TaskReparametrized(TaskModule):
     def add_task(self) -> int:
         self.num_tasks += 1
         return self.num_tasks - 1
+
+    def remove_last_task(self) -> None:
+        self._check_removable()
+        self.num_tasks -= 1
+        self.clear_caches()
 
     def task_parameters(self, t: int) -> list[nn.Parameter]:
         """Task 0: the wrapped module's own parameters (e.g. a relative position bias table; the projections and
@@ -222,6 +227,17 @@ class TaskReparametrized(TaskModule):
 
     def extra_repr(self) -> str:
         return f"projections={list(self.paths)}, tasks={self.num_tasks}"
+
+
+def exported_name(name: str, wrappers: Iterable[str]) -> str:
+    """``name`` (a module, parameter or buffer path in a converted model) as it is in the model that
+    ``TaskModel.export_task`` gives: the ``inner`` level of a wrapper (a :class:`TaskReparametrized` named in
+    ``wrappers``) is gone there."""
+    for w in wrappers:
+        prefix = f"{w}.inner."
+        if name.startswith(prefix):
+            return f"{w}.{name[len(prefix):]}"
+    return name
 
 
 def _requiring_grad(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
