@@ -67,11 +67,14 @@ class Provider:
 _PROVIDERS: dict[str, Provider] = {}
 # (op, device type, dtype, raw HALRP_FAST_BACKEND) → (provider name, implementation)
 _SELECTION: dict[tuple, tuple[str, Callable]] = {}
+# (forced provider, device type, dtype) whose missing ops a ProviderFallbackWarning has named
+_WARNED: set[tuple] = set()
 
 def register_provider(provider: Provider) -> None:
-    """Add (or replace) a provider; clears the selection cache."""
+    """Add (or replace) a provider; clears the selection cache (and which fallbacks were warned of)."""
     _PROVIDERS[provider.name] = provider
     _SELECTION.clear()
+    _WARNED.clear()
 
 
 register_provider(
@@ -160,9 +163,6 @@ def _computes(p: Provider, dtype: str | None) -> bool:
 
 class ProviderFallbackWarning(UserWarning):
     """``HALRP_FAST_BACKEND`` names a provider that does not implement some ops (or dtypes) on a device type."""
-
-
-_WARNED: set[tuple] = set()
 
 
 def _choose(op: str, device_type: str, want: str, dtype: str | None) -> tuple[str, Callable]:
