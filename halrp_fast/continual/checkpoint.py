@@ -102,15 +102,40 @@ def manifest_checksum(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _serialise(t: int, tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict]:
+def shared_tensors(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{key: the key it shares its tensor with}`` for every entry of ``state`` that is the same tensor as an
+    earlier one (the same storage, offset, shape and strides: tied weights such as an embedding and a language-model
+    head); the earlier key is the one stored."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for key, value in state.items():
+        if value.device.type == "meta" or value.numel() == 0:
+            continue
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride(),
+                 value.dtype, value.device)
+        if ident in first:
+            aliases[key] = first[ident]
+        else:
+            first[ident] = key
+    return aliases
+
+
+def _serialise(t: int, tensors: dict[str, torch.Tensor], aliases: dict[str, str] | None = None
+               ) -> tuple[bytes, dict]:
     """Task ``t``'s safetensors bytes (the same tensors always give the same bytes: one metadata key, as
-    safetensors writes several in a varying order) and its manifest entry without the file name."""
+    safetensors writes several in a varying order) and its manifest entry without the file name.  ``aliases``
+    (key → the key whose tensor it is, from :func:`shared_tensors`): those keys are not stored; the entry names
+    them under ``"aliases"``."""
     from safetensors.torch import save as st_save
 
-    payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    aliases = {k: v for k, v in (aliases or {}).items() if k in tensors}
+    payload = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if k not in aliases}
     data = st_save(payload, metadata={FORMAT: str(t)})
     shapes = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in payload.items()}
-    return data, {"task": t, "sha256": hashlib.sha256(data).hexdigest(), "tensors": shapes}
+    entry = {"task": t, "sha256": hashlib.sha256(data).hexdigest(), "tensors": shapes}
+    if aliases:
+        entry["aliases"] = dict(sorted(aliases.items()))
+    return data, entry
 
 
 def _holds(path: Path, sha256: str) -> bool:
@@ -127,12 +152,14 @@ def save_checkpoint(directory: str | os.PathLike, model: TaskModel, extra: dict 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
-    for t, tensors in model.split_state_dict().items():
-        data, entry = _serialise(t, tensors)
+    parts = model.split_state_dict()
+    aliases = shared_tensors({k: v for part in parts.values() for k, v in part.items()})
+    for t, tensors in parts.items():
+        data, entry = _serialise(t, tensors, aliases)
         name = task_file(t, entry["sha256"])
         if not _holds(directory / name, entry["sha256"]):
             atomic_write_bytes(directory / name, data)
-        entries.append({"task": t, "file": name, "sha256": entry["sha256"], "tensors": entry["tensors"]})
+        entries.append({"task": t, "file": name, **{k: v for k, v in entry.items() if k != "task"}})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -225,11 +252,29 @@ def read_task_file(directory: str | os.PathLike, entry: dict) -> dict[str, torch
     return tensors
 
 
+def with_aliases(tensors: dict[str, torch.Tensor], entry: dict, source: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """``tensors`` of a task file plus the keys its ``entry`` stores as aliases (shared tensors stored once), each
+    the tensor of the key it names, taken from ``tensors`` or ``source`` (the rest of the checkpoint, or the model)."""
+    out = dict(tensors)
+    for key, stored in entry.get("aliases", {}).items():
+        value = out.get(stored, source.get(stored))
+        if value is None:
+            raise CheckpointError(f"checkpoint file {entry['file']}: {key} shares the tensor {stored}, which the "
+                                  f"checkpoint does not hold")
+        out[key] = value
+    return out
+
+
 def load_state(directory: str | os.PathLike, manifest: dict) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint (verified against the manifest), plus the model's extra state."""
+    """All tensors of the checkpoint (verified against the manifest; shared ones as one tensor under each of their
+    keys), plus the model's extra state."""
     state: dict[str, torch.Tensor] = {}
-    for entry in manifest["tasks"]:
-        state.update(read_task_file(directory, entry))
+    files = [(entry, read_task_file(directory, entry)) for entry in manifest["tasks"]]
+    for _, tensors in files:
+        state.update(tensors)
+    for entry, tensors in files:
+        state.update(with_aliases(tensors, entry, state))
     state["_extra_state"] = {"num_classes": list(manifest["num_classes"])}
     return state
 
@@ -257,7 +302,7 @@ def load_into(model: TaskModel, directory: str | os.PathLike, manifest: dict | N
     entries = sorted(manifest["tasks"], key=lambda e: e["task"])
     if [e["task"] for e in entries] != list(range(len(entries))):
         raise CheckpointError(f"{directory}: the manifest's task files are not numbered 0..{len(entries) - 1}")
-    base = read_task_file(directory, entries[0])
+    base = with_aliases(read_task_file(directory, entries[0]), entries[0], {})
     wanted = model.task_state_dict(0)
     if set(base) != set(wanted):
         raise CheckpointError(f"checkpoint {directory} does not match the model: base tensors "
@@ -268,6 +313,9 @@ def load_into(model: TaskModel, directory: str | os.PathLike, manifest: dict | N
         raise CheckpointError(f"checkpoint {directory} does not match the model: {exc}") from None
     for entry, num_classes in zip(entries[1:], manifest["num_classes"][1:], strict=True):
         shapes = {k: (shape, getattr(torch, dtype)) for k, (shape, dtype) in entry["tensors"].items()}
+        if entry.get("aliases"):  # shared with tensors of the base (loaded above) or of another task
+            raise CheckpointError(f"{directory}: task {entry['task']} shares tensors with other tasks "
+                                  f"({sorted(entry['aliases'])[:3]}); load it with lazy=False")
         try:
             model.add_lazy_task(num_classes, functools.partial(read_task_file, directory, entry), shapes)
         except ValueError as exc:
