@@ -49,16 +49,18 @@ class OpSpec:
         names = ["x", *(["task_ids"] if self.mixed else []), "weight", *scale.split(", "), "U", "V"]
         return ", ".join(f"Tensor {n}" for n in names)
 
-    def schema(self) -> str:
+    def _forward_arguments(self, save: bool) -> str:
+        """The forward's arguments: inputs, bias, then ``save`` (when asked) and the conv geometry."""
         bias = "Tensor? B" if self.mixed else "Tensor? bias"
         geo = f", {_GEOMETRY}" if self.conv else ""
-        return f"({self._input_schema()}, {bias}, bool save{geo}) -> {_OUTPUTS}"
+        return f"{self._input_schema()}, {bias}{', bool save' if save else ''}{geo}"
+
+    def schema(self) -> str:
+        return f"({self._forward_arguments(save=True)}) -> {_OUTPUTS}"
 
     def autograd_schema(self) -> str:
         """A whole eager call with its autograd: the inputs without ``save``, the output ``y`` alone."""
-        bias = "Tensor? B" if self.mixed else "Tensor? bias"
-        geo = f", {_GEOMETRY}" if self.conv else ""
-        return f"({self._input_schema()}, {bias}{geo}) -> Tensor"
+        return f"({self._forward_arguments(save=False)}) -> Tensor"
 
     def backward_schema(self) -> str:
         geo = f"{_GEOMETRY}, " if self.conv else ""
