@@ -5,6 +5,10 @@ import torch
 
 from halrp_fast import _backend
 
+# Under pytest-xdist each worker takes an equal share of the cores (torch would give every worker all of them).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -76,3 +76,15 @@ def block_diagonal_conv_weight(weight: torch.Tensor, groups: int) -> torch.Tenso
     rows = torch.arange(c_out, device=weight.device)
     dense[rows, rows // (c_out // groups)] = weight
     return dense.reshape(c_out, groups * c_in_g, *weight.shape[2:])
+
+
+def task_weight(W, r, s, U, V, groups: int = 1) -> torch.Tensor:
+    """Task weight in float64 as the plain layer holds it: ``(out, in)`` for a linear layer; a conv's ``(C_out,
+    C_in/G, kh, kw)``, the diagonal blocks of the dense conv weight (``U Vᵀ`` at every kernel position)."""
+    if W.dim() == 2:
+        return linear_weight(W, r, s, U, V)
+    dense = conv_weight(block_diagonal_conv_weight(d(W), groups), r, s, U, V)
+    c_out, c_in_g = W.shape[:2]
+    rows = torch.arange(c_out)
+    blocks = dense.unflatten(1, (groups, c_in_g))[rows, rows // (c_out // groups)]
+    return blocks

@@ -13,6 +13,7 @@
 Provider: whatever ``auto`` picks on CPU (the ops' own tests check every provider); these tests check the modules.
 """
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -44,6 +45,19 @@ def _timm(name, **kw):
         timm = pytest.importorskip("timm")
         return timm.create_model(name, num_classes=10, **kw)
     return build
+
+
+def _timm_bit():
+    """A small BiT ResNet-V2: weight-standardised convs (timm's StdConv2d) and GroupNorm, a 1×1 conv classifier."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import GroupNormAct, StdConv2d
+    return timm.models.resnetv2.ResNetV2(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_chs=32,
+                                         stem_type="fixed", conv_layer=partial(StdConv2d, eps=1e-8),
+                                         norm_layer=partial(GroupNormAct, num_groups=8), num_classes=10)
+
+
+def _conv_head(channels):
+    return lambda c: nn.Conv2d(channels, c, 1)
 
 
 def _hf(config, model, **kw):
@@ -80,6 +94,11 @@ MODELS = {
     "timm_resnet18": (_timm("resnet18"), "fc", _images(32), None),
     "timm_mobilenetv3_small_100": (_timm("mobilenetv3_small_100"), "classifier", _images(32), None),
     "timm_vit_tiny": (_timm("vit_tiny_patch16_224", img_size=32), "head", _images(32), None),
+    "timm_resnetv2_bit": (_timm_bit, "head.fc", _images(32), _conv_head(256)),
+    # tf_efficientnet_* at test size: TensorFlow "same" padding (timm's Conv2dSame) and TF's BatchNorm eps
+    "timm_tf_efficientnet": (_timm("test_efficientnet", pad_type="same", bn_eps=1e-3), "classifier", _images(33),
+                             None),
+    "timm_test_nfnet": (_timm("test_nfnet"), "head.fc", _images(32), None),
     "hf_vit": (_hf("ViTConfig", "ViTForImageClassification", image_size=32, patch_size=8, num_hidden_layers=2,
                    num_attention_heads=2, hidden_size=16, intermediate_size=32), "classifier", _images(32), None),
     "hf_bert": (_hf("BertConfig", "BertForSequenceClassification", hidden_size=16, num_hidden_layers=2,

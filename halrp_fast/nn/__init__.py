@@ -8,6 +8,8 @@ from .linear import TaskLinear
 from .model import TaskModel
 from .norm import TaskNorm
 from .perturbed import PerturbedLayer
+from .reparametrized import TaskReparametrized
+from .subclasses import register_layer_subclass
 
 __all__ = [
     "PerturbedLayer",
@@ -18,7 +20,9 @@ __all__ = [
     "TaskLinear",
     "TaskModel",
     "TaskNorm",
+    "TaskReparametrized",
     "TaskSelection",
     "convert",
+    "register_layer_subclass",
     "select_tasks",
 ]

@@ -45,6 +45,7 @@ class TaskConv2d(PerturbedLayer):
 
     _keeps_grouped_layout = True
     train_form: str = "auto"
+    weight_dims = 4
 
     def __init__(self, weight, bias, stride=1, padding=0, dilation=1, ctx: TaskContext | None = None,
                  groups: int = 1) -> None:

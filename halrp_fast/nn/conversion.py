@@ -16,6 +16,7 @@ from .linear import TaskConv1D, TaskLinear, is_conv1d
 from .model import TaskModel, _set_submodule
 from .norm import SAMPLE_NORMS, TaskNorm
 from .reparametrized import projection_modules, reparametrized_wrapper
+from .subclasses import OWN_FORWARD, conversion_of, own_forward_wrapper
 
 _LAZY = (nn.LazyLinear, nn.LazyConv2d, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d)
 
@@ -54,7 +55,10 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
     :class:`~halrp_fast.nn.reparametrized.TaskReparametrized` that runs them with each task's weights; every
     ``BatchNorm1d``/``BatchNorm2d`` a :class:`TaskBatchNorm`, every ``LayerNorm``/``GroupNorm`` a
     :class:`~halrp_fast.nn.norm.TaskNorm` (per-task affine parameters), and the classifier named by ``head``
-    (a qualified module name, or ``"last"`` for the last ``nn.Linear``) a :class:`TaskHeads`.
+    (a qualified module name, or ``"last"`` for the last ``nn.Linear``) a :class:`TaskHeads`.  A subclass of
+    ``nn.Linear``/``nn.Conv2d`` converts only when its computation is known (:mod:`~halrp_fast.nn.subclasses`:
+    inherited forward; timm's weight-standardised and "same"-padded convs keep their own forward with each task's
+    weight; :func:`~halrp_fast.nn.subclasses.register_layer_subclass` for others); any other is refused by name.
 
     ``exclude``: qualified names of modules (and everything below them) to leave as they are; they
     stay shared by all tasks and belong to the base.  Non-zero padding modes and weight layers it cannot perturb
@@ -88,8 +92,17 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
     readers = {n: reparametrized_wrapper(m) for n, m in model.named_modules()
                if n and not under(n, skip) and reparametrized_wrapper(m)}
     taken_over = {f"{n}.{p}" for n in readers for p in projection_modules(model.get_submodule(n))}
+    for name, m in model.named_modules():  # layer subclasses that keep their own forward
+        if (name and not under(name, (head_name, *skip, *taken_over)) and isinstance(m, (nn.Linear, nn.Conv2d))
+                and not isinstance(m, _LAZY)):
+            try:
+                if conversion_of(m) == OWN_FORWARD:
+                    readers[name] = own_forward_wrapper
+            except ValueError as exc:
+                refused.append((name, str(exc)))
+    refused_names = {name for name, _ in refused}
     for name, m in model.named_modules():
-        if not name or under(name, skip) or name in readers or under(name, taken_over):
+        if not name or under(name, skip) or name in readers or under(name, taken_over) or name in refused_names:
             continue
         if isinstance(m, _LAZY) and name != head_name:
             raise ValueError(f"module {name!r} is lazy (uninitialised): run one forward pass before convert()")

@@ -55,6 +55,8 @@ class PerturbedLayer(TaskModule):
 
     merge_cache_size: int = 8
     _task_containers = _PER_TASK
+    #: the number of dimensions of the weight: ``(out, in)``, or a conv's ``(out, in/groups, kh, kw)``
+    weight_dims: int = 2
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ctx: TaskContext | None = None) -> None:
         super().__init__(ctx)

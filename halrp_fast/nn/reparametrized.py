@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._cache import DerivedCache
 from ._context import TaskContext, TaskModule, TaskSelection, outermost
 from .linear import TaskLinear
+from .perturbed import PerturbedLayer
 from .stand_ins import StandIn
 
 #: projection name → (weight path, bias path or None) inside the wrapped module
@@ -31,8 +32,9 @@ class TaskReparametrized(TaskModule):
     (set as plain attributes of their owners for the call; merged weights cached in inference, with autograd in
     training).
 
-    ``projections[name]`` is a :class:`TaskLinear` holding the base weight ``(out, in)`` and bias (removed from
-    ``inner``) and the per-task tensors; it takes part in rank allocation, pruning and checkpoints like any other
+    ``projections[name]`` is a :class:`TaskLinear` (``projection``; a :class:`TaskConv2d` for a convolution that
+    runs its own forward, see :mod:`~halrp_fast.nn.subclasses`) holding the base weight ``(out, in)`` and bias
+    (removed from ``inner``) and the per-task tensors; it takes part in rank allocation, pruning and checkpoints like any other
     task-aware layer.  Task-aware modules inside ``inner`` (e.g. a position-bias MLP) run as the task selects.
     A mixed batch runs ``inner`` once per task group on that group's rows: ``batch_dims(args, kwargs)`` says where
     each input tensor's batch dimension is (``None``: shared by all rows), ``out_batch_dims`` the outputs'.
@@ -40,17 +42,19 @@ class TaskReparametrized(TaskModule):
     """
 
     def __init__(self, inner: nn.Module, paths: Paths, ctx: TaskContext | None = None,
-                 batch_dims: Callable | None = None, out_batch_dims: Callable | None = None) -> None:
+                 batch_dims: Callable | None = None, out_batch_dims: Callable | None = None,
+                 projection: Callable[..., PerturbedLayer] = TaskLinear) -> None:
         super().__init__(ctx)
         self.inner = inner
         self.paths = dict(paths)
         self.projections = nn.ModuleDict()
+        dims = getattr(projection, "func", projection).weight_dims  # a class, or a functools.partial of one
         for name, (weight_path, bias_path) in self.paths.items():
             weight = _pop_parameter(inner, weight_path)
             bias = _pop_parameter(inner, bias_path) if bias_path else None
-            if weight is None or weight.dim() != 2:
-                raise ValueError(f"{type(inner).__name__}.{weight_path} is not a 2-D weight parameter")
-            self.projections[name] = TaskLinear(weight, bias, ctx)
+            if weight is None or weight.dim() != dims:
+                raise ValueError(f"{type(inner).__name__}.{weight_path} is not a {dims}-D weight parameter")
+            self.projections[name] = projection(weight, bias, ctx=ctx)
             if bias is None:
                 self.paths[name] = (weight_path, None)
         self._batch_dims = batch_dims or _leading_batch_dims
