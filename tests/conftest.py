@@ -5,9 +5,12 @@ import torch
 
 from halrp_fast import _backend
 
-# Under pytest-xdist each worker takes an equal share of the cores (torch would give every worker all of them).
+# Under pytest-xdist each worker takes an equal share of the cores (torch would give every worker all of them), and
+# so do the processes it starts (a run's results depend on the number of threads, through the order of float sums).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 
 @pytest.fixture(autouse=True)

@@ -30,3 +30,39 @@ def eval_batchnorm_with_random_stats(base: torch.nn.Module, new_tasks: int) -> T
             m.weight.normal_()
             m.bias.normal_()
     return bn.eval()
+
+
+class EncoderClassifier(torch.nn.Module):
+    """``x (N, L, 4)`` with a key padding mask ``(N, L)`` → linear embedding → ``nn.TransformerEncoder`` (2 layers,
+    batch first, final LayerNorm) → mean over the positions that are not padding → ``head`` (10 classes).  (PyTorch's
+    fused path gives zeros at padded positions, its standard path other values: a model reads only the others.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 16)
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, norm=torch.nn.LayerNorm(16))
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = (~mask).unsqueeze(-1).to(x.dtype)
+        encoded = self.encoder(self.embed(x), src_key_padding_mask=mask)
+        return self.head((encoded * keep).sum(1) / keep.sum(1))
+
+
+class Seq2SeqClassifier(torch.nn.Module):
+    """``src (N, S, 16)``, ``tgt (N, T, 16)`` → ``nn.Transformer`` (a causal target mask; ``batch_first=False``: the
+    inputs are transposed) → ``head`` on every target position ``(N, T, 10)``."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.transformer = torch.nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=batch_first)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        if self.batch_first:
+            return self.head(self.transformer(src, tgt, tgt_mask=causal))
+        out = self.transformer(src.transpose(0, 1), tgt.transpose(0, 1), tgt_mask=causal)
+        return self.head(out.transpose(0, 1))

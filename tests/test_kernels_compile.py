@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
+# one pytest-xdist worker compiles them all (the fixture below is per worker; run with --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("kernels_compile")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

@@ -65,7 +65,7 @@ def _x() -> torch.Tensor:
 def _reference(model: hf.TaskModel, x: torch.Tensor, t: int) -> torch.Tensor:
     """The same forward through the task-aware modules themselves."""
     with torch.no_grad():
-        return model._forward(x, t, stand_ins=False)
+        return model._forward((x,), {}, t, stand_ins=False)
 
 
 def _structure(model: hf.TaskModel) -> list:

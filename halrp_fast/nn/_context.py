@@ -119,6 +119,15 @@ class TaskSelection:
         """``x`` in the row layout (rows sorted by task), moved out of the grouped layout if it is in it."""
         return self.grouped.ungroup(x) if self.holds_grouped(x) else x
 
+    def check_rows(self, x: torch.Tensor, module: str) -> None:
+        """A ``ValueError`` naming ``module`` when ``x`` does not hold this mixed batch's rows along its first
+        dimension (e.g. a sequence-first activation, whose rows a task-aware module would mistake for samples)."""
+        rows = self.local_ids.shape[0]
+        if x.dim() == 0 or x.shape[0] != rows:
+            raise ValueError(
+                f"{module} got a mixed-task batch of {rows} rows as shape {tuple(x.shape)}: task-aware modules take a "
+                f"mixed batch along the first dimension (batch first); run a sequence-first model one task at a time")
+
     def rows(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The rows of ``x`` that belong to group ``i``."""
         if self.spans is not None:
@@ -288,6 +297,13 @@ class TaskModule(torch.nn.Module):
     def stand_in_tree(self) -> torch.nn.Module | None:
         """A module tree that the stand-in runs and in which other task-aware modules may sit (``None``: none)."""
         return None
+
+    #: the module's qualified name in its TaskModel (for errors), set by the model
+    module_name = ""
+
+    def describe(self, kind: str) -> str:
+        """``'<qualified name>' (<kind>)`` for an error, or the kind alone outside a TaskModel."""
+        return f"{self.module_name!r} ({kind})" if self.module_name else kind
 
     #: state-dict key prefixes (relative to the module) of per-task containers: "<prefix>.<task>.<...>"
     _task_containers: tuple[str, ...] = ()

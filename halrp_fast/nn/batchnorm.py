@@ -71,6 +71,7 @@ class TaskBatchNorm(PerTaskModules):
                 return out
             # Per task group in rows, then back: the layout of the activation is the caller's.
             return sel.grouped.group(self._forward_mixed(sel.grouped.ungroup(x), sel))
+        sel.check_rows(x, self.describe(type(self.bns[0]).__name__))
         bns = [self.module_of(t) for t in sel.tasks]
         if self.training or not bns[0].track_running_stats or not self._plain_batchnorm:
             # per task group through the module itself (a subclass may add to BatchNorm, e.g. an activation)

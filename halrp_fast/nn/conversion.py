@@ -3,9 +3,10 @@ result in a :class:`~halrp_fast.nn.model.TaskModel`."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 
-import torch
 from torch import nn
 
 from ._context import TaskContext, TaskModule, outermost
@@ -14,10 +15,11 @@ from .conv import TaskConv2d
 from .heads import TaskHeads
 from .linear import TaskConv1D, TaskLinear, is_conv1d
 from .model import TaskModel, _set_submodule
-from .norm import SAMPLE_NORMS, TaskNorm
-from .reparametrized import projection_modules, reparametrized_wrapper
+from .norm import TaskNorm, is_sample_norm
+from .reparametrized import fast_paths_off, projection_modules, reparametrized_wrapper, sequence_first_layers
 from .subclasses import OWN_FORWARD, conversion_of, own_forward_wrapper
 
+_log = logging.getLogger("halrp_fast")
 _LAZY = (nn.LazyLinear, nn.LazyConv2d, nn.LazyBatchNorm1d, nn.LazyBatchNorm2d)
 
 
@@ -46,7 +48,7 @@ def _is_unsupported_projection(m: nn.Module) -> bool:
 
 def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
             exclude: Iterable[str] = (), head_factory: Callable[[int], nn.Module] | None = None,
-            grouped_mixed_batches: bool | None = None, example_input: torch.Tensor | None = None) -> TaskModel:
+            grouped_mixed_batches: bool | None = None, example_input=None) -> TaskModel:
     """Make ``model`` task-aware and return a :class:`TaskModel` with one task (task 0 = the model).
 
     Every ``nn.Linear``, ``nn.Conv2d`` (grouped and depthwise included) and transformers ``Conv1D`` becomes
@@ -68,9 +70,10 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
     ``grouped_mixed_batches`` (default: the model's ``halrp_grouped_mixed_batches`` attribute, else False):
     see :class:`TaskModel`; set it only for a network whose non-converted operations never mix channels.
 
-    ``example_input``: a batch the model accepts; the converted model then runs it once and refuses (one error
-    naming them all, see :meth:`TaskModel.check_coverage`) converted layers whose forward never runs or whose
-    weights other code reads directly.  Without it such a read is still an error, at the first forward of a
+    ``example_input``: a batch the model accepts (a tensor; a tuple or list of positional inputs; a dict of keyword
+    inputs, e.g. ``{"input_ids": ids, "attention_mask": mask}``); the converted model then runs it once and refuses
+    (one error naming them all, see :meth:`TaskModel.check_coverage`) converted layers whose forward never runs or
+    whose weights other code reads directly.  Without it such a read is still an error, at the first forward of a
     task after the base.
     """
     if not isinstance(model, nn.Module):
@@ -124,7 +127,7 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
                                   f"nn.Linear and nn.Conv2d)"))
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             replacements[name] = TaskBatchNorm(m, ctx)
-        elif isinstance(m, SAMPLE_NORMS):
+        elif is_sample_norm(m):
             replacements[name] = TaskNorm(m, ctx)
     if refused:
         names = [name for name, _ in refused]
@@ -136,9 +139,22 @@ def convert(model: nn.Module, head: str = "last", *, inplace: bool = False,
         _set_submodule(model, name, replacements[name])
     for name in sorted(readers, key=len, reverse=True):  # after their children: task-aware modules inside stay so
         _set_submodule(model, name, readers[name](model.get_submodule(name), ctx))
+    switched = fast_paths_off(model)
     if grouped_mixed_batches is None:
         grouped_mixed_batches = bool(getattr(model, "halrp_grouped_mixed_batches", False))
     task_model = TaskModel(model, ctx, head_name, grouped_mixed_batches)
+    task_model.fast_paths = switched
+    task_model.sequence_first = sequence_first_layers(model)
+    if not task_model.perturbed_layers():
+        warnings.warn(f"convert found no layer to perturb (it perturbs nn.Linear, nn.Conv2d and transformers' Conv1D): "
+                      f"every task is the base with its own head and norms; shared by every task: "
+                      f"{sorted(task_model.shared_modules())}", UserWarning, stacklevel=2)
+    _log.info("convert: %s", task_model.summary())
     if example_input is not None:
-        task_model.check_coverage(example_input)
+        if isinstance(example_input, Mapping):
+            task_model.check_coverage(**example_input)
+        elif isinstance(example_input, (tuple, list)):
+            task_model.check_coverage(*example_input)
+        else:
+            task_model.check_coverage(example_input)
     return task_model

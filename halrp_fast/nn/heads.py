@@ -89,6 +89,7 @@ class TaskHeads(TaskModule):
         if sel.single is not None:
             return self.heads._modules[str(sel.single)](x)  # the selection checked the id
         x = sel.as_rows(x)
+        sel.check_rows(x, self.describe("the head"))
         same = self._same_linear_heads(sel.tasks)
         size = sel.equal_group_size
         if same is not None and size is not None and x.dim() == 2:

@@ -7,13 +7,15 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
-from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection, outermost, select_tasks, take_rows
+from ._context import TaskContext, TaskModule, TaskSelection, grouped_selection, outermost, select_tasks
+from ._rows import RowOrder, batch_size, is_cache
 from .heads import TaskHeads
 from .perturbed import PerturbedLayer, _is_compiling
-from .reparametrized import TaskReparametrized, exported_name
+from .reparametrized import TaskReparametrized, exported_name, fast_paths_as_built
 from .stand_ins import NOT_RUN, StandInServing
+from .summary import shared_modules, summary_text
 
 
 def _task_aware_modules(module: nn.Module, prefix: str = "", seen: set | None = None
@@ -58,11 +60,19 @@ class TaskModel(StandInServing, nn.Module):
         self.grouped_mixed_batches = grouped_mixed_batches
         self.model = model
         self._ctx = ctx
-        for name, layer in self.perturbed_layers().items():
-            layer.layer_name = name
+        for name, module in self.task_modules().items():
+            module.module_name = name
+            if isinstance(module, PerturbedLayer):
+                module.layer_name = name
         self.head_name = head_name
         self._lazy: dict[int, Callable[[], Mapping[str, torch.Tensor]]] = {}
         self._lazy_device = torch.device("cpu")
+        #: PyTorch's fused paths that would read a wrapped attention's base weights, switched off in ``model`` by
+        #: :func:`~halrp_fast.nn.reparametrized.fast_paths_off` (the base and exported models run them as built)
+        self.fast_paths: list = []
+        #: PyTorch transformer layers whose activations are sequence-first (their task-aware modules cannot tell
+        #: the rows of a mixed batch): mixed batches are refused
+        self.sequence_first: list[str] = []
 
     # ---------------------------------------------------------------- structure
     @property
@@ -89,6 +99,17 @@ class TaskModel(StandInServing, nn.Module):
     def perturbed_layers(self) -> dict[str, PerturbedLayer]:
         """The task-aware linear and conv layers by qualified name."""
         return {name: m for name, m in _task_aware_modules(self.model) if isinstance(m, PerturbedLayer)}
+
+    def shared_modules(self) -> dict[str, tuple[str, int]]:
+        """The modules whose own parameters every task shares with the base (embeddings, recurrent layers, excluded
+        layers, ...): ``{name: (class name, number of parameters)}``."""
+        return shared_modules(self.model, self.task_modules())
+
+    def summary(self) -> str:
+        """What each task has of its own (perturbed layers, norms, BatchNorms, head) and every module whose
+        parameters all tasks share (``convert`` logs it at INFO level on the ``halrp_fast`` logger)."""
+        modules = self.task_modules()
+        return summary_text(modules, shared_modules(self.model, modules), self.head_name, self.num_tasks)
 
     def _layer(self, layer: str | PerturbedLayer) -> PerturbedLayer:
         if isinstance(layer, PerturbedLayer):
@@ -304,22 +325,31 @@ class TaskModel(StandInServing, nn.Module):
         return super()._apply(apply, recurse)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
+    def forward(self, *inputs, task_ids=None, **kwargs):
+        """``model(x, task_ids)``, ``model(x, task_ids, **kwargs)`` or ``model(*inputs, task_ids=…, **kwargs)``: the
+        wrapped model called with ``inputs`` and ``kwargs`` (every keyword input forwarded) for the tasks
+        ``task_ids`` selects — an int for the whole batch, or an int64 tensor ``(M,)`` with one task per row.  Without
+        ``task_ids=`` the last positional argument is the task ids.  Returns what the wrapped model returns (a tensor,
+        a transformers ``ModelOutput``, ...); for a mixed batch every per-row output, key/value caches included, is in
+        batch order (see :mod:`~halrp_fast.nn._rows`)."""
+        inputs, task_ids = _split_task_ids(inputs, task_ids)
         if torch.compiler.is_compiling():
-            return self._forward(x, task_ids)
+            return self._forward(inputs, kwargs, task_ids)
         # One forward at a time (threads wait their turn): the task selection, the watch and the stand-ins' places
         # are state shared by the model's modules for the duration of a forward.
         with self._ctx.lock:
-            return self._watched_forward(x, task_ids)
+            return self._watched(task_ids, lambda: self._forward(inputs, kwargs, task_ids))
 
-    def _watched_forward(self, x: torch.Tensor, task_ids) -> torch.Tensor:
+    def _watched(self, task_ids, run: Callable[[], object]):
+        """``run()``, and for a later task a check that no converted layer had its weights read while its own
+        forward did not run."""
         if self._ctx.watch is not None or (isinstance(task_ids, int) and task_ids == 0):
-            return self._forward(x, task_ids)
+            return run()
         # A later task: note which layers run and which have their weights read by other code.
         watch: dict[str, set[str]] = {"ran": set(), "read": set()}
         self._ctx.watch = watch
         try:
-            out = self._forward(x, task_ids)
+            out = run()
         finally:
             self._ctx.watch = None
         bypassed = sorted(watch["read"] - watch["ran"])
@@ -331,42 +361,110 @@ class TaskModel(StandInServing, nn.Module):
                 f"convert(..., example_input=x) lists every such layer")
         return out
 
-    def _forward(self, x: torch.Tensor, task_ids, stand_ins: bool = True) -> torch.Tensor:
-        """``stand_ins``: a single-task forward without autograd may run the wrappers' stand-ins (stand_ins.py)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        sel = select_tasks(task_ids, x.shape[0], self.num_tasks, x.device)
+    def _select(self, inputs: tuple, kwargs: dict, task_ids) -> TaskSelection:
+        """The batch's selection (the task ids checked against the batch size and the tasks), lazy tasks loaded."""
+        first = inputs[0] if len(inputs) == 1 and not kwargs else None
+        if isinstance(first, torch.Tensor):  # the common call: one tensor
+            rows, device = (first.shape[0] if first.dim() else 0), first.device
+        elif len(inputs) == 1 and not kwargs:
+            raise TypeError(f"x must be a tensor, got {type(first).__name__}")
+        else:
+            rows, device = batch_size(inputs, kwargs), None
+        sel = select_tasks(task_ids, rows, self.num_tasks, device)
         if self._lazy:
             self.ensure_loaded([sel.single] if sel.single is not None else sel.tasks)
+        return sel
+
+    def _forward(self, inputs: tuple, kwargs: dict, task_ids, stand_ins: bool = True):
+        """``stand_ins``: a single-task forward without autograd may run the wrappers' stand-ins (stand_ins.py)."""
+        sel = self._select(inputs, kwargs, task_ids)
         if sel.single is not None:  # the serving path: TaskContext.use() inlined
             ctx = self._ctx
             previous, ctx.selection = ctx.selection, sel
             try:
-                if stand_ins and not torch.is_grad_enabled():
-                    out = self._run_with_stand_ins(sel.single, lambda: self.model(x))
-                    if out is not NOT_RUN:
-                        return out
-                return self.model(x)
+                return self._run_single(sel.single, inputs, kwargs, stand_ins)
             finally:
                 ctx.selection = previous
+        if self.sequence_first:
+            raise ValueError(f"a mixed-task batch needs batch-first activations, and {self.sequence_first} take "
+                             f"sequence-first ones (batch_first=False): run one task at a time, or build them with "
+                             f"batch_first=True")
         # Rows of a task next to each other once, so every layer takes its task groups as views.
-        in_order = sel.spans is not None
         rows_sel = sel.sorted()
-        x_rows = x if in_order else take_rows(x, sel.order)
-        grouped = self._grouped_selection(x_rows, rows_sel)
+        if sel.spans is not None:
+            return self._forward_sorted(inputs, kwargs, rows_sel)
+        rows = sel.order.shape[0]
+        to_sorted, to_batch = RowOrder(sel.order, rows), RowOrder(sel.restore, rows)
+        try:
+            out = self._forward_sorted(*to_sorted.inputs(inputs, kwargs), rows_sel)
+            return to_batch(out)
+        finally:  # caches given as inputs are in batch order again, whatever happened
+            to_batch(list(to_sorted.caches.values()))
+
+    def _run_single(self, t: int, inputs: tuple, kwargs: dict, stand_ins: bool):
+        if stand_ins and not torch.is_grad_enabled():
+            # The base through stand-ins (its attention: the original modules) may take PyTorch's fused paths.
+            as_built = fast_paths_as_built(self.model, self.fast_paths if t == 0 else [])
+            with as_built:
+                out = self._run_with_stand_ins(t, lambda: self.model(*inputs, **kwargs))
+            if out is not NOT_RUN:
+                return out
+        return self.model(*inputs, **kwargs)
+
+    def _forward_sorted(self, inputs: tuple, kwargs: dict, rows_sel: TaskSelection):
+        """The wrapped model on a mixed batch whose rows are sorted by task (``rows_sel``)."""
+        x = inputs[0] if len(inputs) == 1 and not kwargs else None
+        grouped = self._grouped_selection(x, rows_sel) if isinstance(x, torch.Tensor) else None
         if grouped is None:
             with self._ctx.use(rows_sel):
-                out = self.model(x_rows)
-        else:
-            layout = grouped.grouped
-            with self._ctx.use(grouped):
-                out = self.model(layout.group(x_rows))
-            out = tree_map(lambda o: layout.ungroup(o) if isinstance(o, torch.Tensor) and layout.holds(o) else o, out)
-        if in_order:
-            return out
-        m = x.shape[0]
-        return tree_map(lambda o: take_rows(o, sel.restore)
-                        if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == m else o, out)
+                return self.model(*inputs, **kwargs)
+        layout = grouped.grouped
+        with self._ctx.use(grouped):
+            out = self.model(layout.group(x))
+        return tree_map(lambda o: layout.ungroup(o) if isinstance(o, torch.Tensor) and layout.holds(o) else o, out)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, *inputs, task_ids, **kwargs):
+        """The wrapped model's ``generate`` (a transformers model: greedy, sampling, beam search, ...) run for
+        ``task_ids`` — an int, or an int64 tensor ``(M,)`` with one task per row of the prompt batch — with every task's
+        layers and head; ``inputs``/``kwargs`` go to ``generate`` as given.  A mixed batch generates with its rows
+        sorted by task and returns every per-row output (the sequences, scores, caches) in batch order: each row is
+        what its task alone generates."""
+        generate = getattr(self.model, "generate", None)
+        if not callable(generate):
+            raise TypeError(f"the wrapped model ({type(self.model).__name__}) has no generate()")
+        with self._ctx.lock:
+            sel = self._select(inputs, kwargs, task_ids)
+            if sel.single is not None:
+                with self._ctx.use(sel):
+                    return self._watched(sel.single, lambda: generate(*inputs, **kwargs))
+            return self._watched(task_ids, lambda: self._generate_mixed(generate, inputs, kwargs, sel))
+
+    def _generate_mixed(self, generate, inputs: tuple, kwargs: dict, sel: TaskSelection):
+        """``generate`` on the rows sorted by task; each forward of the wrapped model takes the selection of its own
+        batch (``generate`` repeats every row ``k`` times for ``k`` beams or return sequences: each task's rows stay
+        together), and the output rows go back to batch order."""
+        rows = sel.local_ids.shape[0]
+        sorted_ids = torch.tensor(sel.tasks, device=sel.local_ids.device)[sel.local_ids].index_select(0, sel.order)
+        selections: dict[int, TaskSelection] = {rows: sel.sorted()}
+
+        def select_batch(module, args, call_kwargs):
+            n = batch_size(args, call_kwargs)
+            if n not in selections:
+                if n % rows:
+                    raise RuntimeError(f"generate ran the model on {n} rows, not a multiple of the {rows} prompts")
+                selections[n] = select_tasks(sorted_ids.repeat_interleave(n // rows), n, self.num_tasks).sorted()
+            self._ctx.selection = selections[n]
+
+        to_sorted = RowOrder(sel.order, rows)
+        hook = self.model.register_forward_pre_hook(select_batch, with_kwargs=True)
+        try:
+            with self._ctx.use(selections[rows]):  # also for an encoder that generate calls on its own
+                out = generate(*to_sorted(inputs), **to_sorted.inputs((), kwargs)[1])
+        finally:
+            hook.remove()
+            RowOrder(sel.restore, rows)(list(to_sorted.caches.values()))
+        return _restore_rows(out, sel.restore)
 
     def _grouped_selection(self, x: torch.Tensor, sel: TaskSelection) -> TaskSelection | None:
         """The grouped layout for a mixed image batch in inference (no autograd: the convs run through merged
@@ -376,15 +474,16 @@ class TaskModel(StandInServing, nn.Module):
         return grouped_selection(sel)
 
     # ---------------------------------------------------------------- coverage
-    def check_coverage(self, x: torch.Tensor) -> None:
-        """Run the base on ``x`` (no gradient) and raise one ``ValueError`` naming every task-aware layer whose
+    def check_coverage(self, *inputs, **kwargs) -> None:
+        """Run the base on ``inputs`` and ``kwargs`` (as ``model(*inputs, task_ids=0, **kwargs)``, no gradient) and
+        raise one ``ValueError`` naming every task-aware layer whose
         forward did not run (among them those whose weights other code reads directly): such a layer would compute
         the base for every task (a silent no-op).  Keep those modules shared with ``convert(..., exclude=[...])``."""
         audit: dict[str, set[str]] = {"ran": set(), "read": set()}
         previous, self._ctx.watch = self._ctx.watch, audit
         try:
             with torch.no_grad():
-                self._forward(x, 0, stand_ins=False)  # every wrapper's own forward, which notes what ran
+                self._forward(inputs, kwargs, 0, stand_ins=False)  # every wrapper's own forward: notes what ran
         finally:
             self._ctx.watch = previous
         layers = self.perturbed_layers()
@@ -414,6 +513,8 @@ class TaskModel(StandInServing, nn.Module):
         modules = self.task_modules()
         for name in outermost(modules):  # a task-aware module's plain form includes its descendants
             _set_submodule(plain, name, modules[name].to_plain(t))
+        for name, attr, value in self.fast_paths:  # its attention reads its own weights: PyTorch's fused paths serve
+            setattr(plain.get_submodule(name), attr, value)
         return plain
 
     def plain_sources(self) -> dict[str, tuple[str, str | None]]:
@@ -446,6 +547,28 @@ class TaskModel(StandInServing, nn.Module):
                              f"load it into a freshly converted model of the same architecture")
         for n in wanted[len(have):]:
             self.add_task(n)
+
+
+def _restore_rows(out, restore: torch.Tensor):
+    """``out`` of a batch generated in sorted order, each per-row value in batch order; a row repeated ``k`` times
+    (beams, return sequences) keeps its repeats together."""
+    rows = restore.shape[0]
+    first = next((leaf for leaf in tree_flatten(out, is_leaf=is_cache)[0]
+                  if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1 and leaf.shape[0] % rows == 0), None)
+    if first is None:
+        return out
+    k = first.shape[0] // rows
+    index = (restore[:, None] * k + torch.arange(k, device=restore.device)).reshape(-1) if k > 1 else restore
+    return RowOrder(index, rows * k)(out)
+
+
+def _split_task_ids(inputs: tuple, task_ids) -> tuple[tuple, object]:
+    """``(inputs, task_ids)`` of a call: ``task_ids=`` as given, else the last positional argument."""
+    if task_ids is not None:
+        return inputs, task_ids
+    if len(inputs) < 2:
+        raise TypeError("task_ids is missing: call model(x, task_ids) or model(*inputs, task_ids=..., **kwargs)")
+    return inputs[:-1], inputs[-1]
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -10,7 +10,20 @@ from ._context import TaskContext, TaskModule
 from .stand_ins import StandIn
 
 #: the normalisations made task-aware by :class:`TaskNorm` (they normalise each sample on its own)
-SAMPLE_NORMS = (nn.LayerNorm, nn.GroupNorm)
+SAMPLE_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+#: class-name endings of the per-sample normalisations that model libraries write themselves (transformers'
+#: ``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``T5LayerNorm``, ...): a module of that name holding only its own ``weight``
+#: (and ``bias``) normalises over its last dimensions, each sample on its own
+_NAMED_SAMPLE_NORMS = ("RMSNorm", "LayerNorm")
+
+
+def is_sample_norm(module: nn.Module) -> bool:
+    """Whether ``module`` normalises each sample on its own with its own affine parameters (LayerNorm, GroupNorm,
+    RMSNorm, or a library's RMSNorm / LayerNorm module)."""
+    if isinstance(module, SAMPLE_NORMS):
+        return True
+    return (type(module).__name__.endswith(_NAMED_SAMPLE_NORMS) and not module._modules
+            and "weight" in module._parameters and set(module._parameters) <= {"weight", "bias"})
 
 
 class PerTaskModules(TaskModule):
@@ -50,7 +63,8 @@ class PerTaskModules(TaskModule):
 
 
 class TaskNorm(PerTaskModules):
-    """Wraps one ``LayerNorm``/``GroupNorm`` per task (``norms[t]``); task 0's is the original.
+    """Wraps one ``LayerNorm``/``GroupNorm``/``RMSNorm`` (or a library's RMSNorm, see :func:`is_sample_norm`) per task
+    (``norms[t]``); task 0's is the original.
 
     New tasks start as a copy of task 0's module.  These normalise every sample on its own, so a mixed batch is
     each task group through its own module (its affine parameters; any subclass's forward included), and the
@@ -61,8 +75,8 @@ class TaskNorm(PerTaskModules):
 
     def __init__(self, norm: nn.Module, ctx: TaskContext | None = None) -> None:
         super().__init__(ctx)
-        if not isinstance(norm, SAMPLE_NORMS):
-            raise TypeError(f"expected an nn.LayerNorm or nn.GroupNorm, got {type(norm).__name__}")
+        if not is_sample_norm(norm):
+            raise TypeError(f"expected an nn.LayerNorm, nn.GroupNorm or an RMSNorm, got {type(norm).__name__}")
         self.norms = nn.ModuleList([norm])
 
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
@@ -74,6 +88,7 @@ class TaskNorm(PerTaskModules):
         return self._forward_rows(x, sel)
 
     def _forward_rows(self, x: torch.Tensor, sel) -> torch.Tensor:
+        sel.check_rows(x, self.describe(type(self.norms[0]).__name__))
         return sel.regroup([self.module_of(t)(sel.rows(x, i)) for i, t in enumerate(sel.tasks)])
 
     def extra_repr(self) -> str:

@@ -267,6 +267,7 @@ class PerturbedLayer(TaskModule):
             return self._forward_single(x, sel.single)
         if not sel.holds_grouped(x):
             self._check_input(x)
+            sel.check_rows(x, f"layer {self.layer_name!r}")
             return self._forward_mixed(x, sel)
         out = self._forward_grouped(x, sel)
         if out is not None:

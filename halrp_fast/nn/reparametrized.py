@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -23,7 +24,9 @@ Paths = dict[str, tuple[str, str | None]]
 def _pop_parameter(module: nn.Module, path: str) -> nn.Parameter | None:
     owner_name, _, leaf = path.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
-    return owner._parameters.pop(leaf, None)
+    if owner._parameters.get(leaf) is None:  # absent, or registered as None (a layer without bias): left as it is
+        return None
+    return owner._parameters.pop(leaf)
 
 
 class TaskReparametrized(TaskModule):
@@ -34,8 +37,8 @@ class TaskReparametrized(TaskModule):
 
     ``projections[name]`` is a :class:`TaskLinear` (``projection``; a :class:`TaskConv2d` for a convolution that
     runs its own forward, see :mod:`~halrp_fast.nn.subclasses`) holding the base weight ``(out, in)`` and bias
-    (removed from ``inner``) and the per-task tensors; it takes part in rank allocation, pruning and checkpoints like any other
-    task-aware layer.  Task-aware modules inside ``inner`` (e.g. a position-bias MLP) run as the task selects.
+    (removed from ``inner``) and the per-task tensors; it takes part in rank allocation, pruning and checkpoints like
+    any other task-aware layer.  Task-aware modules inside ``inner`` (e.g. a position-bias MLP) run as the task selects.
     A mixed batch runs ``inner`` once per task group on that group's rows: ``batch_dims(args, kwargs)`` says where
     each input tensor's batch dimension is (``None``: shared by all rows), ``out_batch_dims`` the outputs'.
     Task 0 is the original module with its original tensors, exactly.
@@ -232,6 +235,41 @@ class TaskReparametrized(TaskModule):
     def extra_repr(self) -> str:
         return f"projections={list(self.paths)}, tasks={self.num_tasks}"
 
+    def __repr__(self) -> str:
+        """Printed with the base's tensors in place (a projection's module, e.g. MHA's ``out_proj``, prints its
+        weight's presence)."""
+        placed = []
+        try:
+            for path, value in self._tensors(0).items():
+                owner, leaf = self._owners[path]
+                owner.__dict__[leaf] = value
+                placed.append((owner, leaf))
+            return super().__repr__()
+        finally:
+            for owner, leaf in placed:
+                owner.__dict__.pop(leaf, None)
+
+    def __getattr__(self, name: str):
+        """What code around the wrapped module reads of it: its plain attributes (``nn.MultiheadAttention``'s
+        ``batch_first``, ``num_heads``, ... that ``nn.TransformerEncoderLayer`` checks) and, under their old names,
+        the base tensors its projections hold (a read of them is noted like any read of a converted layer's weight:
+        an error when the wrapper does not run in that forward)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            d = self.__dict__
+            modules, paths = d.get("_modules", {}), d.get("paths")
+            if name.startswith("__") or "inner" not in modules or paths is None:  # not built (yet): copying, pickling
+                raise
+        inner = modules["inner"]
+        for store in (inner.__dict__, inner._parameters, inner._buffers):  # e.g. an in_proj_bias that is None
+            if name in store and not isinstance(store[name], torch.Tensor):
+                return store[name]
+        for proj, (weight_path, bias_path) in paths.items():
+            if name in (weight_path, bias_path):
+                return getattr(modules["projections"]._modules[proj], "weight" if name == weight_path else "bias")
+        raise AttributeError(f"'{type(self).__name__}' (wrapping {type(inner).__name__}) has no attribute '{name}'")
+
 
 def exported_name(name: str, wrappers: Iterable[str]) -> str:
     """``name`` (a module, parameter or buffer path in a converted model) as it is in the model that
@@ -308,6 +346,53 @@ class _MHABatchDims:
             else:
                 dims.append(None)
         return dims
+
+
+#: a switched-off fused path: (qualified module name, attribute, its original value)
+FastPath = tuple[str, str, object]
+
+
+def fast_paths_off(model: nn.Module) -> list[FastPath]:
+    """Switch off PyTorch's fused inference paths of ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` in
+    ``model`` where the attention is wrapped, and return what was switched (for :func:`fast_paths_as_built`): they
+    pass the projections' and feed-forward layers' weights to one fused kernel
+    (``torch._transformer_encoder_layer_fwd``), which would compute the base for every task.  The layers then take
+    their standard path (attention and feed-forward modules called in turn: the same values up to rounding, except at
+    padded positions, where the fused path gives zeros).  An encoder layer takes the fused path only when its
+    activation is ReLU or GELU (``activation_relu_or_gelu``, read by nothing else); an encoder stack converts to
+    nested tensors only when ``use_nested_tensor``."""
+    switched: list[FastPath] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and isinstance(module.self_attn, TaskReparametrized):
+            switched.append((name, "activation_relu_or_gelu", module.activation_relu_or_gelu))
+            module.activation_relu_or_gelu = 0
+        elif isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(layer.self_attn, TaskReparametrized) for layer in module.layers
+                if isinstance(layer, nn.TransformerEncoderLayer)):
+            switched.append((name, "use_nested_tensor", module.use_nested_tensor))
+            module.use_nested_tensor = False
+    return switched
+
+
+def sequence_first_layers(model: nn.Module) -> list[str]:
+    """The ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` modules of ``model`` built with
+    ``batch_first=False``: their linear and norm layers see ``(sequence, batch, features)``."""
+    kinds = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    return [name for name, m in model.named_modules() if isinstance(m, kinds) and not m.self_attn.batch_first]
+
+
+@contextmanager
+def fast_paths_as_built(model: nn.Module, switched: list[FastPath]) -> Iterator[None]:
+    """Inside, the fused paths that :func:`fast_paths_off` switched off in ``model`` are as the model was built (for
+    the base, whose weights they read, and for a plain exported model)."""
+    owners = [(model.get_submodule(name), attr, value) for name, attr, value in switched]
+    for owner, attr, value in owners:
+        setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        for owner, attr, _ in owners:
+            setattr(owner, attr, 0 if attr == "activation_relu_or_gelu" else False)
 
 
 def _swin_attention_wrapper(module: nn.Module, ctx: TaskContext) -> TaskReparametrized:
