@@ -53,6 +53,7 @@ def test_three_tasks_end_to_end(finished):
     assert (out / "checkpoint" / "manifest.json").exists()
 
 
+@pytest.mark.reruns
 def test_same_seed_same_ranks_and_accuracies(tasks, finished):
     _, results, _ = finished
     _, again = run_all(tasks)
@@ -69,6 +70,7 @@ def test_checkpoint_round_trip(finished, tasks):
     assert not any(p.requires_grad for p in loaded.model.parameters())
 
 
+@pytest.mark.reruns
 def test_resume_gives_the_uninterrupted_result(tasks, finished, tmp_path):
     _, results, _ = finished
     run_all(tasks[:2], tmp_path)  # "interrupted" after two tasks
