@@ -33,6 +33,8 @@ def _config_from_args(bench, args: argparse.Namespace):
             values[field] = v
     if getattr(args, "schedule", None) is not None:
         values["paper_schedule"] = args.schedule == "paper"
+        if values["paper_schedule"] and args.lr_decay is None:
+            values["lr_decay"] = 1.0  # a preset's per-epoch decay does not apply under the paper's schedule
     if args.prune == "none":
         values["prune"] = None
     if args.prune_value is not None:
@@ -53,7 +55,8 @@ def format_table(results: dict) -> str:
         ranks = sum(results["ranks"].get(str(t), {}).values())
         lines.append(f"| {t} | {acc:.2f} | {ranks} | {results['params'][key]} | {results['bytes'][key]} |")
     lines.append(f"\nACC {results['ACC']:.2f}%  BWT {results['BWT']:.2f}  forgetting {results['forgetting']:.2f}  "
-                 f"growth {100 * results['growth']:.1f}%  wall {results['meta'].get('wall_seconds', 0):.1f}s")
+                 f"growth {100 * results['growth']:.1f}%  wall {results['meta'].get('wall_seconds', 0):.1f}s"
+                 + (f" over {results['meta']['resumes'] + 1} processes" if results["meta"].get("resumes") else ""))
     return "\n".join(lines)
 
 
@@ -174,7 +177,7 @@ def _run_one(args: argparse.Namespace) -> int:
             _, results = run_stream_task_parallel(make_learner, tasks, ctx, out, log=log, meta=meta)
         else:
             _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
-                                    log=log, meta=meta, dist=ctx, allow_changes=args.allow_change or ())
+                                    log=log, meta=meta, dist=ctx, allow_changes=args.allow_change or (), started=tic)
         # Every process is done communicating: destroy the process group while the interpreter is fully alive
         # (left to interpreter exit, gloo's worker threads can abort a process with std::terminate).  Not on an
         # error: another process may still wait in a collective, and destroying would hang.
@@ -184,8 +187,8 @@ def _run_one(args: argparse.Namespace) -> int:
             return 0
     else:
         _, results = run_stream(make_learner, tasks, out, resume=not args.no_resume, progress=cfg.progress,
-                                log=log, meta=meta, allow_changes=args.allow_change or ())
-    results["meta"]["wall_seconds"] = time.perf_counter() - tic
+                                log=log, meta=meta, allow_changes=args.allow_change or (), started=tic)
+    results["meta"].setdefault("wall_seconds", time.perf_counter() - tic)
     from .continual.checkpoint import atomic_write_json
 
     atomic_write_json(out / "results.json", results)

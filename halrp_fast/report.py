@@ -13,7 +13,7 @@ import numpy as np
 from . import metrics
 
 COLUMNS = ["run", "benchmark", "model", "order", "seed", "tasks", "ACC", "BWT", "forgetting", "growth %", "MB stored",
-           "wall s"]
+           "wall s", "processes"]
 
 
 def find_results(paths: list[str | Path]) -> list[Path]:
@@ -37,7 +37,8 @@ def _row(path: Path, r: dict) -> dict:
             "order": meta.get("order") or "-", "seed": r.get("config", {}).get("seed", "?"),
             "tasks": len(r["acc_matrix"]), "ACC": r["ACC"], "BWT": r["BWT"], "forgetting": r["forgetting"],
             "growth %": 100 * r["growth"], "MB stored": r["bytes"]["total"] / 2**20,
-            "wall s": meta.get("wall_seconds", float("nan")), "_final": r["final_accuracy"],
+            "wall s": meta.get("wall_seconds", float("nan")), "processes": len(meta.get("sessions", [])) or "?",
+            "_final": r["final_accuracy"],
             "_names": meta.get("task_names") or r.get("tasks", [])}
 
 

@@ -256,7 +256,7 @@ def test_every_integer_config_field_refuses_non_integers(field, bad):
     (dict(train_frac=0.0), r"train_frac must be in \(0, 1\]"),
     (dict(valid_frac=1.0), r"valid_frac must be in \[0, 1\)"),
     (dict(approx_rate=1.5), r"approx_rate must be in \(0, 1\]"), (dict(l1=-1e-6), r"l1 must be in \[0, ∞\)"),
-    (dict(epochs=0), r"epochs must be in \[1, ∞\]"), (dict(epochs=2, est_rank_epochs=3), r"est_rank_epochs .*epochs=2"),
+    (dict(epochs=0), r"epochs must be in \[1, ∞\]"), (dict(epochs=2, est_rank_epochs=3), r"epochs=2 .*est_rank_epochs=3"),
     (dict(upper_rank=0), r"upper_rank must be in \[1, ∞\]"), (dict(n_tasks=0), r"n_tasks must be in \[1, ∞\]"),
     (dict(prune_value=(float("nan"), 0.4)), "absolute prune threshold must be a finite number"),
     (dict(prune_value=(1e-5, float("inf"))), "prune rate must be a finite number"),
@@ -268,6 +268,25 @@ def test_config_ranges_name_the_field(kwargs, match):
 
     with pytest.raises((ValueError, TypeError), match=match):
         HALRPConfig(**kwargs)
+
+
+#: every combination of HALRPConfig settings under which a phase of learning a task does nothing or a field set by the
+#: user is ignored.  Fields read by one mode only stay allowed under the others (approx_rate under rank_mode="flat",
+#: adam_eps / momentum under the other optimizer, prune_value without prune, the schedule's n_tasks / train_frac /
+#: valid_frac without paper_schedule): the benchmarks' presets set them for every mode.
+DEGENERATE = [
+    (dict(epochs=1), r"epochs=1 leaves no epoch to train the perturbation of a task ≥ 1 after the est_rank_epochs=1"),
+    (dict(epochs=3, est_rank_epochs=3), r"epochs=3 leaves no epoch .* est_rank_epochs=3"),
+    (dict(epochs=3, est_rank_epochs=0), r"est_rank_epochs=0 leaves the free model untrained"),
+    (dict(lr_decay=0.9), r"lr_decay=0.9 is a per-epoch decay, which paper_schedule=True replaces"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", DEGENERATE, ids=lambda v: str(v) if isinstance(v, dict) else "")
+def test_settings_that_leave_a_phase_empty_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HALRPConfig(**kwargs)
+    HALRPConfig(**{**kwargs, "epochs": 4, "est_rank_epochs": 1, "paper_schedule": False})  # each alone is fine
 
 
 class _Payload:
@@ -319,13 +338,13 @@ def test_data_pickles_cannot_run_code(tmp_path, loader):
 # Each must end in a ValueError, TypeError or FileNotFoundError with a message, never another exception or a silent
 # acceptance.
 def _learned():
-    learner = _tiny_learner(epochs=1)
+    learner = _tiny_learner(epochs=2)
     learner.learn_task(_batches(), None, 3)
     return learner
 
 
 def _learn_one_batch(x, y):
-    return _tiny_learner(epochs=1).learn_task([(x, y)], None, 3)
+    return _tiny_learner(epochs=2).learn_task([(x, y)], None, 3)
 
 
 def _model():
@@ -347,19 +366,19 @@ API_BAD = {
     "config negative seed": lambda: HALRPConfig(seed=-1),
     "config prune value shape": lambda: HALRPConfig(prune="mixAR", prune_value=0.1),
     "config unknown field": lambda: HALRPConfig.from_dict({"lr": 1e-3, "learning_rate": 1}),
-    "learn empty loader": lambda: _tiny_learner(epochs=1).learn_task([], None, 3),
+    "learn empty loader": lambda: _tiny_learner(epochs=2).learn_task([], None, 3),
     "learn NaN pixel": lambda: _learn_one_batch(torch.full((8, 1, 8, 8), math.nan), torch.zeros(8).long()),
     "learn labels out of range": lambda: _learn_one_batch(torch.randn(8, 1, 8, 8), torch.full((8,), 3)),
     "learn negative labels": lambda: _learn_one_batch(torch.randn(8, 1, 8, 8), torch.full((8,), -1)),
     "learn float labels": lambda: _learn_one_batch(torch.randn(8, 1, 8, 8), torch.zeros(8)),
-    "learn wrong image size": lambda: _tiny_learner(epochs=1).learn_task(_batches(size=12), None, 3),
+    "learn wrong image size": lambda: _tiny_learner(epochs=2).learn_task(_batches(size=12), None, 3),
     "learn batch of one": lambda: _learn_one_batch(torch.randn(1, 1, 8, 8), torch.zeros(1).long()),
-    "learn base class mismatch": lambda: _tiny_learner(epochs=1).learn_task(_batches(), None, 5),
+    "learn base class mismatch": lambda: _tiny_learner(epochs=2).learn_task(_batches(), None, 5),
     "learn task 1 without classes": lambda: _learned().learn_task(_batches(), None),
-    "learn base twice": lambda: HALRPLearner(_learned().model, HALRPConfig(epochs=1)).learn_task(_batches(), None, 3),
-    "evaluate unlearned task": lambda: _tiny_learner(epochs=1).evaluate(_batches(), 0),
+    "learn base twice": lambda: HALRPLearner(_learned().model, HALRPConfig(epochs=2)).learn_task(_batches(), None, 3),
+    "evaluate unlearned task": lambda: _tiny_learner(epochs=2).evaluate(_batches(), 0),
     "evaluate labels out of range": lambda: _learned().evaluate([(torch.randn(4, 1, 8, 8), torch.full((4,), 7))], 0),
-    "export unlearned task": lambda: _tiny_learner(epochs=1).export_task(2),
+    "export unlearned task": lambda: _tiny_learner(epochs=2).export_task(2),
     "load nowhere": lambda: HALRPLearner.load("/nonexistent/checkpoint"),
     "forward task out of range": lambda: _model()(torch.randn(2, 1, 8, 8), 5),
     "forward negative task": lambda: _model()(torch.randn(2, 1, 8, 8), -1),

@@ -173,7 +173,7 @@ def test_the_stream_fingerprint_sees_another_split_of_the_same_sizes(tmp_path):
 # Each must end in one clear error: exit status 2 (1 for an I/O failure) with exactly one line
 # ``halrp-fast: error: …``; each awkward but valid flag set must run.
 FAST = ["--no-progress", "--quiet"]
-TINY = ["--tasks", "1", "--epochs", "1", "--max-per-task", "64", "--batch-size", "32", *FAST]
+TINY = ["--tasks", "1", "--epochs", "2", "--max-per-task", "64", "--batch-size", "32", *FAST]
 
 # flag → (valid kind, bad values)
 FLOAT_BAD = ["nan", "inf", "-inf", "abc", ""]
@@ -199,7 +199,8 @@ CLI_BAD += [
     ["--prune-value", "nan", "0.4"], ["--prune-value", "inf", "0.4"], ["--prune-value", "1e-5", "nan"],
     ["--prune-value", "1e-5", "1.5"], ["--prune-value", "-1", "0.4"], ["--prune-value", "0.1"],
     ["--prune", "absolute", "--prune-value", "1", "2"], ["--prune", "magic"],
-    ["--epochs", "2", "--est-rank-epochs", "3"], ["--order", "A"], ["--orders", "AB"],
+    ["--epochs", "2", "--est-rank-epochs", "3"], ["--epochs", "1"], ["--est-rank-epochs", "0"],
+    ["--lr-decay", "0.9"], ["--order", "A"], ["--orders", "AB"],
     ["--device", "cuda:9"], ["--device", "tpu"], ["--device", "cpu:x"], ["--model", "resnet18"], ["--model", "alexnet"],
     ["--model", "vgg"], ["--dtype", "float16"], ["--scalings", "best"], ["--channels-last", "maybe"],
     ["--rank-mode", "magic"], ["--optimizer", "rmsprop"], ["--schedule", "cosine"], ["--cpu-allocator", "jemalloc"],
@@ -238,7 +239,7 @@ def test_bad_paths(tmp_path, capsys):
         assert _clear_cli_error(rc, err), (args, rc, err)
 
 
-VALID_CLI = [[], ["--max-per-task", "32"], ["--subset", "1.0"], ["--est-rank-epochs", "0"], ["--approx-rate", "1"],
+VALID_CLI = [[], ["--max-per-task", "32"], ["--subset", "1.0"], ["--est-rank-epochs", "1"], ["--approx-rate", "1"],
              ["--prune", "none"], ["--l1", "0", "--wd", "0"], ["--seed", "4294967295"], ["--upper-rank", "100000"],
              ["--schedule", "epoch", "--lr-decay", "1"], ["--dtype", "float64"], ["--channels-last", "off"]]
 

@@ -200,7 +200,7 @@ def test_cli_runs_cifar100_order(tmp_path):
 
     root = write_cifar100(tmp_path / "data", n_train=400, n_test=100)
     rc = main(["run", "--benchmark", "cifar100-splits", "--data-dir", str(root), "--order", "B", "--tasks", "2",
-               "--epochs", "1", "--out", str(tmp_path / "out"), "--no-progress", "--quiet"])
+               "--epochs", "2", "--out", str(tmp_path / "out"), "--no-progress", "--quiet"])
     assert rc == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["meta"]["order"] == "B" and results["meta"]["task_names"][:2] == ["cifar100-split1",
@@ -213,7 +213,7 @@ def test_orders_and_repeats_give_opd_and_a_merged_report(tmp_path):
     root = write_cifar100(tmp_path / "data", n_train=300, n_test=100)
     out = tmp_path / "runs"
     rc = main(["run", "--benchmark", "cifar100-splits", "--data-dir", str(root), "--orders", "AB", "--repeats", "2",
-               "--tasks", "2", "--epochs", "1", "--max-per-task", "20", "--out", str(out), "--no-progress", "--quiet"])
+               "--tasks", "2", "--epochs", "2", "--max-per-task", "20", "--out", str(out), "--no-progress", "--quiet"])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["order_A_seed_0", "order_A_seed_1",
                                                                     "order_B_seed_0", "order_B_seed_1"]
@@ -247,7 +247,7 @@ def test_pmnist_needs_a_data_dir(tmp_path, mnist_dir, capsys):
 
     assert main(["run", "--benchmark", "pmnist", "--out", str(tmp_path / "o")]) == 2
     assert "PMNIST needs --data-dir" in capsys.readouterr().err
-    rc = main(["run", "--benchmark", "pmnist", "--data-dir", str(mnist_dir), "--tasks", "2", "--epochs", "1",
+    rc = main(["run", "--benchmark", "pmnist", "--data-dir", str(mnist_dir), "--tasks", "2", "--epochs", "2",
                "--subset", "0.5", "--batch-size", "8", "--out", str(tmp_path / "p"), "--no-progress", "--quiet"])
     assert rc == 0
 

@@ -191,7 +191,7 @@ def test_learner_runs_on_a_depthwise_separable_network():
         ys = torch.randint(0, 3, (48,))
         batches = [(xs[i:i + 16], ys[i:i + 16]) for i in range(0, 48, 16)]
         data.append(batches)
-    cfg = HALRPConfig(epochs=1, seed=0)
+    cfg = HALRPConfig(epochs=2, seed=0)
     learner = HALRPLearner(hf.convert(net, head="8"), cfg)
     for batches in data:
         learner.learn_task(batches, batches, num_classes=3)

@@ -2,6 +2,7 @@
 import copy
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -71,6 +72,29 @@ def test_checkpoint_round_trip(finished, tasks):
 
 
 @pytest.mark.reruns
+def test_a_resumed_run_reports_the_wall_time_of_all_its_processes(tasks, tmp_path):
+    """The first process started 100 s ago and stops after task 0; the resuming one started 50 s ago: the results
+    hold both sessions, their sum as the wall time and one resume, and the run report counts two processes."""
+    from halrp_fast.report import build_report
+
+    def run(stream, ago):
+        return run_stream(lambda: new_learner(epochs=2), stream, tmp_path, log=lambda s: None,
+                          started=time.perf_counter() - ago)
+
+    run(tasks[:1], 100)
+    _, results = run(tasks[:2], 50)
+    meta = results["meta"]
+    assert [(s["first_task"], s["tasks"]) for s in meta["sessions"]] == [(0, 1), (1, 1)]
+    first, second = (s["seconds"] for s in meta["sessions"])
+    assert first >= 100 and second >= 50
+    assert meta["wall_seconds"] == pytest.approx(first + second) and meta["resumes"] == 1
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["wall_seconds"] == meta["wall_seconds"]
+    _, csv, _ = build_report([tmp_path])
+    header, row = csv.splitlines()[:2]
+    assert dict(zip(header.split(","), row.split(","), strict=True))["processes"] == "2"
+
+
+@pytest.mark.reruns
 def test_resume_gives_the_uninterrupted_result(tasks, finished, tmp_path):
     _, results, _ = finished
     run_all(tasks[:2], tmp_path)  # "interrupted" after two tasks
@@ -131,7 +155,7 @@ def test_learner_argument_errors(tasks):
         learner.learn_task(tasks[0].train, None, num_classes=5)
     with pytest.raises(ValueError, match="has not been learned"):
         learner.evaluate(tasks[0].test, 0)
-    with pytest.raises(ValueError, match="est_rank_epochs must be in"):
+    with pytest.raises(ValueError, match="epochs=2 leaves no epoch to train the perturbation"):
         HALRPConfig(epochs=2, est_rank_epochs=3)
     with pytest.raises(ValueError, match="prune must be None or one of"):
         HALRPConfig(prune="magic")

@@ -97,7 +97,7 @@ class HALRPConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_int("epochs", self.epochs, low=1)
-        check_int("est_rank_epochs", self.est_rank_epochs, low=0, high=self.epochs, high_name="epochs")
+        check_int("est_rank_epochs", self.est_rank_epochs, low=0)
         check_int("upper_rank", self.upper_rank, low=1)
         check_int("seed", self.seed, low=0, high=2**32 - 1)
         if self.n_tasks is not None:
@@ -134,6 +134,22 @@ class HALRPConfig:
             raise TypeError(f"device must be a string such as 'cpu' or 'cuda:0', got {self.device!r}")
         if self.paper_schedule and not self.n_tasks:
             raise ValueError("paper_schedule needs n_tasks (the number of tasks of the stream)")
+        self._check_phases()
+
+    def _check_phases(self) -> None:
+        """Settings under which a phase of learning a task would do nothing, or a field would be ignored: errors naming
+        the fields."""
+        if self.est_rank_epochs == 0:
+            raise ValueError("est_rank_epochs=0 leaves the free model untrained: the rank estimation would see no "
+                             "discrepancy and U, V would start (and stay) at zero; give est_rank_epochs ≥ 1")
+        if self.epochs <= self.est_rank_epochs:
+            raise ValueError(f"epochs={self.epochs} leaves no epoch to train the perturbation of a task ≥ 1 after the "
+                             f"est_rank_epochs={self.est_rank_epochs} of its free model (they count towards epochs): "
+                             f"give epochs > est_rank_epochs")
+        if self.paper_schedule and self.lr_decay != 1.0:
+            raise ValueError(f"lr_decay={self.lr_decay} is a per-epoch decay, which paper_schedule=True replaces by "
+                             f"the paper's per-iteration schedule: set paper_schedule=False to use it (CLI: --schedule "
+                             f"epoch)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

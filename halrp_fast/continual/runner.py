@@ -37,7 +37,7 @@ def _acc_from_json(rows, T: int) -> np.ndarray:
 def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskData], out_dir: str | Path | None = None,
                resume: bool = True, progress: bool = False, log: Callable[[str], None] = print,
                meta: dict | None = None, dist: DistContext | None = None,
-               allow_changes: Sequence[str] = ()) -> tuple[HALRPLearner, dict | None]:
+               allow_changes: Sequence[str] = (), started: float | None = None) -> tuple[HALRPLearner, dict | None]:
     """Learn ``tasks`` in order; after task ``i`` evaluate tasks ``0..i`` (``A[i, j]``).
 
     With ``out_dir``, the learner is checkpointed to ``out_dir/checkpoint`` after every task and, with
@@ -51,7 +51,12 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
     ``dist`` (an active :class:`~halrp_fast.continual.distributed.DistContext`): every process of a ``torchrun``
     launch calls this; each phase runs data parallel, rank 0 writes the checkpoints and results and the
     other ranks return ``(learner, None)``.
+
+    Wall time: every process that worked on the run is a session (its first task, the tasks it finished, its seconds
+    from ``started``, a ``time.perf_counter()`` value, by default this call's start, to its last checkpoint);
+    ``results["meta"]`` gives their sum as ``wall_seconds``, the sessions and ``resumes`` (their number less one).
     """
+    started = time.perf_counter() if started is None else started
     main = dist is None or dist.is_main
     T = len(tasks)
     if T == 0:
@@ -74,6 +79,11 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
         log(f"resuming from {ckpt}: {learner.num_learned} task(s) done")
     learner.dist = dist
     start = learner.num_learned
+    earlier = list(learner.manifest.get("sessions", [])) if learner is not fresh else []
+
+    def sessions(done: int) -> list[dict]:
+        return earlier + [{"first_task": start, "tasks": done - start, "seconds": time.perf_counter() - started}]
+
     iterator = range(start, T)
     if progress and main:
         from tqdm.auto import tqdm
@@ -85,11 +95,14 @@ def run_stream(make_learner: Callable[[], HALRPLearner], tasks: Sequence[TaskDat
         evaluate_row(learner, tasks, A, report, log)
         if ckpt is not None and main:
             learner.save(ckpt, extra={"acc_matrix": _acc_to_json(A[: t + 1, : t + 1]), "meta": meta or {},
-                                      "identity": identity(t + 1)})
+                                      "identity": identity(t + 1), "sessions": sessions(t + 1)})
         barrier(dist)
     if not main:
         return learner, None
     results = build_results(learner, A, tasks, meta)
+    ran = sessions(T)
+    results["meta"] = {**results["meta"], "wall_seconds": sum(s["seconds"] for s in ran), "sessions": ran,
+                       "resumes": len(ran) - 1}
     if out_dir is not None:
         checkpoint.atomic_write_json(Path(out_dir) / "results.json", results)
     return learner, results
