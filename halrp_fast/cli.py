@@ -50,8 +50,9 @@ def _config_from_args(bench, args: argparse.Namespace):
 
 def format_table(results: dict) -> str:
     lines = ["| task | final acc % | rank total | params added | bytes |", "|---|---|---|---|---|"]
+    offset = 1 if results.get("base") == "given" else 0  # the model's task of the stream's task 0
     for t, acc in enumerate(results["final_accuracy"]):
-        key = "base" if t == 0 else f"task_{t}"
+        key = "base" if t + offset == 0 else f"task_{t + offset}"
         ranks = sum(results["ranks"].get(str(t), {}).values())
         lines.append(f"| {t} | {acc:.2f} | {ranks} | {results['params'][key]} | {results['bytes'][key]} |")
     lines.append(f"\nACC {results['ACC']:.2f}%  BWT {results['BWT']:.2f}  forgetting {results['forgetting']:.2f}  "

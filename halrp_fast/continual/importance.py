@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import DistContext, all_reduce_sum_
-from .training import batch_to, check_labels, shard
+from .training import batch_to, check_labels, logits_of, shard
 
 
 def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader: Iterable,
@@ -32,7 +32,7 @@ def empirical_fisher(model: nn.Module, weights: dict[str, torch.Tensor], loader:
     try:
         for x, y in loader:
             x, y, n = shard(*batch_to(x, y, device, dtype), dist)
-            logits = model(x) if forward is None else forward(x)
+            logits = logits_of(model(x) if forward is None else forward(x))
             check_labels(y, logits.shape[-1], f"importance, batch {batches + 1}")
             loss = F.cross_entropy(logits, y, reduction="sum") / n
             grads = torch.autograd.grad(loss, list(weights.values()))

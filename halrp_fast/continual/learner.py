@@ -42,17 +42,31 @@ class TaskReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+#: where the base (the frozen network every task perturbs) comes from: see :class:`HALRPLearner`
+BASES = ("learn", "given", "given_head")
+
+
 class HALRPLearner:
     """Learns tasks one after another with Hessian-aware low-rank perturbations.
 
-    ``learn_task(train, val, num_classes)`` learns task 0 (the base) on the first call and a
-    perturbation task on every later call; ``evaluate(loader, task_id)`` gives accuracy in percent;
-    ``save(dir)`` / ``HALRPLearner.load(dir)`` checkpoint; ``export_task(t)`` gives a plain model.
+    ``learn_task(train, val, num_classes)`` learns the next task of the stream; ``evaluate(loader, task_id)`` gives
+    accuracy in percent; ``save(dir)`` / ``HALRPLearner.load(dir)`` checkpoint; ``export_task(t)`` gives a plain model.
+
+    ``base``: ``"learn"`` (the paper's protocol): the first task of the stream trains the whole network, which then
+    stays frozen as the base of every later task.  ``"given"``: the model's weights as they are (a pretrained
+    backbone) are the frozen base, and every task of the stream, the first included, is learned as a perturbation
+    of it with its own head (model task ``t + 1`` holds stream task ``t``; the model's own head is not used).
+    ``"given_head"``: the same base, and the first task of the stream is the model with its own head as it is (no
+    training; its classes must match the head), later tasks perturbations.  With a given base no task of the stream
+    trains the base, unlike the paper, where task 0's data shapes it.
     """
 
     def __init__(self, model: nn.Module, config: HALRPConfig | None = None, head: str = "last",
-                 dist: DistContext | None = None) -> None:
+                 dist: DistContext | None = None, base: str = "learn") -> None:
+        if base not in BASES:
+            raise ValueError(f"base must be one of {BASES}, got {base!r}")
         self.config = config or HALRPConfig()
+        self.base = base
         if not isinstance(model, TaskModel):
             model = convert(model, head=head)
         self.layout = self.config.memory_format(any(L.weight.dim() == 4 for L in model.perturbed_layers().values()))
@@ -64,6 +78,13 @@ class HALRPLearner:
         if self.config.compile != "off" and self._parallel:
             raise ValueError("compile is not supported in data-parallel runs yet: use compile='off' there")
         self._compiled: CompiledTasks | None = None
+        if base != "learn":
+            self.model.freeze_task(0)
+
+    @property
+    def task_offset(self) -> int:
+        """Model task of the stream's task 0 (1 with ``base="given"``: the model's task 0 is the given base)."""
+        return 1 if self.base == "given" else 0
 
     @property
     def compiled(self) -> CompiledTasks | None:
@@ -121,23 +142,30 @@ class HALRPLearner:
         ``t``'s result depends only on the base, its data and ``(seed, t)``.
         """
         cfg, model = self.config, self.model
-        if t >= 1 and model.num_tasks != t:
-            raise ValueError(f"the model holds {model.num_tasks} tasks; task {t} needs exactly tasks 0..{t - 1}")
+        m = t + self.task_offset  # the model's task
+        if m >= 1 and model.num_tasks != m:
+            raise ValueError(f"the model holds {model.num_tasks} tasks; task {t} needs exactly tasks 0..{t - 1}"
+                             + (" and the given base" if self.task_offset else ""))
         torch.manual_seed(cfg.seed + 10007 * t)
         tic_all = time.perf_counter()
-        if t == 0:
-            if model.num_tasks > 1 or not any(p.requires_grad for p in model.task_parameters(0)):
-                raise ValueError("the model's base (task 0) is already learned (frozen); continue a saved run with "
-                                 "HALRPLearner.load(dir), or give this learner the earlier learner's reports")
+        if m == 0:
             if num_classes is not None and num_classes != model.num_classes[0]:
                 raise ValueError(f"num_classes={num_classes} but the model's head has {model.num_classes[0]} "
                                  f"classes for task 0")
-            report = self._learn_base(train_loader)
+            if self.base == "given_head":
+                report = TaskReport(task=0, num_classes=model.num_classes[0], seconds={"training": 0.0})
+            elif model.num_tasks > 1 or not any(p.requires_grad for p in model.task_parameters(0)):
+                raise ValueError("the model's base (task 0) is already learned (frozen); continue a saved run with "
+                                 "HALRPLearner.load(dir), give this learner the earlier learner's reports, or take "
+                                 "the model's weights as the base: HALRPLearner(model, config, base='given')")
+            else:
+                report = self._learn_base(train_loader)
         else:
             if num_classes is None:
                 raise ValueError(f"num_classes is required for task {t}")
-            report = self._learn_perturbation(t, train_loader, val_loader, num_classes)
-        model.freeze_task(t)
+            report = self._learn_perturbation(m, train_loader, val_loader, num_classes)
+            report.task = t
+        model.freeze_task(m)
         report.seconds["total"] = time.perf_counter() - tic_all
         return report
 
@@ -147,20 +175,21 @@ class HALRPLearner:
         cfg, model, t = self.config, self.model, report.task
         if t != self.num_learned:
             raise ValueError(f"the learner has learned {self.num_learned} tasks; cannot finish task {t}")
+        m = t + self.task_offset
         tic_all = time.perf_counter()
-        if t >= 1 and cfg.prune is not None:
+        if m >= 1 and cfg.prune is not None:
             tic = time.perf_counter()
             pr = prune(model, cfg.prune, cfg.prune_value, cfg.prune_bound_all_tasks)
             report.seconds["pruning"] = time.perf_counter() - tic
             report.prune_rate = pr.rate
-            report.prune_thresholds = {n: thr for (task, n), thr in pr.thresholds.items() if task == t}
-        if t >= 1:
-            report.ranks = model.ranks(t)
+            report.prune_thresholds = {n: thr for (task, n), thr in pr.thresholds.items() if task == m}
+        if m >= 1:
+            report.ranks = model.ranks(m)
         if val_loader is not None:
-            report.val_accuracy = self._accuracy(val_loader, t)
+            report.val_accuracy = self._accuracy(val_loader, m)
         counts, dense, nbytes = paper_parameter_count(model), paper_parameter_count(model, dense=True), \
             stored_bytes(model)
-        key = "base" if t == 0 else f"task_{t}"
+        key = "base" if m == 0 else f"task_{m}"
         report.params_added, report.params_added_dense = counts[key], dense[key]
         report.bytes_added = nbytes[key]
         report.growth = counts["total"] / counts["base"] - 1
@@ -228,7 +257,7 @@ class HALRPLearner:
         """Top-1 accuracy (percent) of task ``task_id`` on ``loader`` (eval mode, merged weights)."""
         if not 0 <= task_id < self.num_learned:
             raise ValueError(f"task {task_id} has not been learned (learned: 0..{self.num_learned - 1})")
-        return self._accuracy(loader, task_id)
+        return self._accuracy(loader, task_id + self.task_offset)
 
     def _accuracy(self, loader: Iterable, task_id: int) -> float:
         was_training = self.model.training
@@ -251,7 +280,7 @@ class HALRPLearner:
         """A plain ``nn.Module`` computing task ``t`` with merged weights (eval mode)."""
         if not 0 <= t < self.num_learned:
             raise ValueError(f"task {t} has not been learned (learned: 0..{self.num_learned - 1})")
-        return self.model.export_task(t).eval()
+        return self.model.export_task(t + self.task_offset).eval()
 
     def parameter_growth(self) -> float:
         """Parameters added over the base (paper's count, nonzeros of U, V), as a fraction of the base."""
@@ -263,6 +292,7 @@ class HALRPLearner:
         spec = getattr(self.model.model, "_halrp_spec", None)
         state = {
             "config": self.config.to_dict(),
+            "base": self.base,
             "model_spec": spec,
             "reports": [dataclasses.asdict(r) for r in self.reports],
             **(extra or {}),
@@ -297,9 +327,9 @@ class HALRPLearner:
             raise checkpoint.CheckpointError("load into a freshly converted model (with task 0 only)")
         model.to(dtype=config.torch_dtype)  # loading casts the saved values to the model's dtype
         checkpoint.load_into(model, directory, manifest, lazy=lazy)
-        learner = cls(model, config)
+        learner = cls(model, config, base=manifest.get("base", "learn"))
         learner.reports = [TaskReport(**r) for r in manifest.get("reports", [])]
-        for t in range(learner.num_learned):
+        for t in range(learner.model.num_tasks):
             learner.model.freeze_task(t)
         learner.manifest = manifest
         return learner

@@ -112,14 +112,18 @@ def _resume(ckpt: Path, fresh: HALRPLearner, identity: Callable[[int], dict], al
             dist: DistContext | None) -> tuple[HALRPLearner, np.ndarray]:
     """The learner and accuracy matrix of the checkpoint ``ckpt``, once its run is known to be this one."""
     manifest = checkpoint.read_manifest(ckpt)
-    learned = len(manifest["num_classes"])
+    learned = len(manifest["num_classes"]) - (1 if manifest.get("base") == "given" else 0)  # tasks of the stream
     if learned > T:
         raise checkpoint.CheckpointError(f"{ckpt} holds {learned} tasks, the stream has {T}")
     stored = manifest.get("identity")
     if stored is None:
         raise checkpoint.CheckpointError(f"{ckpt} records no run identity (written by an older version)")
     compare(stored, identity(learned), allow_changes, str(ckpt))
-    learner = HALRPLearner.load(ckpt, device=dist.device if dist is not None else fresh.config.device)
+    if manifest.get("base", "learn") != fresh.base:
+        raise checkpoint.CheckpointError(f"{ckpt} holds a run with base={manifest.get('base', 'learn')!r}, this run "
+                                         f"has base={fresh.base!r}")
+    learner = HALRPLearner.load(ckpt, device=dist.device if dist is not None else fresh.config.device,
+                                model=None if manifest.get("model_spec") else fresh.model)
     learner.config = dataclasses.replace(fresh.config, device=learner.config.device)
     return learner, _acc_from_json(learner.manifest.get("acc_matrix", []), T)
 
@@ -156,6 +160,7 @@ def build_results(learner: HALRPLearner, A: np.ndarray, tasks: Sequence[TaskData
         "tasks": [t.name for t in tasks],
         "reports": [dataclasses.asdict(r) for r in learner.reports],
         "config": learner.config.to_dict(),
+        "base": learner.base,
         "meta": meta or {},
         "versions": {"halrp_fast": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }

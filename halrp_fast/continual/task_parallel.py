@@ -51,6 +51,9 @@ def run_stream_task_parallel(make_learner: Callable[[], HALRPLearner], tasks: Se
     if T == 0:
         raise ValueError("the task stream is empty")
     learner = make_learner()
+    if learner.base != "learn":
+        raise ValueError(f"task-parallel runs learn their base on rank 0; base={learner.base!r} runs sequentially "
+                         f"(run_stream) for now")
     tic_wall = time.perf_counter()
     base_state = base_report = None
     if ctx.is_main:

@@ -11,6 +11,20 @@ from .config import HALRPConfig
 from .distributed import DistContext, all_reduce_sum_
 
 
+def logits_of(out) -> torch.Tensor:
+    """The class scores ``(N, C)`` of a model's output: the output itself, or the ``logits`` of a transformers
+    ``ModelOutput`` (or the first element of a tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model returned a {type(out).__name__}, which holds no class scores (a tensor, an output "
+                    f"with .logits, or a tuple whose first element is the scores)")
+
+
 def shard(x: torch.Tensor, y: torch.Tensor, dist: DistContext | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This process's contiguous part of the global batch ``(x, y)`` and the global batch size."""
     n = len(x)
@@ -75,7 +89,7 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
                 batch_size = n
                 sched.gamma = cfg.schedule_gamma(n)
             try:
-                logits = forward(x)
+                logits = logits_of(forward(x))
             except ValueError as exc:  # e.g. BatchNorm given a batch of one sample, an input of the wrong size
                 raise ValueError(f"{desc}, epoch {epoch + 1}, batch {batches + 1} ({n} samples): {exc}") from None
             ce = F.cross_entropy(logits, y, reduction="sum") * (world / n)
@@ -142,7 +156,7 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
     for i, (x, y) in enumerate(loader):
         check_labels(y, num_classes, f"evaluation batch {i + 1}")
         x, y, n = shard(*batch_to(x, y, device, dtype), dist)
-        correct += int((forward(x).argmax(-1) == y).sum())
+        correct += int((logits_of(forward(x)).argmax(-1) == y).sum())
         total += n
     if dist is not None and dist.active:
         c = torch.tensor([correct], dtype=torch.int64, device=dist.device)
