@@ -133,6 +133,11 @@ def _run_one(args: argparse.Namespace) -> int:
     bench = benchmarks.get(args.benchmark)
     cfg = _config_from_args(bench, args)
     check_device(args.device)
+    base = _base_mode(args)
+    if args.base_weights is not None:  # the file fits the network: checked before anything is written
+        from .continual.base_weights import file_sha256, load_base_weights
+
+        load_base_weights(getattr(models, args.model or bench.model)(**bench.model_kwargs), args.base_weights)
     out = Path(args.out)
     prepare_out_dir(out)
     _CURRENT_OUT[0] = args.out
@@ -152,11 +157,15 @@ def _run_one(args: argparse.Namespace) -> int:
     meta = {"benchmark": bench.name, "model": model_name, "batch_size": batch, "order": args.order,
             "data_seed": data_seed,
             "task_names": [t.name for t in tasks], "command": sys.argv, "cpu_allocator": cpu_allocator_state()}
+    if args.base_weights is not None:
+        meta["base_weights"] = file_sha256(Path(args.base_weights))
 
     def make_learner():
         torch.manual_seed(cfg.seed)
         net = getattr(models, model_name)(**bench.model_kwargs)
-        return HALRPLearner(net, cfg, head="last")
+        if args.base_weights is not None:
+            load_base_weights(net, args.base_weights)
+        return HALRPLearner(net, cfg, head="last", base=base)
 
     log = (lambda s: None) if args.quiet else print
     tic = time.perf_counter()
@@ -198,6 +207,17 @@ def _run_one(args: argparse.Namespace) -> int:
     print(format_table(results))
     print(f"results: {out / 'results.json'}, figures: {out / 'acc_matrix.png'}, {out / 'ranks.png'}")
     return 0
+
+
+def _base_mode(args: argparse.Namespace) -> str:
+    """``--base`` with ``--base-weights``: the base of the run (``HALRPLearner(base=...)``)."""
+    if args.base_weights is None:
+        if args.base not in (None, "learn"):
+            raise ValueError(f"--base {args.base} takes the network's weights from --base-weights FILE")
+        return "learn"
+    if args.base == "learn":
+        raise ValueError("--base-weights is the base of the run: --base learn would train another one")
+    return args.base or "given"
 
 
 def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
@@ -255,6 +275,13 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--max-per-task", dest="max_per_task", type=integer(1), help="cap the training samples per task")
     p.add_argument("--subset", type=number(0, 1, low_open=True),
                    help="use this fraction (0, 1] of each task's training data")
+    p.add_argument("--base-weights", dest="base_weights", metavar="FILE",
+                   help="the network's weights (torch.save(model.state_dict()) or .safetensors), trained elsewhere, as "
+                   "the frozen base: every task of the stream is then a perturbation of it with its own head")
+    p.add_argument("--base", choices=["learn", "given", "given_head"],
+                   help="learn: the first task trains the base (the paper's protocol; default without "
+                   "--base-weights); given: --base-weights is the base (default with it); given_head: the first task "
+                   "is that network with its own head as it is")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--allow-change", dest="allow_change", action="append", metavar="FIELD",
                    help="resume a checkpoint although FIELD of the run changed (as the refusal names it, e.g. "

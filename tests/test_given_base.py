@@ -129,3 +129,37 @@ def test_base_argument_errors():
     learner.model.freeze_task(0)
     with pytest.raises(ValueError, match="base='given'"):
         learner.learn_task(_batches((1, 8, 8), 10), None, 10)
+
+
+def test_the_cli_takes_base_weights_checks_them_first_and_resumes_only_with_the_same_file(tmp_path, capsys):
+    """``--base-weights FILE``: the checkpoint's base is the file's network; a file that does not fit, or ``--base
+    given`` without a file, is one line before anything is written; a resume with another file names the field."""
+    from halrp_fast.cli import main
+    from halrp_fast.continual.checkpoint import read_manifest
+    from halrp_fast.data import benchmarks
+
+    kwargs = benchmarks.get("pdigits").model_kwargs
+    torch.manual_seed(5)
+    torch.save(hf.models.lenet(**kwargs).state_dict(), tmp_path / "backbone.pt")
+    torch.save({"x": torch.zeros(2)}, tmp_path / "other.pt")
+    tiny = ["demo", "--tasks", "2", "--epochs", "2", "--max-per-task", "64", "--batch-size", "32", "--no-progress",
+            "--quiet"]
+    out = tmp_path / "run"
+    assert main([*tiny, "--out", str(out), "--base-weights", str(tmp_path / "backbone.pt")]) == 0
+    assert read_manifest(out / "checkpoint")["base"] == "given"
+    loaded = HALRPLearner.load(out / "checkpoint")
+    base = loaded.model.export_task(0).state_dict()
+    assert all(torch.equal(base[k], v) for k, v in torch.load(tmp_path / "backbone.pt").items())
+    capsys.readouterr()
+    for extra, message in ((["--base-weights", str(tmp_path / "other.pt")], "does not fit the LeNet network: missing"),
+                           (["--base", "given"], "--base given takes the network's weights from --base-weights"),
+                           (["--base-weights", str(tmp_path / "backbone.pt"), "--base", "learn"], "would train")):
+        fresh = tmp_path / f"never-{len(message)}"
+        assert main([*tiny, "--out", str(fresh), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not fresh.exists()
+    torch.manual_seed(6)
+    torch.save(hf.models.lenet(**kwargs).state_dict(), tmp_path / "backbone2.pt")
+    assert main([*tiny, "--tasks", "2", "--out", str(out), "--base-weights", str(tmp_path / "backbone2.pt")]) == 2
+    assert "base_weights" in capsys.readouterr().err

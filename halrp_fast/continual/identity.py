@@ -101,7 +101,7 @@ def run_identity(config: HALRPConfig, fingerprints: Sequence[str], model_spec: M
     identity["model_spec"] = dict(model_spec) if model_spec else None
     identity["halrp_fast"] = __version__
     for key, value in (meta or {}).items():
-        if key in ("benchmark", "model", "order", "data_seed", "batch_size"):
+        if key in ("benchmark", "model", "order", "data_seed", "batch_size", "base_weights"):
             identity[key] = value
     return identity
 
