@@ -163,3 +163,36 @@ def test_the_cli_takes_base_weights_checks_them_first_and_resumes_only_with_the_
     torch.save(hf.models.lenet(**kwargs).state_dict(), tmp_path / "backbone2.pt")
     assert main([*tiny, "--tasks", "2", "--out", str(out), "--base-weights", str(tmp_path / "backbone2.pt")]) == 2
     assert "base_weights" in capsys.readouterr().err
+
+
+def test_callbacks_hear_every_task_and_epoch_and_the_csv_log_survives_as_a_whole(tmp_path, capsys):
+    """A learned base (3 epochs) and a perturbation task (1 free-model epoch, 2 perturbation epochs): the callback
+    hears each task's start and end and every epoch of every phase in order; the CSV logger holds the same rows;
+    ``progress=True`` draws a bar over the batches."""
+    from halrp_fast.continual import Callback, CSVLogger
+
+    heard = []
+
+    class Recorder(Callback):
+        def on_task_start(self, task, num_classes):
+            heard.append(("start", task, num_classes))
+
+        def on_epoch_end(self, task, phase, epoch, loss, seconds, samples):
+            assert loss > 0 and seconds > 0 and samples == 48
+            heard.append(("epoch", task, phase, epoch))
+
+        def on_task_end(self, task, report):
+            heard.append(("end", task, report.task))
+
+    torch.manual_seed(0)
+    config = HALRPConfig(epochs=3, est_rank_epochs=1, upper_rank=4, seed=0, progress=True)
+    learner = HALRPLearner(hf.models.lenet(1, 8, 10), config, callbacks=[Recorder(), CSVLogger(tmp_path / "log.csv")])
+    learner.learn_task(_batches((1, 8, 8), 10), None, 10)
+    learner.learn_task(_batches((1, 8, 8), 5, seed=4), _batches((1, 8, 8), 5, seed=5), 5)
+    assert heard == [("start", 0, 10), *[("epoch", 0, "base", e) for e in range(3)], ("end", 0, 0),
+                     ("start", 1, 5), ("epoch", 1, "free model", 0),
+                     *[("epoch", 1, "perturbation", e) for e in range(2)], ("end", 1, 1)]
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].split(",") == list(CSVLogger.FIELDS) and len(rows) == 1 + 3 + 1 + 1 + 2 + 1
+    err = capsys.readouterr().err
+    assert rows[-1].startswith("1,task,") and "task 0" in err and "batch/s" in err and "task 1" in err

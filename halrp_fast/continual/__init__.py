@@ -1,6 +1,7 @@
 """The HALRP method: rank estimation, perturbation training, pruning, accounting, checkpoints."""
 from .accounting import paper_parameter_count, stored_bytes
 from .allocation import Allocation, allocate_ranks, lowrank_init
+from .callbacks import Callback, CSVLogger
 from .checkpoint import CheckpointError
 from .config import HALRPConfig
 from .estimation import estimate_and_initialise, free_model
@@ -12,6 +13,8 @@ from .pruning import exact_quantile, growth, prune
 __all__ = [
     "PRUNE_MODES",
     "Allocation",
+    "CSVLogger",
+    "Callback",
     "CheckpointError",
     "HALRPConfig",
     "HALRPLearner",

@@ -14,6 +14,7 @@ from ..nn import TaskModel, convert
 from ..nn.sync_batchnorm import synced_batchnorm
 from . import checkpoint
 from .accounting import paper_parameter_count, stored_bytes
+from .callbacks import Callback
 from .compiled import CompiledTasks
 from .config import HALRPConfig
 from .distributed import DistContext
@@ -59,14 +60,20 @@ class HALRPLearner:
     ``"given_head"``: the same base, and the first task of the stream is the model with its own head as it is (no
     training; its classes must match the head), later tasks perturbations.  With a given base no task of the stream
     trains the base, unlike the paper, where task 0's data shapes it.
+
+    ``callbacks``: :class:`~halrp_fast.continual.callbacks.Callback` objects told of every task's start and end and
+    of every training epoch (e.g. :class:`~halrp_fast.continual.callbacks.CSVLogger`); ``config.progress`` shows a
+    bar over the batches of each phase.
     """
 
     def __init__(self, model: nn.Module, config: HALRPConfig | None = None, head: str = "last",
-                 dist: DistContext | None = None, base: str = "learn") -> None:
+                 dist: DistContext | None = None, base: str = "learn", callbacks: Iterable[Callback] = ()) -> None:
         if base not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {base!r}")
         self.config = config or HALRPConfig()
         self.base = base
+        #: told of every task's start and end and of every training epoch (:class:`~.callbacks.Callback`)
+        self.callbacks = list(callbacks)
         if not isinstance(model, TaskModel):
             model = convert(model, head=head)
         self.layout = self.config.memory_format(any(L.weight.dim() == 4 for L in model.perturbed_layers().values()))
@@ -130,8 +137,13 @@ class HALRPLearner:
         ``val_loader`` (optional) drives the importance estimate and the reported validation accuracy.
         The two phases :meth:`train_task` and :meth:`finish_task` in one call.
         """
-        report = self.train_task(self.num_learned, train_loader, val_loader, num_classes)
-        return self.finish_task(report, val_loader)
+        t = self.num_learned
+        for callback in self.callbacks:
+            callback.on_task_start(t, num_classes)
+        report = self.finish_task(self.train_task(t, train_loader, val_loader, num_classes), val_loader)
+        for callback in self.callbacks:
+            callback.on_task_end(t, report)
+        return report
 
     def train_task(self, t: int, train_loader: Iterable, val_loader: Iterable | None = None,
                    num_classes: int | None = None) -> TaskReport:
@@ -159,11 +171,11 @@ class HALRPLearner:
                                  "HALRPLearner.load(dir), give this learner the earlier learner's reports, or take "
                                  "the model's weights as the base: HALRPLearner(model, config, base='given')")
             else:
-                report = self._learn_base(train_loader)
+                report = self._learn_base(train_loader, t)
         else:
             if num_classes is None:
                 raise ValueError(f"num_classes is required for task {t}")
-            report = self._learn_perturbation(m, train_loader, val_loader, num_classes)
+            report = self._learn_perturbation(m, train_loader, val_loader, num_classes, t)
             report.task = t
         model.freeze_task(m)
         report.seconds["total"] = time.perf_counter() - tic_all
@@ -197,7 +209,17 @@ class HALRPLearner:
         self.reports.append(report)
         return report
 
-    def _learn_base(self, loader: Iterable) -> TaskReport:
+    def _epoch_end(self, task: int, phase: str):
+        """``train``'s ``on_epoch_end`` telling every callback, or ``None`` without callbacks."""
+        if not self.callbacks:
+            return None
+
+        def tell(epoch: int, loss: float, seconds: float, samples: int) -> None:
+            for callback in self.callbacks:
+                callback.on_epoch_end(task, phase, epoch, loss, seconds, samples)
+        return tell
+
+    def _learn_base(self, loader: Iterable, stream_task: int = 0) -> TaskReport:
         cfg, model = self.config, self.model
         layers = list(model.perturbed_layers().values())
         params = model.task_parameters(0)
@@ -209,12 +231,13 @@ class HALRPLearner:
         forward = self._task_forward(0)
         with synced_batchnorm(model, self._parallel):
             losses = train(forward, params, loader, cfg.epochs, cfg, penalty if cfg.wd else None,
-                           modules=[model], desc="task 0", dist=self.dist, num_classes=model.num_classes[0])
+                           modules=[model], desc="task 0", dist=self.dist, num_classes=model.num_classes[0],
+                           on_epoch_end=self._epoch_end(stream_task, "base"))
         return TaskReport(task=0, num_classes=model.num_classes[0], train_loss=losses,
                           seconds={"training": time.perf_counter() - tic})
 
     def _learn_perturbation(self, t_expected: int, loader: Iterable, val_loader: Iterable | None,
-                            num_classes: int) -> TaskReport:
+                            num_classes: int, stream_task: int) -> TaskReport:
         cfg, model = self.config, self.model
         t = model.add_task(num_classes)
         assert t == t_expected, (t, t_expected)
@@ -224,7 +247,8 @@ class HALRPLearner:
         free_forward = self._ddp(free) if self.compiled is None else self.compiled.free_forward(free)
         with synced_batchnorm(free, self._parallel):
             train(free_forward, list(free.parameters()), loader, cfg.est_rank_epochs, cfg, modules=[free],
-                  desc=f"task {t} (free model)", dist=self.dist, num_classes=num_classes)
+                  desc=f"task {stream_task} (free model)", dist=self.dist, num_classes=num_classes,
+                  on_epoch_end=self._epoch_end(stream_task, "free model"))
             seconds["free_training"] = time.perf_counter() - tic
             est = estimate_and_initialise(model, t, free, val_loader if val_loader is not None else loader,
                                           cfg.approx_rate, cfg.upper_rank, cfg.rank_mode, cfg.device, cfg.svd,
@@ -246,8 +270,9 @@ class HALRPLearner:
         forward = self._task_forward(t)
         with synced_batchnorm(model, self._parallel):
             losses = train(forward, model.task_parameters(t), loader, cfg.epochs - cfg.est_rank_epochs,
-                           cfg, penalty if (cfg.l1 or cfg.wd) else None, modules=[model], desc=f"task {t}",
-                           dist=self.dist, num_classes=num_classes)
+                           cfg, penalty if (cfg.l1 or cfg.wd) else None, modules=[model], desc=f"task {stream_task}",
+                           dist=self.dist, num_classes=num_classes,
+                           on_epoch_end=self._epoch_end(stream_task, "perturbation"))
         seconds["training"] = time.perf_counter() - tic
         return TaskReport(task=t, num_classes=num_classes, ranks=model.ranks(t), explained=est.explained,
                           importance=est.importance, train_loss=losses, seconds=seconds)

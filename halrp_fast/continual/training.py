@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -42,12 +43,32 @@ def batch_to(x: torch.Tensor, y: torch.Tensor, device, dtype: torch.dtype | None
     return x, y.to(device)
 
 
-def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        pass
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _batch_bar(enabled: bool, desc: str, total: int | None):
+    """A bar over every batch of every epoch (loss, samples per second and the ETA shown), or one that shows
+    nothing."""
     if not enabled:
-        return iterable
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return tqdm(desc=desc, total=total, unit="batch", leave=False, dynamic_ncols=True)
+
+
+#: ``on_epoch_end(epoch, mean loss, seconds, samples)`` of :func:`train` (epoch counted from 0)
+EpochEnd = Callable[[int, float, float, int], None]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: HALRPConfig) -> torch.optim.Optimizer:
@@ -59,14 +80,15 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: HALRPConfig) -> torch.
 def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn.Parameter], loader: Iterable,
           epochs: int, cfg: HALRPConfig, penalty: Callable[[], torch.Tensor] | None = None,
           modules: Iterable[torch.nn.Module] = (), desc: str = "train", dist: DistContext | None = None,
-          num_classes: int | None = None) -> list[float]:
+          num_classes: int | None = None, on_epoch_end: EpochEnd | None = None) -> list[float]:
     """Train ``params`` for ``epochs`` on ``CE(forward(x), y) + penalty()``; returns the mean loss per epoch.
 
     ``modules`` are put in train mode.  The learning rate decays by ``cfg.lr_decay`` per epoch, or per
     iteration with the paper's schedule (``γ`` from the loader's ``batch_size``, else from the size of its first
     batch).  Labels on the CPU are checked against ``num_classes``.  With an active ``dist``, every process takes
     its part of each global batch and ``forward`` is a DistributedDataParallel module: the local loss is scaled so
-    that the averaged gradient is the global batch's.
+    that the averaged gradient is the global batch's.  With ``cfg.progress`` a bar follows every batch (loss,
+    samples per second, ETA); ``on_epoch_end`` is called after each epoch.
     """
     if epochs == 0:
         return []
@@ -80,35 +102,48 @@ def train(forward: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn
                                                    cfg.lr_decay)
     losses = []
     world = dist.world_size if dist is not None else 1
-    for epoch in _progress(range(epochs), cfg.progress and (dist is None or dist.is_main), desc):
-        total, count, batches = 0.0, 0, 0
-        for x, y in loader:
-            check_labels(y, num_classes, f"{desc}, epoch {epoch + 1}, batch {batches + 1}")
-            x, y, n = shard(*batch_to(x, y, cfg.device, cfg.torch_dtype), dist)
-            if per_iter and not batch_size:
-                batch_size = n
-                sched.gamma = cfg.schedule_gamma(n)
-            try:
-                logits = logits_of(forward(x))
-            except ValueError as exc:  # e.g. BatchNorm given a batch of one sample, an input of the wrong size
-                raise ValueError(f"{desc}, epoch {epoch + 1}, batch {batches + 1} ({n} samples): {exc}") from None
-            ce = F.cross_entropy(logits, y, reduction="sum") * (world / n)
-            loss = ce + penalty() if penalty is not None else ce
-            value = _checked_loss(loss, dist, f"{desc}, epoch {epoch + 1}, batch {batches + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if per_iter:
+    per_epoch = len(loader) if hasattr(loader, "__len__") else None
+    bar = _batch_bar(cfg.progress and (dist is None or dist.is_main), desc, per_epoch and epochs * per_epoch)
+    try:
+        for epoch in range(epochs):
+            bar.set_description(f"{desc} epoch {epoch + 1}/{epochs}", refresh=False)
+            tic = time.perf_counter()
+            total, count, batches = 0.0, 0, 0
+            for x, y in loader:
+                check_labels(y, num_classes, f"{desc}, epoch {epoch + 1}, batch {batches + 1}")
+                x, y, n = shard(*batch_to(x, y, cfg.device, cfg.torch_dtype), dist)
+                if per_iter and not batch_size:
+                    batch_size = n
+                    sched.gamma = cfg.schedule_gamma(n)
+                try:
+                    logits = logits_of(forward(x))
+                except ValueError as exc:  # e.g. BatchNorm given a batch of one sample, an input of a wrong size
+                    raise ValueError(f"{desc}, epoch {epoch + 1}, batch {batches + 1} ({n} samples): {exc}") \
+                        from None
+                ce = F.cross_entropy(logits, y, reduction="sum") * (world / n)
+                loss = ce + penalty() if penalty is not None else ce
+                value = _checked_loss(loss, dist, f"{desc}, epoch {epoch + 1}, batch {batches + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if per_iter:
+                    sched.step()
+                total += value * n / world
+                count += n
+                batches += 1
+                bar.set_postfix(loss=f"{value:.4g}", samples_per_s=f"{count / (time.perf_counter() - tic):.0f}",
+                                refresh=False)
+                bar.update()
+            if batches == 0:
+                raise ValueError(f"{desc}, epoch {epoch + 1}: the training loader yielded no batch (an empty loader, "
+                                 f"or a one-shot iterator that cannot be read again for another epoch)")
+            if not per_iter:
                 sched.step()
-            total += value * n / world
-            count += n
-            batches += 1
-        if batches == 0:
-            raise ValueError(f"{desc}, epoch {epoch + 1}: the training loader yielded no batch (an empty loader, or a "
-                             f"one-shot iterator that cannot be read again for another epoch)")
-        if not per_iter:
-            sched.step()
-        losses.append(_global_mean(total, count, world, dist))
+            losses.append(_global_mean(total, count, world, dist))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, losses[-1], time.perf_counter() - tic, count)
+    finally:
+        bar.close()
     return losses
 
 
