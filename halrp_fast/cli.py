@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,26 @@ def _cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+#: every HALRPConfig field and the flag that sets it (the plain ones, read as they are, are PLAIN_FLAGS)
+CONFIG_FLAGS = {
+    "epochs": "--epochs", "lr": "--lr", "lr_decay": "--lr-decay", "optimizer": "--optimizer", "adam_eps": "--adam-eps",
+    "momentum": "--momentum", "paper_schedule": "--schedule", "train_frac": "--subset", "scalings": "--scalings",
+    "approx_rate": "--approx-rate", "upper_rank": "--upper-rank", "rank_mode": "--rank-mode", "svd": "--svd",
+    "est_rank_epochs": "--est-rank-epochs", "l1": "--l1", "wd": "--wd", "prune": "--prune",
+    "prune_value": "--prune-value", "prune_bound_all_tasks": "--prune-bound / --no-prune-bound", "seed": "--seed",
+    "device": "--device", "channels_last": "--channels-last", "dtype": "--dtype", "progress": "--no-progress",
+    "compile": "--compile",
+}
+PLAIN_FLAGS = ("epochs", "lr", "lr_decay", "optimizer", "adam_eps", "momentum", "scalings", "approx_rate", "upper_rank",
+               "rank_mode", "svd", "est_rank_epochs", "l1", "wd", "prune", "seed", "device", "dtype", "compile")
+#: HALRPConfig fields the command line does not set, and why
+API_ONLY = {
+    "schedule_data_size": "the benchmark's dataset size, which the paper's learning-rate schedule is written for",
+    "n_tasks": "the benchmark stream's number of tasks (the paper's schedule divides the data by it)",
+    "valid_frac": "the benchmark's validation split (the authors' data protocol)",
+}
+
+
 def _config_from_args(bench, args: argparse.Namespace):
     from .continual import HALRPConfig
     from .continual.config import CHANNELS_LAST_CHOICES
@@ -26,8 +47,7 @@ def _config_from_args(bench, args: argparse.Namespace):
     values = bench.config_for(getattr(args, "model", None))
     if getattr(args, "subset", None) is not None:
         values["train_frac"] = args.subset  # the paper's schedule counts the training subset
-    for field in ("epochs", "lr", "lr_decay", "approx_rate", "upper_rank", "est_rank_epochs", "l1", "wd", "prune",
-                  "seed", "device", "rank_mode", "optimizer", "dtype", "scalings", "compile"):
+    for field in PLAIN_FLAGS:
         v = getattr(args, field, None)
         if v is not None:
             values[field] = v
@@ -122,6 +142,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _run_one(args: argparse.Namespace) -> int:
+    """One run into ``--out``; a directory this run created is removed again when the run fails before writing
+    anything into it."""
+    created = not Path(args.out).exists()
+    try:
+        return _run_one_into(args)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # not empty (a checkpoint to resume from), or already gone
+                Path(args.out).rmdir()
+        raise
+
+
+def _run_one_into(args: argparse.Namespace) -> int:
     import torch
 
     from . import models
@@ -227,35 +260,55 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     from .linalg.scalings import SCALINGS
 
     if not demo:
-        p.add_argument("--benchmark", required=True, choices=sorted(benchmarks.BENCHMARKS))
+        p.add_argument("--benchmark", required=True, choices=sorted(benchmarks.BENCHMARKS),
+                       help="the task stream, with its data protocol and the authors' settings as defaults")
     p.add_argument("--model", choices=["lenet", "alexnet", "resnet18"], help="network (default: the benchmark's)")
     p.add_argument("--out", default="runs/demo" if demo else None, required=not demo, help="output directory")
-    p.add_argument("--epochs", type=integer(1))
-    p.add_argument("--lr", type=number(0, low_open=True))
+    preset = "default: the benchmark's preset"
+    p.add_argument("--epochs", type=integer(1), help=f"epochs per task; the free model's --est-rank-epochs count "
+                   f"towards them for tasks after the base ({preset}; PMNIST's: 12)")
+    p.add_argument("--lr", type=number(0, low_open=True), help=f"learning rate, restarted in every phase ({preset})")
     p.add_argument("--schedule", choices=["paper", "epoch"], help="learning-rate decay: the paper's per-iteration "
                    "ExponentialLR (default) or --lr-decay per epoch")
     p.add_argument("--lr-decay", dest="lr_decay", type=number(0, low_open=True),
-                   help="per-epoch decay with --schedule epoch")
-    p.add_argument("--batch-size", dest="batch_size", type=integer(1))
-    p.add_argument("--approx-rate", dest="approx_rate", type=number(0, 1, low_open=True))
-    p.add_argument("--upper-rank", dest="upper_rank", type=integer(1))
-    p.add_argument("--rank-mode", dest="rank_mode", choices=["hessian", "flat"])
-    p.add_argument("--est-rank-epochs", dest="est_rank_epochs", type=integer(0))
+                   help="per-epoch decay with --schedule epoch (default 1: none)")
+    p.add_argument("--batch-size", dest="batch_size", type=integer(1), help=f"training batch size ({preset})")
+    p.add_argument("--approx-rate", dest="approx_rate", type=number(0, 1, low_open=True),
+                   help=f"share of the importance-weighted spectrum the ranks keep, in (0, 1] ({preset}; PMNIST's: "
+                   f"0.9)")
+    p.add_argument("--upper-rank", dest="upper_rank", type=integer(1),
+                   help=f"largest rank of a layer's perturbation ({preset}; PMNIST's: 100)")
+    p.add_argument("--rank-mode", dest="rank_mode", choices=["hessian", "flat"],
+                   help="hessian: ranks from the global importance-weighted spectrum (default); flat: --upper-rank "
+                   "everywhere")
+    p.add_argument("--svd", choices=["rsvd", "exact"], help="spectra of the discrepancies: randomized, grown until "
+                   "the allocation is exact (default), or full SVDs")
+    p.add_argument("--est-rank-epochs", dest="est_rank_epochs", type=integer(0),
+                   help=f"epochs of the free model that estimates a task's ranks, ≥ 1 and < --epochs ({preset}; "
+                   f"PMNIST's: 1)")
     p.add_argument("--scalings", choices=list(SCALINGS), help="fit of r, s to the free model: least_squares (default) "
                    "or authors (the authors' code, bit for bit)")
-    p.add_argument("--l1", type=number(0))
-    p.add_argument("--wd", type=number(0))
-    p.add_argument("--optimizer", choices=["adam", "sgd"])
-    p.add_argument("--prune", choices=[*MODES, "none"])
-    p.add_argument("--prune-value", dest="prune_value", type=number(0), nargs="+")
-    p.add_argument("--prune-bound", dest="prune_bound", action="store_true", help="bound growth over all tasks")
-    p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true")
+    p.add_argument("--l1", type=number(0), help=f"L1 weight on U, V ({preset}; PMNIST's: 1e-6)")
+    p.add_argument("--wd", type=number(0), help=f"L2 weight decay ({preset}; PMNIST's: 1e-3)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="adam (default) or sgd")
+    p.add_argument("--adam-eps", dest="adam_eps", type=number(0, low_open=True),
+                   help="Adam's eps (default 1e-9: the authors' tenfold gradients at 1e-8)")
+    p.add_argument("--momentum", type=number(0, 1, high_open=True), help="SGD's momentum (default 0.9)")
+    p.add_argument("--prune", choices=[*MODES, "none"],
+                   help=f"pruning after each task ({preset}; PMNIST's: mixAR_AllLayer)")
+    p.add_argument("--prune-value", dest="prune_value", type=number(0), nargs="+",
+                   help=f"the pruning mode's threshold(s): one value, or absolute and rate for the mix modes "
+                   f"({preset}; PMNIST's: 1e-5 0.40)")
+    p.add_argument("--prune-bound", dest="prune_bound", action="store_true",
+                   help="bound growth over all tasks (default: the benchmark's preset; PMNIST's: on)")
+    p.add_argument("--no-prune-bound", dest="no_prune_bound", action="store_true",
+                   help="no growth bound over all tasks")
     p.add_argument("--seed", type=integer(0, 2**32 - 1),
-                   help="seeds the network, the batch order and (unless --data-seed) the data")
+                   help="seeds the network, the batch order and (unless --data-seed) the data (default 0)")
     p.add_argument("--data-seed", dest="data_seed", type=integer(0, 2**32 - 1),
                    help="seeds the data (permutations, splits); --repeats keeps it at the first seed, as the paper's "
                    "repeats do")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--channels-last", dest="channels_last", choices=list(CHANNELS_LAST_CHOICES), default="auto",
                    help="conv weights and activations in the channels-last layout (auto: on for CPU runs of "
                    "conv networks)")
@@ -265,10 +318,11 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), help="floating-point type of parameters and inputs (default "
                    "float32); float64 for checks where float32 rounding could tip near-ties")
     add_allocator_option(p)
-    p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (see --help of "
-                   "the benchmark list); nothing is downloaded")
-    p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")
-    p.add_argument("--orders", help="run several task orders, e.g. ABCDE, and report OPD / AOPD / MOPD")
+    if not demo:  # the embedded stream needs no files and has one order
+        p.add_argument("--data-dir", dest="data_dir", help="where the benchmark's dataset files are (the README's "
+                       "benchmark table names them); nothing is downloaded")
+        p.add_argument("--order", choices=list("ABCDE"), help="task order of the CIFAR-100 benchmarks (paper's A–E)")
+        p.add_argument("--orders", help="run several task orders, e.g. ABCDE, and report OPD / AOPD / MOPD")
     p.add_argument("--repeats", type=integer(1),
                    help="run R network seeds (seed, seed+1, ...) on one data draw and report mean ± std")
     p.add_argument("--tasks", type=integer(1), help="use only the first N tasks")
@@ -286,8 +340,12 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool) -> None:
     p.add_argument("--allow-change", dest="allow_change", action="append", metavar="FIELD",
                    help="resume a checkpoint although FIELD of the run changed (as the refusal names it, e.g. "
                    "config.epochs); repeatable")
-    p.add_argument("--no-progress", dest="no_progress", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true",
+                   help="no progress bars (by default one over every batch of each phase)")
+    p.add_argument("--quiet", action="store_true", help="no per-task lines (the final table is printed)")
+    if demo:
+        p.set_defaults(data_dir=None, order=None, orders=None, distributed=False, task_parallel=False)
+        return
     par = p.add_mutually_exclusive_group()
     par.add_argument("--distributed", action="store_true",
                      help="data parallel under torchrun: every phase on DistributedDataParallel, each global batch "

@@ -107,7 +107,7 @@ def test_a_checkpoint_without_identity_is_refused(finished_run, tmp_path, capsys
     (["--epochs", "abc"], "argument --epochs: expected an integer, got 'abc'"),
     (["--subset", "0"], "argument --subset: must be in (0, 1], got 0.0"),
     (["--approx-rate", "2"], "argument --approx-rate: must be in (0, 1], got 2.0"),
-    (["--order", "A"], "--order/--orders: the pdigits stream has no task orders"),
+    (["--order", "A"], "unrecognized arguments: --order A"),  # demo: the embedded stream has one order
     (["--device", "cuda:7"], "--device cuda:7: "),
     (["--device", "tpu"], "--device 'tpu' is not a device name"),
     (["--max-per-task", "100"], "100 samples make no full batch of batch_size=128"),
