@@ -459,8 +459,9 @@ class TaskModel(StandInServing, nn.Module):
         to_sorted = RowOrder(sel.order, rows)
         hook = self.model.register_forward_pre_hook(select_batch, with_kwargs=True)
         try:
+            sorted_inputs, sorted_kwargs = to_sorted.inputs(inputs, kwargs)
             with self._ctx.use(selections[rows]):  # also for an encoder that generate calls on its own
-                out = generate(*to_sorted(inputs), **to_sorted.inputs((), kwargs)[1])
+                out = generate(*sorted_inputs, **sorted_kwargs)
         finally:
             hook.remove()
             RowOrder(sel.restore, rows)(list(to_sorted.caches.values()))

@@ -350,6 +350,8 @@ class _MHABatchDims:
 
 #: a switched-off fused path: (qualified module name, attribute, its original value)
 FastPath = tuple[str, str, object]
+#: the value of each attribute that switches a fused path off
+_OFF = {"activation_relu_or_gelu": 0, "use_nested_tensor": False}
 
 
 def fast_paths_off(model: nn.Module) -> list[FastPath]:
@@ -364,13 +366,15 @@ def fast_paths_off(model: nn.Module) -> list[FastPath]:
     switched: list[FastPath] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoderLayer) and isinstance(module.self_attn, TaskReparametrized):
-            switched.append((name, "activation_relu_or_gelu", module.activation_relu_or_gelu))
-            module.activation_relu_or_gelu = 0
+            attr = "activation_relu_or_gelu"
         elif isinstance(module, nn.TransformerEncoder) and any(
                 isinstance(layer.self_attn, TaskReparametrized) for layer in module.layers
                 if isinstance(layer, nn.TransformerEncoderLayer)):
-            switched.append((name, "use_nested_tensor", module.use_nested_tensor))
-            module.use_nested_tensor = False
+            attr = "use_nested_tensor"
+        else:
+            continue
+        switched.append((name, attr, getattr(module, attr)))
+        setattr(module, attr, _OFF[attr])
     return switched
 
 
@@ -392,7 +396,7 @@ def fast_paths_as_built(model: nn.Module, switched: list[FastPath]) -> Iterator[
         yield
     finally:
         for owner, attr, _ in owners:
-            setattr(owner, attr, 0 if attr == "activation_relu_or_gelu" else False)
+            setattr(owner, attr, _OFF[attr])
 
 
 def _swin_attention_wrapper(module: nn.Module, ctx: TaskContext) -> TaskReparametrized:
